@@ -27,7 +27,8 @@ class TextBatch:
     image_ids: list[str]
     labels: torch.Tensor | None = None  # (B, L) <s> answer </s>, padding set to IGNORE_INDEX
     decoder_attention_mask: torch.Tensor | None = None  # (B, L) 1 on real decoder inputs
-    vision: torch.Tensor | None = None  # cached vision tower output (B, C, h, w), read by the DataLoader workers
+    vision: torch.Tensor | None = None  # each distinct page's vision input (uint8 pixels or cached tower output)
+    image_index: torch.Tensor | None = None  # (B,) row of `vision` that each question is about
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> TextBatch:
         """The same batch with its tensors on `device`."""
@@ -38,8 +39,8 @@ class TextBatch:
         return self._apply(lambda t: t.pin_memory())
 
     def _apply(self, fn) -> TextBatch:
-        tensors = {name: getattr(self, name) for name in ("input_ids", "attention_mask", "labels",
-                                                             "decoder_attention_mask", "vision")}  # fmt: skip
+        names = ("input_ids", "attention_mask", "labels", "decoder_attention_mask", "vision", "image_index")
+        tensors = {name: getattr(self, name) for name in names}
         moved = {name: None if t is None else fn(t) for name, t in tensors.items()}
         return TextBatch(image_ids=self.image_ids, **moved)
 
@@ -101,11 +102,15 @@ class LengthGroupedBatches(Sampler[list[int]]):
     batches, and the batches shuffled: padding shrinks while every epoch still sees a new order. `pool_batches=1`
     is plain shuffling. Large pools make batches of near-identical questions (one template each), which slows
     learning on small, templated data; the image tokens dominate sequence length anyway, so keep pools small there.
+
+    With `micro_batches` > 1 each batch is yielded as that many consecutive micro-batches (gradient accumulation), so
+    the questions of every optimizer step, and their order, do not depend on how the step is split.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, pool_batches: int = 50):
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, pool_batches: int = 50, micro_batches=1):
         self.lengths = list(lengths)
         self.batch_size = batch_size
+        self.micro_size = -(-batch_size // micro_batches)
         self.seed = seed
         self.pool = batch_size * max(pool_batches, 1)
         self.epoch = 0
@@ -115,9 +120,15 @@ class LengthGroupedBatches(Sampler[list[int]]):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+        full, rest = divmod(len(self.lengths), self.batch_size)
+        return full * -(-self.batch_size // self.micro_size) + -(-rest // self.micro_size)
 
     def __iter__(self) -> Iterator[list[int]]:
+        for batch in self._batches():
+            for start in range(0, len(batch), self.micro_size):
+                yield batch[start : start + self.micro_size]
+
+    def _batches(self) -> list[list[int]]:
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
@@ -126,4 +137,5 @@ class LengthGroupedBatches(Sampler[list[int]]):
             pool = sorted(order[start : start + self.pool], key=lambda i: self.lengths[i])
             batches += [pool[i : i + self.batch_size] for i in range(0, len(pool), self.batch_size)]
         rng.shuffle(batches)
-        return iter(batches)
+        # The one short batch goes last: every optimizer step but the last then has `batch_size` questions.
+        return [b for b in batches if len(b) == self.batch_size] + [b for b in batches if len(b) < self.batch_size]

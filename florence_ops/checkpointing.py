@@ -23,8 +23,8 @@ def run_fingerprint(params: Params) -> str:
     """Digest of what determines the training run: its params and the identity of its inputs."""
     config = to_dict(params)
     relevant = {key: config[key] for key in ("lr", "epochs", "batch_size", "seed", "train")}
-    relevant["model"] = config["model"]["attn_implementation"]
-    relevant["eval"] = [config["evaluate"]["batch_size"], config["evaluate"]["max_new_tokens"]]
+    relevant["model"] = {key: config["model"][key] for key in ("attn_implementation", "vision_compile")}
+    relevant["eval"] = config["evaluate"]["batch_size"]
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode())
     for folder in (params.paths.processed, params.paths.base_model):
         for path in sorted(Path(folder).rglob("*")):

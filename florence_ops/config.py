@@ -119,17 +119,29 @@ class TinyModel:
     vocab_size: int = 1024  # byte-level BPE trained on the synthetic corpus
 
 
+LOCAL_MODELS = ("tiny", "base-shape", "large-shape")  # built by the download stage, nothing downloaded
+
+
 @dataclass
 class ModelConfig:
-    name: str = "tiny"  # 'tiny', a hub id (e.g. florence-community/Florence-2-base-ft) or a local HF directory
+    # 'tiny', 'base-shape' / 'large-shape' (Florence-2-base/-large architecture, random weights, built locally from
+    # `reference_files`), a hub id (e.g. florence-community/Florence-2-base-ft) or a local HF directory
+    name: str = "tiny"
     revision: str | None = None  # pin a hub commit for reproducible runs
     trust_remote_code: bool = False  # only for the original remote-code checkpoints
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    reference_files: str = "../shared/reference/florence-2-base-ft"  # checkpoint config/tokenizer files for *-shape
+    vision_batch_size: int = 32  # pages per vision-tower call when building the feature cache
+    vision_compile: bool = False  # torch.compile the vision tower where it runs without gradients
     tiny: TinyModel = field(default_factory=TinyModel)
+
+    def __post_init__(self) -> None:
+        if self.vision_batch_size < 1:
+            raise ConfigError("model.vision_batch_size must be >= 1")
 
 
 @dataclass
-class LoraConfig:
+class LoraSettings:
     enabled: bool = False
     r: int = 8
     alpha: int = 16
@@ -163,7 +175,7 @@ class TrainConfig:
     early_stopping_patience: int | None = None  # epochs without improvement before stopping
     num_processes: int = 1  # >1 launches data-parallel training through accelerate
     distributed: Literal["ddp", "fsdp"] = "ddp"
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.freeze) - set(FREEZABLE))
@@ -171,6 +183,10 @@ class TrainConfig:
             raise ConfigError(f"train.freeze: unknown part(s) {unknown}; choose from {list(FREEZABLE)}")
         if self.grad_accum_steps < 1 or self.checkpoint_every < 1 or self.num_processes < 1:
             raise ConfigError("train: grad_accum_steps, checkpoint_every and num_processes must be >= 1")
+        if self.lora.enabled and "vision_tower" not in self.freeze:
+            raise ConfigError(
+                "train.lora.enabled: LoRA adapts the language model only; add vision_tower to train.freeze"
+            )
 
 
 @dataclass
@@ -178,10 +194,11 @@ class EvalConfig:
     split: str = "validation"
     batch_size: int = 32
     num_beams: int = 1
-    max_new_tokens: int = 20
+    max_new_tokens: int | None = None  # answer-token cap (None: train.max_answer_tokens, what training teaches)
     max_questions: int | None = None  # score a prefix of the split (all: null)
     report_examples: int = 8  # best and worst examples shown in the HTML report
     num_processes: int = 1  # >1 shares the questions among that many processes (one per GPU)
+    num_workers: int = 0  # DataLoader workers that decode pages (or read cached features) ahead of the device
 
 
 @dataclass
@@ -216,6 +233,14 @@ class Params:
             raise ConfigError("lr must be > 0, epochs and batch_size >= 1")
         if self.batch_size % (self.train.num_processes * self.train.grad_accum_steps):
             raise ConfigError("batch_size must be divisible by train.num_processes * train.grad_accum_steps")
+        budget = self.train.max_answer_tokens  # one answer-token budget: what training teaches, decoding can emit
+        if self.evaluate.max_new_tokens is None:
+            self.evaluate.max_new_tokens = budget
+        elif self.evaluate.max_new_tokens < budget:
+            raise ConfigError(
+                f"evaluate.max_new_tokens ({self.evaluate.max_new_tokens}) is below train.max_answer_tokens ({budget}):"
+                " answers the model was trained to give would be cut; raise it or set it to null"
+            )
 
 
 def read_yaml(path: str | Path) -> Any:

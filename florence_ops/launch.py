@@ -11,9 +11,10 @@ log = logging.getLogger(__name__)
 LAUNCHED = "FLORENCE_OPS_LAUNCHED"  # set for the processes started here, so they run the stage, not launch again
 
 
-def needs_launch(num_processes: int) -> bool:
-    """True when the stage should start `num_processes` processes rather than run in this one."""
-    return num_processes > 1 and LAUNCHED not in os.environ
+def needs_launch(num_processes: int, distributed: str = "ddp") -> bool:
+    """True when the stage should start processes through accelerate rather than run in this one: several processes,
+    or FSDP (which needs a launched process group even for one)."""
+    return (num_processes > 1 or distributed == "fsdp") and LAUNCHED not in os.environ
 
 
 def launch(stage: str, num_processes: int, fsdp: bool = False) -> None:
@@ -22,8 +23,9 @@ def launch(stage: str, num_processes: int, fsdp: bool = False) -> None:
     `--multi_gpu` starts the processes through torchrun; on a machine without CUDA the same launch gives CPU
     processes that talk over gloo (accelerate's `--cpu` would start a single process without mpirun).
     """
-    mode = "--use_fsdp" if fsdp else "--multi_gpu"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", mode, "--num_processes", str(num_processes)]
+    # FSDP keeps the original parameters: frozen and trainable ones share its flat parameters (frozen tower, LoRA).
+    mode = ["--use_fsdp", "--fsdp_use_orig_params", "true"] if fsdp else ["--multi_gpu"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(num_processes)]
     cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # the stage sets these itself
     cmd += ["-m", "florence_ops.cli", stage, "--params", os.environ.get("FLORENCE_OPS_PARAMS", "params.yaml")]
     log.info("launching: %s", " ".join(cmd))

@@ -1,8 +1,7 @@
-"""Load or build Florence-2 and its processor; freeze parts; wrap in LoRA.
+"""Load Florence-2 and its processor; freeze parts; wrap in LoRA; find the model inside its wrappers.
 
-The offline default is a toy-size model of the real architecture (`Florence2ForConditionalGeneration` built from a
-config) with a byte-level BPE tokenizer trained on the training questions and answers and a PIL image processor, so
-nothing is downloaded. Every other model name is a hub id or a local directory in the Hugging Face layout.
+Models are hub ids or local directories in the Hugging Face layout; the locally built base models (the offline toy
+default and the real shapes with random weights) come from `florence_ops.base_models`.
 """
 
 from __future__ import annotations
@@ -12,97 +11,17 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
-    BartConfig,
-    BartTokenizerFast,
-    CLIPImageProcessorPil,
-    Florence2Config,
     Florence2ForConditionalGeneration,
     Florence2Processor,
-    Florence2VisionConfig,
 )
 
-from florence_ops.config import ModelConfig, TinyModel
+from florence_ops.config import LoraSettings, ModelConfig
 
 log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
-SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<image>"]
-VISION_STRIDE = 32  # DaViT downsamples by 4 * 2 * 2 * 2
-
-
-def build_tiny_processor(spec: TinyModel, corpus: Iterable[str]) -> Florence2Processor:
-    """A Florence-2 processor whose tokenizer is a byte-level BPE trained on `corpus`."""
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=spec.vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(corpus, trainer)
-    bpe.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
-    tokenizer = BartTokenizerFast(
-        tokenizer_object=bpe,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        mask_token="<unk>",
-        extra_special_tokens={"image_token": "<image>"},
-    )
-    grid = spec.image_size // VISION_STRIDE
-    image_processor = CLIPImageProcessorPil(
-        size={"height": spec.image_size, "width": spec.image_size},
-        do_center_crop=False,
-        image_mean=IMAGENET_MEAN,
-        image_std=IMAGENET_STD,
-        image_seq_length=grid * grid + 1,  # one token per grid cell plus the pooled one
-    )
-    return Florence2Processor(image_processor=image_processor, tokenizer=tokenizer)
-
-
-def build_tiny_model(spec: TinyModel, processor: Florence2Processor, seed: int) -> Florence2ForConditionalGeneration:
-    """A randomly initialised Florence-2 of toy size whose vocabulary matches `processor`."""
-    tokenizer = processor.tokenizer
-    vision = Florence2VisionConfig(
-        depths=[1, 1, 1, 1],
-        embed_dim=spec.vision_dims,
-        num_heads=spec.vision_heads,
-        num_groups=spec.vision_heads,
-        projection_dim=spec.d_model,
-        window_size=4,
-        drop_path_rate=0.0,
-        max_position_embeddings=max(16, spec.image_size // VISION_STRIDE),
-    )
-    text = BartConfig(
-        vocab_size=len(tokenizer),
-        d_model=spec.d_model,
-        encoder_layers=spec.layers,
-        decoder_layers=spec.layers,
-        encoder_attention_heads=spec.heads,
-        decoder_attention_heads=spec.heads,
-        encoder_ffn_dim=spec.ffn_dim,
-        decoder_ffn_dim=spec.ffn_dim,
-        max_position_embeddings=1024,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.eos_token_id,
-        forced_eos_token_id=tokenizer.eos_token_id,
-        dropout=0.0,
-    )
-    config = Florence2Config(
-        vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=tokenizer.image_token_id
-    )
-    torch.manual_seed(seed)
-    return Florence2ForConditionalGeneration(config)
+MAX_WRAPPERS = 8  # DDP/FSDP, compile, the training objective, peft: never more than a few deep
 
 
 def load_pretrained(
@@ -165,33 +84,62 @@ def freeze(model: torch.nn.Module, parts: Iterable[str]) -> tuple[int, int]:
     return trainable, total
 
 
-def apply_lora(
-    model: torch.nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str]
-) -> torch.nn.Module:
-    """Wrap the language model's matching linear layers in LoRA adapters; the vision tower is left alone."""
+def apply_lora(model: torch.nn.Module, lora: LoraSettings, freeze_parts: Iterable[str]) -> torch.nn.Module:
+    """Wrap the language model's matching linear layers in LoRA adapters; the vision tower stays frozen.
+
+    The projector is new to the document task, so unless `projector` is frozen it trains fully beside the adapters as
+    a peft `modules_to_save` module: saved with the adapters and restored (and merged) with them. A frozen text encoder
+    gets no adapters.
+    """
     from peft import LoraConfig, get_peft_model
 
-    pattern = r".*language_model.*\.(" + "|".join(target_modules) + r")$"
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern)
-    wrapped = get_peft_model(model, config)
-    # The projector is new to the document task; it stays trainable beside the adapters unless frozen later.
-    for param in unwrap(wrapped).model.multi_modal_projector.parameters():
-        param.requires_grad_(True)
-    return wrapped
+    frozen = set(freeze_parts)
+    stacks = "decoder" if "text_encoder" in frozen else "encoder|decoder"
+    pattern = rf".*language_model\.({stacks})\.layers\.\d+\..*\.({'|'.join(lora.target_modules)})$"
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=pattern,
+        modules_to_save=None if "projector" in frozen else ["multi_modal_projector"],
+    )
+    return get_peft_model(model, config)
 
 
 def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
-    """Fold LoRA adapters into the base weights and return the plain transformers model."""
-    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    """Fold LoRA adapters (and the trained `modules_to_save` copies) into the base model; return the plain model."""
+    from peft import PeftModel
+
+    return model.merge_and_unload() if isinstance(model, PeftModel) else model
+
+
+def load_processor(source: str | Path, cfg: ModelConfig) -> Florence2Processor:
+    """The processor saved in a model directory (also in a LoRA adapter directory, which holds no full model)."""
+    return AutoProcessor.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+
+
+class ModelWrapper(torch.nn.Module):
+    """A module that holds the model being trained as `.model` (the training objective)."""
+
+    model: torch.nn.Module
 
 
 def unwrap(model: torch.nn.Module) -> Florence2ForConditionalGeneration:
-    """The transformers model inside DDP/compile/peft wrappers."""
-    while not isinstance(model, Florence2ForConditionalGeneration):
-        for attr in ("module", "_orig_mod", "base_model", "model"):
-            if hasattr(model, attr):
-                model = getattr(model, attr)
-                break
+    """The transformers model inside the wrappers this project uses: DDP and FSDP (`.module`), `torch.compile`
+    (`._orig_mod`), peft (its base model) and the training objective (`.model`). Anything else raises TypeError."""
+    from accelerate.utils import extract_model_from_parallel
+    from peft import PeftModel
+
+    for _ in range(MAX_WRAPPERS):
+        if isinstance(model, Florence2ForConditionalGeneration):
+            return model
+        if isinstance(model, ModelWrapper):
+            inner = model.model
+        elif isinstance(model, PeftModel):
+            inner = model.get_base_model()
         else:
-            raise TypeError(f"not a Florence-2 model: {type(model).__name__}")
-    return model
+            inner = extract_model_from_parallel(model, keep_torch_compile=False)
+        if inner is model:
+            break
+        model = inner
+    raise TypeError(f"not a Florence-2 model or a wrapper of one: {type(model).__name__}")

@@ -1,46 +1,56 @@
 """The training loop: setup, train (evaluate/checkpoint, accumulate, clip, step, log), save, clean up.
 
 One loop serves one CPU, one GPU and several GPUs: accelerate prepares the model, optimizer, data and scheduler,
-batches are split across processes (`split_batches`), and the loss is a sum over answer tokens divided by the token
-count of the whole global batch, so N processes follow the same loss curve as one process with the same batch.
+and batches are split across processes (`split_batches`). An optimizer step is one global batch of `batch_size`
+questions, fed as `train.grad_accum_steps` micro-batches; its loss is the sum over the answer tokens of all those
+micro-batches on all processes divided by their token count, so the gradient is the global per-token mean whatever
+the number of processes or micro-batches (a short last batch included).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration
+from accelerate.utils import DataLoaderConfiguration, DistributedType
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.models.florence2.modeling_florence2 import shift_tokens_right
 
-from florence_ops.batching import Collator, LengthGroupedBatches, TextBatch, embed_inputs, project_vision
+from florence_ops.batching import IGNORE_INDEX, Collator, LengthGroupedBatches, TextBatch, embed_inputs, project_vision
 from florence_ops.config import Params
+from florence_ops.errors import UserError
 from florence_ops.generation import Decoding, answer_across_processes
-from florence_ops.modeling import train_mode, unwrap
+from florence_ops.modeling import ModelWrapper, train_mode, unwrap
+from florence_ops.vision_inputs import WithVision, tower_output
 
 log = logging.getLogger(__name__)
 
 
-class DocVQAObjective(torch.nn.Module):
-    """Florence-2 plus its training loss as one module, so DDP sees every trainable parameter in `forward`."""
+class TrainingDiverged(UserError):
+    """The training loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+class DocVQAObjective(ModelWrapper):
+    """Florence-2 plus its training loss as one module, so DDP and FSDP see every trainable parameter in `forward`."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, vision_input: torch.Tensor, batch: TextBatch, cached: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed cross-entropy over answer tokens (teacher forcing) and the number of those tokens."""
+    def forward(self, batch: TextBatch, source) -> torch.Tensor:
+        """Summed cross-entropy over the batch's answer tokens (teacher forcing)."""
         base = unwrap(self.model)
-        tower_output = vision_input if cached else base.model.vision_tower(vision_input).last_hidden_state
-        embeds, mask = embed_inputs(base, project_vision(base, tower_output), batch)
+        features = project_vision(base, tower_output(base, source, batch, batch.input_ids.device))
+        embeds, mask = embed_inputs(base, features, batch)
         text_config = base.config.text_config
         decoder_input_ids = shift_tokens_right(
             batch.labels, text_config.pad_token_id, text_config.decoder_start_token_id
@@ -51,10 +61,8 @@ class DocVQAObjective(torch.nn.Module):
             decoder_input_ids=decoder_input_ids,
             decoder_attention_mask=batch.decoder_attention_mask,
         ).logits
-        loss_sum = F.cross_entropy(
-            logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=-100, reduction="sum"
-        )
-        return loss_sum, (batch.labels != -100).sum()
+        return F.cross_entropy(logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum")  # fmt: skip
 
 
 @dataclass
@@ -81,41 +89,34 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, devic
 
 
 def make_accelerator(params: Params) -> Accelerator:
-    """The accelerator for this run: bf16 autocast on CUDA unless fp32 is asked for, batches split over processes."""
+    """The accelerator for this run: bf16 autocast on CUDA unless fp32 is asked for, batches split over processes.
+
+    Gradient accumulation is done by `train_window`, not by accelerate, which would divide every micro-batch by the
+    number of micro-batches (a mean of means, and a short last window scaled down).
+    """
     precision = params.train.precision
     bf16 = torch.cuda.is_available() and precision in ("auto", "bf16")
     return Accelerator(
         mixed_precision="bf16" if bf16 else "no",
-        gradient_accumulation_steps=params.train.grad_accum_steps,
-        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=torch.cuda.is_available()),
         cpu=not torch.cuda.is_available(),
     )
 
 
-class WithCachedFeatures:
-    """A collate function that also reads each batch's cached vision features, so the DataLoader's workers do the
-    reads (into pinned memory) while the device computes, instead of the training step."""
-
-    def __init__(self, collator: Collator, source):
-        self.collator, self.source = collator, source
-
-    def __call__(self, rows: list[dict]) -> TextBatch:
-        batch = self.collator(rows)
-        batch.vision = self.source.cache.features(batch.image_ids)
-        return batch
-
-
 def make_loader(rows, collator: Collator, params: Params, lengths: list[int], source) -> DataLoader:
-    """Length-grouped batches of `batch_size / grad_accum_steps` questions (split across processes)."""
-    micro = params.batch_size // params.train.grad_accum_steps
-    sampler = LengthGroupedBatches(lengths, micro, params.seed, params.train.length_grouping)
+    """Length-grouped global batches of `batch_size` questions, each as `grad_accum_steps` micro-batches (split across
+    processes); DataLoader workers tokenize and load the vision input (pixels or cached features)."""
+    accum = params.train.grad_accum_steps
+    sampler = LengthGroupedBatches(lengths, params.batch_size, params.seed, params.train.length_grouping, accum)
+    workers = params.train.num_workers
     return DataLoader(
         rows,
         batch_sampler=sampler,
-        collate_fn=WithCachedFeatures(collator, source) if source.cached else collator,
-        num_workers=params.train.num_workers,
+        collate_fn=WithVision(collator, source),
+        num_workers=workers,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=params.train.num_workers > 0,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
     )
 
 
@@ -127,28 +128,65 @@ def lr_scheduler(optimizer, params: Params, steps_per_epoch: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total), total
 
 
-def train_step(accelerator, objective, optimizer, scheduler, batch, source, max_grad_norm) -> float:
-    """One micro-batch: forward, backward, and on the last micro-batch of a step clip and step. Returns mean loss."""
-    with accelerator.accumulate(objective):
-        vision = batch.vision if batch.vision is not None else source.load(batch.image_ids, accelerator.device)
-        with accelerator.autocast():
-            loss_sum, tokens = objective(vision, batch, source.cached)
-        global_tokens = accelerator.reduce(tokens.detach().float(), reduction="sum")
-        # DDP averages gradients over processes: scale so the result is the global per-token mean.
-        accelerator.backward(loss_sum * accelerator.num_processes / global_tokens)
-        if accelerator.sync_gradients and max_grad_norm > 0:
+def windows(batches: Iterable[TextBatch], size: int) -> Iterator[list[TextBatch]]:
+    """Consecutive micro-batches in groups of `size` (the last group may be shorter): one group per optimizer step."""
+    window = []
+    for batch in batches:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def accumulate_gradients(accelerator, objective, window: list[TextBatch], source) -> torch.Tensor:
+    """Backward over the micro-batches of one optimizer step; returns the step's per-token loss (a 0-d tensor).
+
+    Every micro-batch's summed loss is divided by the answer-token count of the whole step on all processes (DDP and
+    FSDP average gradients over processes, hence the factor), so the accumulated gradient is the global per-token
+    mean. Gradients are synchronised only on the last micro-batch.
+    """
+    tokens = sum((batch.labels != IGNORE_INDEX).sum() for batch in window).float()
+    global_tokens = accelerator.reduce(tokens, reduction="sum")
+    total = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(window):
+        last = i == len(window) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(objective):
+            with accelerator.autocast():
+                loss_sum = objective(batch, source)
+            accelerator.backward(loss_sum * accelerator.num_processes / global_tokens)
+        total += loss_sum.detach()
+    return accelerator.reduce(total, reduction="sum") / global_tokens
+
+
+def train_window(accelerator, objective, optimizer, scheduler, window, source, max_grad_norm: float) -> float:
+    """One optimizer step over `window`; returns its loss. A non-finite loss returns before the weights change."""
+    loss = accumulate_gradients(accelerator, objective, window, source).item()
+    if math.isfinite(loss):
+        if max_grad_norm > 0:
             accelerator.clip_grad_norm_(objective.parameters(), max_grad_norm)
         optimizer.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-    return (accelerator.reduce(loss_sum.detach(), reduction="sum") / global_tokens).item()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
-def validation_score(accelerator, model, rows, collator, source, decoding: Decoding) -> float:
+def full_parameters(accelerator, model):
+    """Gather FSDP's sharded parameters for work outside its forward (generation); a no-op otherwise."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return contextlib.nullcontext()
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return FSDP.summon_full_params(model, writeback=False)
+
+
+def validation_score(accelerator, model, rows, collator, source, decoding: Decoding, num_workers: int = 0) -> float:
     """Mean ANLS of greedy answers on `rows`, each process answering its share."""
     from florence_ops.metrics import anls  # rapidfuzz: imported here so benchmarks run without it
 
-    predictions = answer_across_processes(accelerator, model, rows, collator, source, decoding)
+    with full_parameters(accelerator, model):
+        predictions = answer_across_processes(accelerator, model, rows, collator, source, decoding, num_workers)
     scores = [anls(p, row["answers"]) for p, row in zip(predictions, rows)]
     train_mode(model)
     return sum(scores) / max(1, len(scores))
@@ -188,18 +226,22 @@ class Run:
     eval_collator: Collator
     source: object  # PixelSource or CachedSource
     checkpoints: object  # CheckpointStore
-    save_best: object  # callable(model) -> None, main process only
+    save_best: object  # callable(objective) -> None, called on every process
     live: object | None = None  # DVCLive on the main process
 
 
-def fit(run: Run) -> Progress:
-    """Train `run.model` for `params.epochs`, resuming from the run's last checkpoint if there is one."""
+def fit(run: Run) -> tuple[Progress, torch.nn.Module]:
+    """Train `run.model` for `params.epochs`, resuming from the run's last checkpoint if there is one.
+
+    Returns the progress and the prepared training objective (which `save_best` can save).
+    """
     params, acc = run.params, run.accelerator
     lengths = [len(row["question"]) for row in run.train_rows]
     loader = make_loader(run.train_rows, run.collator, params, lengths, run.source)
     objective = DocVQAObjective(run.model)
     optimizer = make_optimizer(objective, params.lr, params.train.weight_decay, acc.device)
-    steps_per_epoch = math.ceil(len(loader) / params.train.grad_accum_steps)
+    accum = params.train.grad_accum_steps
+    steps_per_epoch = math.ceil(len(run.train_rows) / params.batch_size)
     scheduler, total_steps = lr_scheduler(optimizer, params, steps_per_epoch)
     objective, optimizer, loader, scheduler = acc.prepare(objective, optimizer, loader, scheduler)
     progress = Progress()
@@ -207,30 +249,33 @@ def fit(run: Run) -> Progress:
     if latest is not None:
         progress = Progress(**run.checkpoints.load(acc, latest))
         log.info("resuming from %s: epoch %d, step %d", latest, progress.epoch, progress.step)
-    decoding = Decoding(params.evaluate.batch_size, 1, params.evaluate.max_new_tokens)
-    bar = _progress_bar(acc, total_steps, progress.step)
-    meter = Throughput()
+    # Per-epoch validation decodes as far as training teaches: the answer-token budget.
+    decoding = Decoding(params.evaluate.batch_size, 1, params.train.max_answer_tokens)
+    meter, clip = Throughput(), params.train.max_grad_norm
     train_mode(objective)
-    for epoch in range(progress.epoch, params.epochs):
-        _set_epoch(loader, epoch)
-        batches = acc.skip_first_batches(loader, progress.batches_done) if progress.batches_done else loader
-        for batch in batches:
-            loss = train_step(acc, objective, optimizer, scheduler, batch, run.source, params.train.max_grad_norm)
-            progress.batches_done += 1
-            meter.add(len(batch.image_ids) * acc.num_processes)
-            if not acc.sync_gradients:
-                continue
-            progress.step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", epoch=epoch)
-            _log_step(run.live, loss, scheduler.get_last_lr()[0], meter.read(acc.device))
-            if progress.step % params.train.checkpoint_every == 0:
-                run.checkpoints.save(acc, _as_dict(progress))
-        progress.epoch, progress.batches_done = epoch + 1, 0
-        if _end_of_epoch(run, objective, progress, decoding):
-            break
-    bar.close()
-    return progress
+    with _progress_bar(acc, total_steps, progress.step) as bar:
+        for epoch in range(progress.epoch, params.epochs):
+            set_epoch(loader, epoch)
+            batches = acc.skip_first_batches(loader, progress.batches_done) if progress.batches_done else loader
+            for window in windows(batches, accum):
+                loss = train_window(acc, objective, optimizer, scheduler, window, run.source, clip)
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"training loss is {loss} at epoch {epoch + 1}, step {progress.step + 1}: stopped; the last "
+                        f"good checkpoint stays in {run.checkpoints.folder} (lower lr, or check the data)"
+                    )
+                progress.batches_done += len(window)
+                progress.step += 1
+                meter.add(sum(len(batch.image_ids) for batch in window) * acc.num_processes)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", epoch=epoch)
+                _log_step(run.live, loss, scheduler.get_last_lr()[0], meter.read(acc.device))
+                if progress.step % params.train.checkpoint_every == 0:
+                    run.checkpoints.save(acc, asdict(progress))
+            progress.epoch, progress.batches_done = epoch + 1, 0
+            if _end_of_epoch(run, objective, progress, decoding):
+                break
+    return progress, objective
 
 
 def _end_of_epoch(run: Run, objective, progress: Progress, decoding: Decoding) -> bool:
@@ -238,25 +283,31 @@ def _end_of_epoch(run: Run, objective, progress: Progress, decoding: Decoding) -
     params, acc = run.params, run.accelerator
     record = {"epoch": progress.epoch, "step": progress.step}
     if params.train.eval_every_epoch and run.val_rows:
-        score = validation_score(acc, objective, run.val_rows, run.eval_collator, run.source, decoding)
+        score = validation_score(acc, objective, run.val_rows, run.eval_collator, run.source, decoding,
+                                 params.train.num_workers)  # fmt: skip
         record["val_anls"] = score
         if score > progress.best_score:
             progress.best_score, progress.best_epoch, progress.stale_epochs = score, progress.epoch, 0
-            if acc.is_main_process:
-                run.save_best(objective)
+            run.save_best(objective)
         else:
             progress.stale_epochs += 1
         if run.live is not None:
             run.live.log_metric("val/anls", score)
         log.info("epoch %d: validation ANLS %.4f (best %.4f)", progress.epoch, score, progress.best_score)
     progress.history.append(record)
-    run.checkpoints.save(acc, _as_dict(progress))
+    run.checkpoints.save(acc, asdict(progress))
     patience = params.train.early_stopping_patience
     return patience is not None and progress.stale_epochs >= patience
 
 
-def _set_epoch(loader, epoch: int) -> None:
-    """Tell the length-grouped sampler inside accelerate's wrappers which epoch's order to yield."""
+def set_epoch(loader, epoch: int) -> None:
+    """Make `loader` yield `epoch`'s order.
+
+    accelerate's DataLoaderShard passes its own epoch counter to the sampler at the start of every pass; that counter
+    starts at 0 in a fresh process, so it is set here too, not only the sampler (a resumed run would otherwise replay
+    earlier epochs' orders). Samplers accelerate cannot reach (inside its process-sharding wrapper) are set directly.
+    """
+    loader.set_epoch(epoch)
     sampler = loader.batch_sampler
     while not isinstance(sampler, LengthGroupedBatches):
         sampler = sampler.batch_sampler
@@ -275,7 +326,3 @@ def _log_step(live, loss: float, lr: float, rates: dict[str, float]) -> None:
 
 def _progress_bar(accelerator, total: int, initial: int):
     return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not accelerator.is_main_process)
-
-
-def _as_dict(progress: Progress) -> dict:
-    return asdict(progress)

@@ -4,6 +4,11 @@ DocVQA asks about four questions per page and the vision tower is about two thir
 when the tower is frozen and images are not augmented its output is a pure function of (weights, preprocessing,
 image). The cache is a bf16 array on disk (memory-mapped: it may exceed RAM) in a folder named by a key over exactly
 those three inputs; a change to any of them selects a new folder, so a stale entry is never read.
+
+A cache is never trusted blindly: `index.json` records its shape and a SHA-256 per 64 MiB chunk of the array, hashed
+as the array is written (no extra pass). Every open checks the file's size and shape; `verify` (run once when the
+train stage starts) re-hashes the chunks in parallel threads. A damaged cache is deleted and rebuilt, never read.
+Files are flushed and fsynced before the folder is renamed into place.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +27,22 @@ import torch
 
 log = logging.getLogger(__name__)
 
+FEATURES, INDEX = "features.npy", "index.json"
+CHUNK_BYTES = 64 << 20  # checksum granularity: one SHA-256 per 64 MiB of features
+VERIFY_THREADS = min(16, os.cpu_count() or 1)
 
-def cache_key(vision_tower: torch.nn.Module, image_processor_config: dict, image_ids: list[str]) -> str:
-    """A digest of the tower's weights, the preprocessing config and the image contents (ids are content hashes)."""
-    digest = hashlib.sha256()
+
+class CacheDamaged(Exception):
+    """A cache folder whose files do not match its index (truncated, overwritten, or half written)."""
+
+
+def cache_key(
+    vision_tower: torch.nn.Module, image_processor_config: dict, image_ids: list[str], computed_with: dict
+) -> str:
+    """A digest of the tower's weights, the preprocessing config, the image contents (ids are content hashes) and how
+    the features are computed (`computed_with`: device type, precision, compilation), which moves them within bf16
+    rounding."""
+    digest = hashlib.sha256(json.dumps(computed_with, sort_keys=True).encode())
     for name, tensor in sorted(vision_tower.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
@@ -32,13 +51,55 @@ def cache_key(vision_tower: torch.nn.Module, image_processor_config: dict, image
     return digest.hexdigest()[:24]
 
 
+class ChunkedDigest:
+    """SHA-256 of each `CHUNK_BYTES` piece of a byte stream, fed in arbitrary pieces."""
+
+    def __init__(self) -> None:
+        self.digests: list[str] = []
+        self._current, self._filled = hashlib.sha256(), 0
+
+    def update(self, data: memoryview) -> None:
+        """Feed the next bytes of the stream."""
+        while len(data):
+            take = min(len(data), CHUNK_BYTES - self._filled)
+            self._current.update(data[:take])
+            self._filled += take
+            data = data[take:]
+            if self._filled == CHUNK_BYTES:
+                self._close_chunk()
+
+    def finish(self) -> list[str]:
+        """The chunk digests of the whole stream."""
+        if self._filled:
+            self._close_chunk()
+        return self.digests
+
+    def _close_chunk(self) -> None:
+        self.digests.append(self._current.hexdigest())
+        self._current, self._filled = hashlib.sha256(), 0
+
+
 class VisionFeatureCache:
-    """Read access to a built cache: `features(image_ids)` returns a bf16 tensor (B, C, h, w)."""
+    """Read access to a built cache: `features(image_ids)` returns a bf16 tensor (B, C, h, w).
+
+    Raises `CacheDamaged` when the folder's files do not match its index (size, shape, dtype).
+    """
 
     def __init__(self, folder: Path):
-        meta = json.loads((folder / "index.json").read_text())
-        self.row = {image_id: i for i, image_id in enumerate(meta["ids"])}
-        self.array = np.load(folder / "features.npy", mmap_mode="r")
+        self.folder = Path(folder)
+        try:
+            self.meta = json.loads((self.folder / INDEX).read_text())
+            shape = tuple(self.meta["shape"])
+            expected = self.meta["data_offset"] + int(np.prod(shape)) * 2
+            size = (self.folder / FEATURES).stat().st_size
+            if size != expected:
+                raise CacheDamaged(f"{FEATURES} has {size} bytes, its index says {expected}")
+            self.array = np.load(self.folder / FEATURES, mmap_mode="r")
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise CacheDamaged(f"{type(error).__name__}: {error}") from None
+        if self.array.shape != shape or self.array.dtype != np.uint16 or self.array.offset != self.meta["data_offset"]:
+            raise CacheDamaged(f"{FEATURES} holds {self.array.dtype}{self.array.shape}, its index says {shape}")
+        self.row = {image_id: i for i, image_id in enumerate(self.meta["ids"])}
 
     def features(self, image_ids: list[str]) -> torch.Tensor:
         """Cached vision tower outputs of these images, in order."""
@@ -48,38 +109,138 @@ class VisionFeatureCache:
         block[order] = self.array[rows[order]]
         return torch.from_numpy(block).view(torch.bfloat16)
 
+    def verify(self) -> None:
+        """Re-hash the features chunk by chunk (in parallel threads) against the index; CacheDamaged if any differs."""
+        expected = self.meta["chunk_sha256"]
+        offset, total = self.meta["data_offset"], int(np.prod(self.meta["shape"])) * 2
+        starts = range(0, total, CHUNK_BYTES)
+        path = self.folder / FEATURES
+
+        def chunk_digest(start: int) -> str:
+            with open(path, "rb") as stream:
+                stream.seek(offset + start)
+                return hashlib.sha256(stream.read(min(CHUNK_BYTES, total - start))).hexdigest()
+
+        with ThreadPoolExecutor(VERIFY_THREADS) as pool:
+            found = list(pool.map(chunk_digest, starts))
+        bad = [i for i, (a, b) in enumerate(zip(found, expected)) if a != b]
+        if bad or len(found) != len(expected):
+            raise CacheDamaged(f"checksum mismatch in {len(bad)} of {len(expected)} chunk(s) of {FEATURES}")
+
+
+def open_cache(root: Path, key: str, verify: bool = False) -> VisionFeatureCache | None:
+    """The cache for `key` under `root`, or None when there is none; a damaged one is deleted (one-line warning)."""
+    folder = Path(root) / key
+    if not folder.exists():
+        return None
+    try:
+        cache = VisionFeatureCache(folder)
+        if verify:
+            cache.verify()
+        return cache
+    except CacheDamaged as error:
+        log.warning("vision cache %s is damaged (%s): rebuilding it", folder, error)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+
 
 @torch.no_grad()
 def build_cache(
-    root: Path, key: str, image_ids: list[str], load_pixels, vision_tower: torch.nn.Module, batch_size: int
-) -> VisionFeatureCache:
-    """Return the cache for `key` under `root`, computing it first if absent.
+    root: Path, key: str, image_ids: list[str], batches: Iterable[tuple[list[str], torch.Tensor]],
+    encode: Callable[[torch.Tensor], torch.Tensor],
+) -> VisionFeatureCache:  # fmt: skip
+    """Compute and write the cache for `key` under `root`; return it opened.
 
-    `load_pixels(ids) -> Tensor (B, 3, H, W)` provides normalised pixels on the tower's device.
+    `batches` yields (image ids, loaded pages) in the order of `image_ids` (DataLoader workers decode the pages);
+    `encode` runs the tower on the device and returns bf16 features still on the device. The device computes batch k
+    while a writer thread copies, hashes and writes batch k-1.
     """
-    folder = root / key
-    if (folder / "index.json").exists():
-        log.info("vision cache hit: %s", folder)
-        return VisionFeatureCache(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    for leftover in root.glob(f".{key}.tmp-*"):  # a build that was killed
+        shutil.rmtree(leftover, ignore_errors=True)
     tmp = root / f".{key}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    array = None
-    for start in range(0, len(image_ids), batch_size):
-        ids = image_ids[start : start + batch_size]
-        out = vision_tower(load_pixels(ids)).last_hidden_state.to(torch.bfloat16).cpu()
-        if array is None:
-            shape = (len(image_ids), *out.shape[1:])
-            array = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np.uint16, shape=shape)
-        array[start : start + len(ids)] = out.view(torch.uint16).numpy()
-    if array is not None:
-        array.flush()
-        del array
-    (tmp / "index.json").write_text(json.dumps({"ids": image_ids}))
+    writer = _FeatureWriter(tmp / FEATURES, len(image_ids))
+    done = 0
+    with ThreadPoolExecutor(1) as pool:
+        pending = None
+        for ids, pages in batches:
+            if ids != image_ids[done : done + len(ids)]:
+                raise RuntimeError("vision cache pages arrived out of order")
+            done += len(ids)
+            features = encode(pages).to(torch.bfloat16)
+            host = torch.empty(features.shape, dtype=torch.bfloat16, pin_memory=features.is_cuda)
+            host.copy_(features, non_blocking=True)
+            if pending is not None:
+                pending.result()
+            ready = torch.cuda.Event() if features.is_cuda else None
+            if ready is not None:
+                ready.record()
+            pending = pool.submit(writer.write, host, ready)
+        if pending is not None:
+            pending.result()
+    if done != len(image_ids):
+        raise RuntimeError(f"vision cache got {done} of {len(image_ids)} pages")
+    meta = writer.close()
+    _write_durably(tmp / INDEX, json.dumps({"ids": image_ids, **meta}).encode())
+    _fsync_dir(tmp)
     _drop_stale(root, keep=key)
+    folder = root / key
+    shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
+    _fsync_dir(root)
     log.info("vision cache built: %d images -> %s", len(image_ids), folder)
     return VisionFeatureCache(folder)
+
+
+class _FeatureWriter:
+    """Writes bf16 feature rows to an .npy file in order, hashing them as they go."""
+
+    def __init__(self, path: Path, rows: int):
+        self.path, self.rows, self.written = path, rows, 0
+        self.stream = None
+        self.digest = ChunkedDigest()
+        self.shape: tuple[int, ...] | None = None
+
+    def write(self, host: torch.Tensor, ready) -> None:
+        """Append `host` (bf16 rows) once the copy that fills it (`ready`, a CUDA event or None) has finished."""
+        if ready is not None:
+            ready.synchronize()
+        if self.stream is None:
+            self.shape = (self.rows, *host.shape[1:])
+            self.stream = open(self.path, "wb")  # noqa: SIM115 - open across batches, closed by close()
+            header = {"descr": "<u2", "fortran_order": False, "shape": self.shape}
+            np.lib.format.write_array_header_1_0(self.stream, header)
+            self.offset = self.stream.tell()
+        data = memoryview(host.view(torch.uint16).numpy()).cast("B")
+        self.stream.write(data)
+        self.digest.update(data)
+        self.written += host.shape[0]
+
+    def close(self) -> dict:
+        """Flush and fsync the file; the index fields that describe it."""
+        if self.stream is None:
+            raise RuntimeError("no vision features were written")
+        self.stream.flush()
+        os.fsync(self.stream.fileno())
+        self.stream.close()
+        return {"shape": list(self.shape), "dtype": "bfloat16", "data_offset": self.offset,
+                "chunk_bytes": CHUNK_BYTES, "chunk_sha256": self.digest.finish()}  # fmt: skip
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as stream:
+        stream.write(data)
+        stream.flush()
+        os.fsync(stream.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def _drop_stale(root: Path, keep: str) -> None:

@@ -75,3 +75,22 @@ def test_batch_must_split_over_processes_and_accumulation():
 def test_overrides_use_dotted_keys():
     params = load_params(REPO / "params.yaml", {"lr": 0.5, "train.schedule": "linear"})
     assert params.lr == 0.5 and params.train.schedule == "linear"
+
+
+def test_decoding_budget_covers_what_training_teaches():
+    """One answer-token budget: evaluation, validation and the exported generation config can emit every answer
+    training teaches (labels are cut at train.max_answer_tokens, <s> and </s> included)."""
+    params = load_params(REPO / "params.yaml")
+    assert params.evaluate.max_new_tokens >= params.train.max_answer_tokens
+    assert load_params(REPO / "params.yaml", {"evaluate.max_new_tokens": None}).evaluate.max_new_tokens == 32
+    assert load_params(REPO / "params.yaml", {"train.max_answer_tokens": 48}).evaluate.max_new_tokens == 48
+
+
+def test_decoding_budget_below_training_is_refused():
+    with pytest.raises(ConfigError, match=r"evaluate\.max_new_tokens \(20\) is below train\.max_answer_tokens \(32\)"):
+        load_params(REPO / "params.yaml", {"evaluate.max_new_tokens": 20})
+
+
+def test_lora_needs_a_frozen_vision_tower():
+    with pytest.raises(ConfigError, match=r"train\.lora\.enabled"):
+        load_params(REPO / "params.yaml", {"train.lora.enabled": True, "train.freeze": []})

@@ -5,10 +5,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from florence_ops.base_models import build_tiny_model, build_tiny_processor
 from florence_ops.batching import IGNORE_INDEX, Collator, embed_inputs, project_vision
 from florence_ops.config import TinyModel
 from florence_ops.generation import PixelSource
-from florence_ops.modeling import build_tiny_model, build_tiny_processor, freeze, model_parts
+from florence_ops.modeling import freeze, model_parts
 from florence_ops.training import DocVQAObjective, make_optimizer
 
 CORPUS = ["<DocVQA>What is the total amount?", "Which company issued this document?", "ACME Corp", "$1,234.50"] * 5
@@ -36,8 +37,7 @@ def _inputs(model, tiny, rows):
     processor, images, _ = tiny
     batch = Collator(processor.tokenizer, "<DocVQA>", 32, 16, train=True)(rows)
     source = PixelSource(images, processor.image_processor)
-    pixels = source.load(batch.image_ids, torch.device("cpu"))
-    return batch, pixels
+    return batch, source
 
 
 def test_labels_mask_padding_and_decoder_mask(tiny):
@@ -54,7 +54,8 @@ def test_labels_mask_padding_and_decoder_mask(tiny):
 def test_model_loss_equals_hand_computed_cross_entropy(tiny):
     """Teacher forcing with the decoder start token: the decoder reads [start, y0..y(n-2)] and predicts y0..y(n-1)."""
     model = _model(tiny).eval()
-    batch, pixels = _inputs(model, tiny, ROWS)
+    batch, source = _inputs(model, tiny, ROWS)
+    pixels = source.prepare(source.load(batch.image_ids), torch.device("cpu"))
     features = project_vision(model, model.model.vision_tower(pixels).last_hidden_state)
     embeds, mask = embed_inputs(model, features, batch)
     start = model.config.text_config.decoder_start_token_id
@@ -68,25 +69,25 @@ def test_model_loss_equals_hand_computed_cross_entropy(tiny):
     model_loss = model(inputs_embeds=embeds, attention_mask=mask, labels=targets).loss
     torch.testing.assert_close(model_loss, by_hand, rtol=1e-5, atol=1e-6)
     # and so must the project's objective (token sum / token count).
-    loss_sum, tokens = DocVQAObjective(model)(pixels, batch, cached=False)
+    tokens = (targets != IGNORE_INDEX).sum()
+    loss_sum = DocVQAObjective(model)(batch, source)
     torch.testing.assert_close(loss_sum / tokens, by_hand, rtol=1e-5, atol=1e-6)
-    assert tokens == (targets != IGNORE_INDEX).sum()
 
 
 def test_padding_does_not_change_a_questions_loss(tiny):
     """With attention masks, a question's loss is the same alone or padded inside a batch with a longer one."""
     model = _model(tiny).eval()
     long_question = dict(ROWS[1], question="Which company issued this document and what is the total amount?")
-    batch, pixels = _inputs(model, tiny, [ROWS[1], long_question])
-    alone, alone_pixels = _inputs(model, tiny, [ROWS[1]])
+    batch, source = _inputs(model, tiny, [ROWS[1], long_question])
+    alone, _ = _inputs(model, tiny, [ROWS[1]])
     assert batch.attention_mask[0].sum() < batch.attention_mask.shape[1], "the first question must be padded"
     objective = DocVQAObjective(model)
     with torch.no_grad():
-        sum_alone, n_alone = objective(alone_pixels, alone, cached=False)
+        sum_alone = objective(alone, source)
         first = type(batch)(batch.input_ids[:1], batch.attention_mask[:1], batch.image_ids[:1], batch.labels[:1],
                             batch.decoder_attention_mask[:1])  # fmt: skip
-        sum_padded, n_padded = objective(pixels[:1], first, cached=False)
-    torch.testing.assert_close(sum_padded / n_padded, sum_alone / n_alone, rtol=1e-5, atol=1e-5)
+        sum_padded = objective(first, source)
+    torch.testing.assert_close(sum_padded, sum_alone, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("parts", [["vision_tower"], ["vision_tower", "projector"], ["text_encoder"], []])
@@ -100,9 +101,9 @@ def test_freeze_keeps_frozen_weights_and_counts_them(tiny, parts):
     objective = DocVQAObjective(model)
     optimizer = make_optimizer(objective, lr=1e-2, weight_decay=0.1, device=torch.device("cpu"))
     assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == trainable
-    batch, pixels = _inputs(model, tiny, ROWS)
-    loss_sum, tokens = objective(pixels, batch, cached=False)
-    (loss_sum / tokens).backward()
+    batch, source = _inputs(model, tiny, ROWS)
+    loss_sum = objective(batch, source)
+    loss_sum.backward()
     optimizer.step()
     changed = {name for name, p in model.named_parameters() if not torch.equal(before[name], p)}
     frozen_names = {name for name, p in model.named_parameters() if any(p is f for f in frozen)}

@@ -57,6 +57,7 @@ def test_exported_model_loads_offline_with_auto_classes(workspace):
     model = AutoModelForImageTextToText.from_pretrained(target)
     processor = AutoProcessor.from_pretrained(target)
     assert model.generation_config.no_repeat_ngram_size == 0
+    assert model.generation_config.max_new_tokens == params.train.max_answer_tokens  # what training teaches
     row = read_questions(workspace / "data/processed", "validation")[0]
     image = ImageTable(workspace / "data/processed")[row["image_id"]]
     inputs = processor(text=params.train.prompt + row["question"], images=image, return_tensors="pt")

@@ -9,9 +9,16 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from florence_ops.base_models import (
+    SHAPES,
+    build_reference_model,
+    build_reference_processor,
+    build_tiny_model,
+    build_tiny_processor,
+)
 from florence_ops.config import Params
 from florence_ops.data.sources import materialize_raw
-from florence_ops.modeling import build_tiny_model, build_tiny_processor, load_pretrained, save_processor
+from florence_ops.modeling import load_pretrained, save_processor
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +32,16 @@ def download(params: Params) -> dict:
 
 
 def save_base_model(params: Params) -> Path:
-    """Build the tiny model (tokenizer trained on the raw training text) or fetch the named one; save it atomically."""
+    """Build the tiny model (tokenizer trained on the raw training text) or a real shape with random weights, or fetch
+    the named one; save it atomically."""
     target = Path(params.paths.base_model)
     if params.model.name == "tiny":
         corpus = training_text(Path(params.paths.raw) / "train.parquet", params.train.prompt)
         processor = build_tiny_processor(params.model.tiny, corpus)
         model = build_tiny_model(params.model.tiny, processor, params.seed)
+    elif params.model.name in SHAPES:
+        processor = build_reference_processor(params.model.reference_files)
+        model = build_reference_model(params.model.name, params.model.reference_files, processor, params.seed)
     else:
         model, processor = load_pretrained(params.model.name, params.model, params.model.revision)
     tmp = target.with_name(f".{target.name}.tmp")

@@ -18,11 +18,13 @@ from florence_ops.batching import Collator
 from florence_ops.config import Params
 from florence_ops.data.processed import ImageTable, read_questions
 from florence_ops.errors import UserError
-from florence_ops.generation import Decoding, PixelSource, answer_across_processes
+from florence_ops.generation import Decoding, answer_across_processes
 from florence_ops.launch import launch, needs_launch
 from florence_ops.metrics import aggregate, score_predictions
-from florence_ops.modeling import load_pretrained, merge_lora
+from florence_ops.modeling import load_pretrained, load_processor, merge_lora
 from florence_ops.reports import write_html_report, write_json, write_predictions, write_type_plot_data
+from florence_ops.vision_cache import cache_key, open_cache
+from florence_ops.vision_inputs import CachedSource, PixelSource
 
 log = logging.getLogger(__name__)
 COLUMNS = ["questionId", "question", "answers", "image_id", "question_types"]
@@ -45,8 +47,11 @@ def evaluate(params: Params) -> dict:
     rows = read_questions(processed, params.evaluate.split).select_columns(COLUMNS).to_list()
     rows = rows[: params.evaluate.max_questions]
     images = ImageTable(processed)
-    before = predict(accelerator, load_model(params, Path(params.paths.base_model)), rows, images, params)
-    after = predict(accelerator, load_model(params, Path(params.paths.train) / "model"), rows, images, params)
+    base = load_model(params, Path(params.paths.base_model))
+    tuned = load_model(params, Path(params.paths.train) / "model")
+    source = vision_source(params, base, tuned, images, accelerator.device)
+    before = predict(accelerator, base, rows, source, params)
+    after = predict(accelerator, tuned, rows, source, params)
     if not accelerator.is_main_process:
         return {}
     scored = score_predictions(prediction_rows(rows, after))
@@ -67,25 +72,47 @@ def evaluate(params: Params) -> dict:
 
 
 def load_model(params: Params, folder: Path):
-    """A saved model with its processor; LoRA adapters are merged into the base model first."""
+    """A saved model with its processor; LoRA adapters (and the projector trained beside them) are merged into the
+    base model first."""
     if (folder / "adapter_config.json").exists():
         from peft import PeftModel
 
         base, _ = load_pretrained(params.paths.base_model, params.model)
-        _, processor = load_pretrained(folder, params.model)
-        return merge_lora(PeftModel.from_pretrained(base, folder)), processor
+        return merge_lora(PeftModel.from_pretrained(base, folder)), load_processor(folder, params.model)
     return load_pretrained(folder, params.model)
 
 
-def predict(accelerator, loaded, rows: list[dict], images: ImageTable, params: Params) -> list[str]:
+def vision_source(params: Params, base, tuned, images: ImageTable, device: torch.device):
+    """The train stage's vision-feature cache when both models share its frozen tower, so the before and after
+    passes read the same tower output; pages decoded in DataLoader workers otherwise."""
+    (base_model, processor), (tuned_model, _) = base, tuned
+    pixels = PixelSource(images, processor.image_processor)
+    tower = base_model.model.vision_tower
+    if not _same_weights(tower, tuned_model.model.vision_tower):
+        return pixels
+    from florence_ops.stages.train import computed_with
+
+    key = cache_key(tower, processor.image_processor.to_dict(), images.ids, computed_with(params, device))
+    cache = open_cache(Path(params.paths.vision_cache), key)
+    if cache is None:
+        return pixels
+    log.info("answering from the cached vision features in %s", cache.folder)
+    return CachedSource(cache)
+
+
+def predict(accelerator, loaded, rows: list[dict], source, params: Params) -> list[str]:
     """Answers of one model to `rows`, batched as `evaluate` configures, shared among the processes."""
     model, processor = loaded
     model.to(accelerator.device)
     cfg = params.evaluate
     collator = Collator(processor.tokenizer, params.train.prompt, params.train.max_question_tokens, 0, train=False)
     decoding = Decoding(cfg.batch_size, cfg.num_beams, cfg.max_new_tokens)
-    source = PixelSource(images, processor.image_processor)
-    return answer_across_processes(accelerator, model, rows, collator, source, decoding)
+    return answer_across_processes(accelerator, model, rows, collator, source, decoding, cfg.num_workers)
+
+
+def _same_weights(first: torch.nn.Module, second: torch.nn.Module) -> bool:
+    a, b = first.state_dict(), second.state_dict()
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def prediction_rows(rows: list[dict], predictions: list[str]) -> list[dict]:

@@ -1,8 +1,8 @@
 """Stage `train`: fine-tune the base model on the processed training split.
 
-Writes `paths.train/model` (the best model by validation ANLS, Hugging Face layout, or LoRA adapters) and
-`paths.train/summary.json`; DVCLive metrics and plots go to `paths.live`. With `train.num_processes > 1` the stage
-starts itself in that many processes through `accelerate launch`.
+Writes `paths.train/model` (the best model by validation ANLS, or the last one without validation: Hugging Face
+layout, or LoRA adapters plus the trained projector) and `paths.train/summary.json`; DVCLive metrics and plots go to
+`paths.live`. With `train.num_processes > 1` (or FSDP) the stage starts itself through `accelerate launch`.
 """
 
 from __future__ import annotations
@@ -13,26 +13,27 @@ import shutil
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 
 from florence_ops.batching import Collator
 from florence_ops.checkpointing import CheckpointStore, run_fingerprint
 from florence_ops.config import Params, to_dict
 from florence_ops.data.processed import ImageTable, read_questions
 from florence_ops.errors import UserError
-from florence_ops.generation import CachedSource, PixelSource
 from florence_ops.launch import launch, needs_launch
 from florence_ops.modeling import apply_lora, freeze, load_pretrained, save_processor, unwrap
 from florence_ops.training import Run, fit, make_accelerator
-from florence_ops.vision_cache import build_cache, cache_key
+from florence_ops.vision_cache import build_cache, cache_key, open_cache
+from florence_ops.vision_inputs import CachedSource, PixelSource, page_loader, tower_encoder
 
 log = logging.getLogger(__name__)
 COLUMNS = ["questionId", "question", "answers", "image_id", "question_types"]
+PARAMS_READ = ("lr", "epochs", "batch_size", "seed", "train", "model", "evaluate.batch_size")  # for summary.json
 
 
 def train(params: Params) -> dict:
-    """Fine-tune, save the best model and return the run summary (resuming this run's checkpoint if any)."""
-    if needs_launch(params.train.num_processes):
+    """Fine-tune, save the result and return the run summary (resuming this run's checkpoint if any)."""
+    if needs_launch(params.train.num_processes, params.train.distributed):
         launch("train", params.train.num_processes, fsdp=params.train.distributed == "fsdp")
         return json.loads((Path(params.paths.train) / "summary.json").read_text())
     set_seed(params.seed)  # Python, NumPy and torch on every device
@@ -45,8 +46,7 @@ def train(params: Params) -> dict:
         logging.getLogger().setLevel(logging.WARNING)
     model, processor = load_pretrained(params.paths.base_model, params.model)
     if params.train.lora.enabled:
-        lora = params.train.lora
-        model = apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+        model = apply_lora(model, params.train.lora, params.train.freeze)
     trainable, total = freeze(model, params.train.freeze)
     log.info("trainable parameters: %d of %d (%.1f%%)", trainable, total, 100 * trainable / total)
     if params.train.gradient_checkpointing:
@@ -70,13 +70,13 @@ def train(params: Params) -> dict:
         eval_collator=_collator(processor, params, train=False),
         source=source,
         checkpoints=checkpoints,
-        save_best=lambda objective: save_model(acc.unwrap_model(objective).model, processor, out / "model"),
+        save_best=lambda objective: save_trained(acc, objective, processor, out / "model"),
         live=live,
     )
-    progress = fit(run)
+    progress, objective = fit(run)
+    if progress.best_epoch < 0:  # no validation: the last weights are the result
+        save_trained(acc, objective, processor, out / "model")
     if acc.is_main_process:
-        if progress.best_epoch < 0:  # no validation: the last weights are the result
-            save_model(model, processor, out / "model")
         summary = {
             "steps": progress.step,
             "epochs": progress.epoch,
@@ -85,9 +85,9 @@ def train(params: Params) -> dict:
             "history": progress.history,
             "trainable_parameters": trainable,
             "total_parameters": total,
-            "vision_cache": bool(getattr(source, "cached", False)),
+            "vision_cache": source.cached,
             "lora": params.train.lora.enabled,
-            "params": to_dict(params),
+            "params": _params_read(params),
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if live is not None:
@@ -99,29 +99,64 @@ def train(params: Params) -> dict:
 
 
 def vision_source(params: Params, model, processor, images: ImageTable, acc):
-    """Cached vision features when the tower is frozen and the cache is on; pixels otherwise."""
+    """Cached vision features when the tower is frozen and the cache is on; pixels otherwise.
+
+    The main process checks an existing cache's checksums (a damaged cache is rebuilt) or builds it; the others then
+    open it.
+    """
     pixels = PixelSource(images, processor.image_processor)
     if not (params.train.vision_cache and "vision_tower" in params.train.freeze):
         return pixels
     tower = unwrap(model).model.vision_tower.to(acc.device).eval()
-    key = cache_key(tower, processor.image_processor.to_dict(), images.ids)
-    # The main process builds the cache; the others then find it built.
-    with acc.main_process_first(), acc.autocast():
-        cache = build_cache(
-            Path(params.paths.vision_cache), key, images.ids,
-            lambda ids: pixels.pixels(ids, acc.device), tower, params.evaluate.batch_size,
-        )  # fmt: skip
+    key = cache_key(tower, processor.image_processor.to_dict(), images.ids, computed_with(params, acc.device))
+    root = Path(params.paths.vision_cache)
+    with acc.main_process_first():
+        cache = open_cache(root, key, verify=acc.is_main_process)
+        if cache is None:
+            batches = page_loader(pixels, images.ids, params.model.vision_batch_size, params.train.num_workers)
+            encode = tower_encoder(tower, pixels, acc.device, params.model.vision_compile)
+            cache = build_cache(root, key, images.ids, batches, encode)
     return CachedSource(cache)
 
 
-def save_model(model, processor, target: Path) -> None:
+def computed_with(params: Params, device: torch.device) -> dict:
+    """How the vision features are computed: part of the cache key, and the same in train and evaluate."""
+    bf16 = device.type == "cuda" and params.train.precision in ("auto", "bf16")
+    return {"device": device.type, "precision": "bf16" if bf16 else "fp32", "compile": params.model.vision_compile}
+
+
+def save_trained(acc, objective, processor, target: Path) -> None:
+    """Save the model being trained (full weights, or LoRA adapters with the trained projector); call on every
+    process: under FSDP the full state dict is gathered from all of them first."""
+    state = None
+    if acc.distributed_type == DistributedType.FSDP:
+        prefix = "model."
+        state = {k[len(prefix) :]: v for k, v in acc.get_state_dict(objective).items() if k.startswith(prefix)}
+    if acc.is_main_process:
+        save_model(acc.unwrap_model(objective).model, processor, target, state)
+    acc.wait_for_everyone()
+
+
+def save_model(model, processor, target: Path, state_dict: dict | None = None) -> None:
     """Save a model (full weights, or LoRA adapters) and its processor to `target` atomically."""
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     save_processor(processor, tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
+
+
+def _params_read(params: Params) -> dict:
+    config = to_dict(params)
+    picked = {}
+    for key in PARAMS_READ:
+        section, _, leaf = key.partition(".")
+        if leaf:
+            picked.setdefault(section, {})[leaf] = config[section][leaf]
+        else:
+            picked[section] = config[section]
+    return picked
 
 
 def _rows(processed: Path, split: str) -> list[dict]:

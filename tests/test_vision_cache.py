@@ -1,0 +1,71 @@
+"""A damaged vision-feature cache is detected and rebuilt, never read into training."""
+
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import tiny_params
+
+pytestmark = pytest.mark.slow
+NO_VALIDATION = {"epochs": 1, "train.eval_every_epoch": False}
+
+
+def _overwrite(path, fraction: float = 0.5, size: int = 4096) -> None:
+    """Random bytes over part of the file's data, header left intact."""
+    with open(path, "r+b") as stream:
+        stream.seek(int(os.path.getsize(path) * fraction))
+        stream.write(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
+
+
+def _truncate(path) -> None:
+    with open(path, "r+b") as stream:
+        stream.truncate(os.path.getsize(path) * 2 // 3)
+
+
+@pytest.mark.parametrize("damage", [_overwrite, _truncate], ids=["bytes-overwritten", "truncated"])
+def test_damaged_cache_is_rebuilt_and_training_is_unchanged(prepared, tmp_path, caplog, damage):
+    from florence_ops.stages.train import train
+
+    root = tmp_path / "ws"
+    shutil.copytree(prepared, root)
+    params = tiny_params(root, **NO_VALIDATION)
+    train(params)
+    clean = load_file(root / "models/train/model/model.safetensors")
+    (features,) = (root / ".cache/vision_features").glob("*/features.npy")
+    damage(features)
+
+    with caplog.at_level(logging.WARNING, logger="florence_ops.vision_cache"):
+        train(params)  # `dvc repro -f train`, or a new experiment, on the damaged cache
+    assert any("is damaged" in record.getMessage() for record in caplog.records), "damage must be reported"
+    rebuilt = load_file(root / "models/train/model/model.safetensors")
+    for name, tensor in clean.items():
+        assert (rebuilt[name] == tensor).all(), f"{name}: training read the damaged cache"
+    (again,) = (root / ".cache/vision_features").glob("*/features.npy")
+    from florence_ops.vision_cache import VisionFeatureCache
+
+    VisionFeatureCache(again.parent).verify()  # the rebuilt cache is whole
+
+
+def test_open_checks_size_and_verify_checks_every_chunk(tmp_path):
+    import torch
+
+    from florence_ops.vision_cache import build_cache, open_cache
+
+    ids = [f"page{i}" for i in range(10)]
+    pages = [(ids[i : i + 4], torch.arange(i, min(i + 4, 10)).float()) for i in range(0, 10, 4)]
+    encode = lambda rows: rows.view(-1, 1, 1, 1).expand(-1, 8, 6, 6) / 7  # noqa: E731 - a stand-in tower
+    cache = build_cache(tmp_path, "key", ids, pages, encode)
+    assert torch.equal(cache.features(["page3"]).float(), (torch.full((1, 8, 6, 6), 3.0) / 7).bfloat16().float())
+    open_cache(tmp_path, "key", verify=True).verify()
+
+    _overwrite(tmp_path / "key/features.npy", fraction=0.9, size=16)
+    assert open_cache(tmp_path, "key") is not None, "size and shape still match: only the checksum can tell"
+    assert open_cache(tmp_path, "key", verify=True) is None and not (tmp_path / "key").exists()
+
+    build_cache(tmp_path, "key", ids, pages, encode)
+    _truncate(tmp_path / "key/features.npy")
+    assert open_cache(tmp_path, "key") is None, "a truncated cache must not even open"
