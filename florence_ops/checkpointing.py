@@ -16,16 +16,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from florence_ops.config import Params, to_dict
+from florence_ops.config import Params, pick
 
 
-def run_fingerprint(params: Params) -> str:
-    """Digest of what determines the training run: its params and the identity of its inputs."""
-    config = to_dict(params)
-    relevant = {key: config[key] for key in ("lr", "epochs", "batch_size", "seed", "train")}
-    relevant["model"] = {key: config["model"][key] for key in ("attn_implementation", "vision_compile")}
-    relevant["eval"] = config["evaluate"]["batch_size"]
-    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode())
+def run_fingerprint(params: Params, keys: tuple[str, ...]) -> str:
+    """Digest of what determines the training run: its params (`keys`) and the identity of its inputs."""
+    digest = hashlib.sha256(json.dumps(pick(params, keys), sort_keys=True).encode())
     for folder in (params.paths.processed, params.paths.base_model):
         for path in sorted(Path(folder).rglob("*")):
             if path.is_file():

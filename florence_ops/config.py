@@ -306,6 +306,17 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     return value
 
 
+def pick(params: Params, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The values of dotted `keys` (a section or a single setting) as plain data, reading nothing else."""
+    picked = {}
+    for key in keys:
+        value = params
+        for name in key.split("."):
+            value = getattr(value, name)
+        picked[key] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return picked
+
+
 def to_dict(params: Params) -> dict[str, Any]:
     """The params as plain data, for checkpoints, model cards and reports."""
     return dataclasses.asdict(params)

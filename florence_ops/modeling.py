@@ -118,6 +118,18 @@ def load_processor(source: str | Path, cfg: ModelConfig) -> Florence2Processor:
     return AutoProcessor.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
 
 
+def load_trained(folder: str | Path, base_model: str | Path, cfg: ModelConfig):
+    """A saved model and its processor; LoRA adapters (and the projector trained beside them) are merged into the
+    base model at `base_model` first."""
+    folder = Path(folder)
+    if (folder / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base, _ = load_pretrained(base_model, cfg)
+        return merge_lora(PeftModel.from_pretrained(base, folder)), load_processor(folder, cfg)
+    return load_pretrained(folder, cfg)
+
+
 class ModelWrapper(torch.nn.Module):
     """A module that holds the model being trained as `.model` (the training objective)."""
 

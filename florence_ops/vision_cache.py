@@ -51,6 +51,12 @@ def cache_key(
     return digest.hexdigest()[:24]
 
 
+def computed_with(device: torch.device, precision: str, compiled: bool) -> dict:
+    """How the features are computed (part of the cache key): device type, autocast precision, compilation."""
+    bf16 = device.type == "cuda" and precision in ("auto", "bf16")
+    return {"device": device.type, "precision": "bf16" if bf16 else "fp32", "compile": compiled}
+
+
 class ChunkedDigest:
     """SHA-256 of each `CHUNK_BYTES` piece of a byte stream, fed in arbitrary pieces."""
 

@@ -1,5 +1,7 @@
 """dvc.yaml names real code and real params, and the pipeline has the five stages in order."""
 
+import ast
+import dataclasses
 import importlib
 from pathlib import Path
 
@@ -72,3 +74,115 @@ def test_outputs_chain_from_stage_to_stage():
             producer = next((s for o, s in outs.items() if path == o or Path(path).is_relative_to(o)), None)
             if producer is not None:
                 assert list(STAGES).index(producer) < list(STAGES).index(name), (name, path)
+
+
+# --- Each stage lists exactly the code and params it reads, derived from the code so the lists cannot drift ---
+
+STAGE_FUNCTIONS = {name: f"florence_ops.stages.{name}:{name}" for name in STAGES}
+# A read of the left key is a read of the right keys too: config loading fills it from them when it is null.
+DERIVED = {"evaluate.max_new_tokens": ("train.max_answer_tokens",)}
+
+
+def code_closure(module: Path) -> set[str]:
+    """The florence_ops modules `module` imports, directly or through others, anywhere in their bodies (function-level
+    imports included); package `__init__.py` files hold no code and are left out."""
+    seen, todo = set(), [module]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            for name in names:
+                if name.split(".")[0] == "florence_ops" and (found := _module_file(name)) is not None:
+                    todo.append(found)
+    return {str(path.relative_to(REPO)) for path in seen if path.name != "__init__.py"}
+
+
+def _module_file(name: str) -> Path | None:
+    path = REPO.joinpath(*name.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def test_package_init_files_hold_no_code():
+    for init in (REPO / "florence_ops").rglob("__init__.py"):
+        body = [node for node in ast.parse(init.read_text()).body if not isinstance(node, ast.Expr)]
+        assert all(isinstance(node, ast.Assign) for node in body), f"{init} runs code a stage would depend on"
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_stage_code_deps_are_exactly_its_import_closure(name):
+    declared = {_resolve(d) for d in PIPELINE[name].get("deps", []) if _resolve(d).startswith("florence_ops/")}
+    assert declared == code_closure(REPO / f"florence_ops/stages/{name}.py")
+
+
+class _Reads:
+    """Wraps a Params tree so that every setting a stage reads is recorded by its dotted name."""
+
+    def __init__(self):
+        self.keys: set[str] = set()
+
+    def wrap(self, node, prefix: str = ""):
+        reads, fields = self, {f.name for f in dataclasses.fields(node)}
+
+        class Recorded(type(node)):
+            def __getattribute__(self, attr):
+                value = object.__getattribute__(self, attr)
+                if attr not in fields:
+                    return value
+                key = f"{prefix}{attr}"
+                if dataclasses.is_dataclass(value):
+                    return reads.wrap(value, f"{key}.")
+                reads.keys.add(key)
+                return value
+
+        recorded = object.__new__(Recorded)
+        recorded.__dict__.update(node.__dict__)
+        return recorded
+
+
+def _covers(declared: str, read: str) -> bool:
+    return read == declared or read.startswith(declared + ".")
+
+
+@pytest.mark.slow
+def test_stage_params_are_exactly_what_each_stage_reads(tmp_path):
+    """Run the five stages on the tiny params with every read recorded: each read is declared in dvc.yaml (paths are
+    declared through the templated deps and outs), and each declared key is read by the stage's code."""
+    from tests.conftest import tiny_params
+
+    params = tiny_params(tmp_path, epochs=1)
+    for name in STAGES:
+        module, function = STAGE_FUNCTIONS[name].split(":")
+        reads = _Reads()
+        getattr(importlib.import_module(module), function)(reads.wrap(params))
+        used = {key for key in reads.keys if not key.startswith("paths.")}
+        used |= {extra for key in used for extra in DERIVED.get(key, ())}
+        declared = PIPELINE[name].get("params", [])
+        undeclared = sorted(key for key in used if not any(_covers(d, key) for d in declared))
+        assert not undeclared, f"{name} reads params dvc.yaml does not list: {undeclared}"
+        # settings read only in other configurations (a hub model, the local source) must at least be in the code
+        attributes = _attributes(code_closure(REPO / f"florence_ops/stages/{name}.py"))
+        unread = sorted(d for d in declared if not set(d.split(".")) <= attributes)
+        assert not unread, f"{name} lists params its code never reads: {unread}"
+
+
+def _attributes(files: set[str]) -> set[str]:
+    """Every attribute name the code of `files` reads (`params.train.lr` gives train and lr), and the parts of the
+    dotted names it passes as strings (`pick(params, ("train.prompt",))`)."""
+    names = set()
+    for file in files:
+        for node in ast.walk(ast.parse((REPO / file).read_text())):
+            if isinstance(node, ast.Attribute):
+                names.add(node.attr)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                names.update(node.value.split("."))
+    return names

@@ -21,9 +21,9 @@ from florence_ops.errors import UserError
 from florence_ops.generation import Decoding, answer_across_processes
 from florence_ops.launch import launch, needs_launch
 from florence_ops.metrics import aggregate, score_predictions
-from florence_ops.modeling import load_pretrained, load_processor, merge_lora
+from florence_ops.modeling import load_trained
 from florence_ops.reports import write_html_report, write_json, write_predictions, write_type_plot_data
-from florence_ops.vision_cache import cache_key, open_cache
+from florence_ops.vision_cache import cache_key, computed_with, open_cache
 from florence_ops.vision_inputs import CachedSource, PixelSource
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,8 @@ def evaluate(params: Params) -> dict:
     rows = read_questions(processed, params.evaluate.split).select_columns(COLUMNS).to_list()
     rows = rows[: params.evaluate.max_questions]
     images = ImageTable(processed)
-    base = load_model(params, Path(params.paths.base_model))
-    tuned = load_model(params, Path(params.paths.train) / "model")
+    base = load_trained(params.paths.base_model, params.paths.base_model, params.model)
+    tuned = load_trained(Path(params.paths.train) / "model", params.paths.base_model, params.model)
     source = vision_source(params, base, tuned, images, accelerator.device)
     before = predict(accelerator, base, rows, source, params)
     after = predict(accelerator, tuned, rows, source, params)
@@ -71,17 +71,6 @@ def evaluate(params: Params) -> dict:
     return result
 
 
-def load_model(params: Params, folder: Path):
-    """A saved model with its processor; LoRA adapters (and the projector trained beside them) are merged into the
-    base model first."""
-    if (folder / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        base, _ = load_pretrained(params.paths.base_model, params.model)
-        return merge_lora(PeftModel.from_pretrained(base, folder)), load_processor(folder, params.model)
-    return load_pretrained(folder, params.model)
-
-
 def vision_source(params: Params, base, tuned, images: ImageTable, device: torch.device):
     """The train stage's vision-feature cache when both models share its frozen tower, so the before and after
     passes read the same tower output; pages decoded in DataLoader workers otherwise."""
@@ -90,9 +79,8 @@ def vision_source(params: Params, base, tuned, images: ImageTable, device: torch
     tower = base_model.model.vision_tower
     if not _same_weights(tower, tuned_model.model.vision_tower):
         return pixels
-    from florence_ops.stages.train import computed_with
-
-    key = cache_key(tower, processor.image_processor.to_dict(), images.ids, computed_with(params, device))
+    recipe = computed_with(device, params.train.precision, params.model.vision_compile)
+    key = cache_key(tower, processor.image_processor.to_dict(), images.ids, recipe)
     cache = open_cache(Path(params.paths.vision_cache), key)
     if cache is None:
         return pixels

@@ -12,9 +12,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from florence_ops.config import Params, to_dict
-from florence_ops.modeling import save_processor
-from florence_ops.stages.evaluate import load_model
+from florence_ops.config import Params, pick
+from florence_ops.modeling import load_trained, save_processor
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +21,7 @@ log = logging.getLogger(__name__)
 def export(params: Params) -> Path:
     """Write the exported model directory atomically and return its path."""
     target = Path(params.paths.export)
-    model, processor = load_model(params, Path(params.paths.train) / "model")
+    model, processor = load_trained(Path(params.paths.train) / "model", params.paths.base_model, params.model)
     generation = model.generation_config
     generation.num_beams = params.evaluate.num_beams
     generation.max_new_tokens = params.evaluate.max_new_tokens
@@ -50,8 +49,7 @@ def model_card(params: Params, metrics: dict) -> str:
     types = "\n".join(
         f"| {name} | {_fmt(v.get('anls'))} | {v.get('n_questions')} |" for name, v in metrics.get("by_type", {}).items()
     )
-    config = to_dict(params)
-    hyper = {key: config[key] for key in ("lr", "epochs", "batch_size", "seed", "train")}
+    hyper = pick(params, ("lr", "epochs", "batch_size", "seed", "train"))
     return f"""---
 library_name: transformers
 pipeline_tag: image-text-to-text

@@ -17,18 +17,20 @@ from accelerate.utils import DistributedType, set_seed
 
 from florence_ops.batching import Collator
 from florence_ops.checkpointing import CheckpointStore, run_fingerprint
-from florence_ops.config import Params, to_dict
+from florence_ops.config import Params, pick
 from florence_ops.data.processed import ImageTable, read_questions
 from florence_ops.errors import UserError
 from florence_ops.launch import launch, needs_launch
 from florence_ops.modeling import apply_lora, freeze, load_pretrained, save_processor, unwrap
 from florence_ops.training import Run, fit, make_accelerator
-from florence_ops.vision_cache import build_cache, cache_key, open_cache
+from florence_ops.vision_cache import build_cache, cache_key, computed_with, open_cache
 from florence_ops.vision_inputs import CachedSource, PixelSource, page_loader, tower_encoder
 
 log = logging.getLogger(__name__)
 COLUMNS = ["questionId", "question", "answers", "image_id", "question_types"]
-PARAMS_READ = ("lr", "epochs", "batch_size", "seed", "train", "model", "evaluate.batch_size")  # for summary.json
+# What the stage reads: recorded in summary.json and the checkpoint fingerprint (dvc.yaml lists the same).
+PARAMS_READ = ("lr", "epochs", "batch_size", "seed", "train", "model.attn_implementation", "model.trust_remote_code",
+               "model.vision_batch_size", "model.vision_compile", "evaluate.batch_size")  # fmt: skip
 
 
 def train(params: Params) -> dict:
@@ -58,7 +60,7 @@ def train(params: Params) -> dict:
     images = ImageTable(processed)
     source = vision_source(params, model, processor, images, acc)
     out = Path(params.paths.train)
-    checkpoints = CheckpointStore(params.paths.checkpoints, run_fingerprint(params))
+    checkpoints = CheckpointStore(params.paths.checkpoints, run_fingerprint(params, PARAMS_READ))
     live = _live(params, acc, resume=checkpoints.latest() is not None)
     run = Run(
         params=params,
@@ -87,7 +89,7 @@ def train(params: Params) -> dict:
             "total_parameters": total,
             "vision_cache": source.cached,
             "lora": params.train.lora.enabled,
-            "params": _params_read(params),
+            "params": pick(params, PARAMS_READ),
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if live is not None:
@@ -108,7 +110,8 @@ def vision_source(params: Params, model, processor, images: ImageTable, acc):
     if not (params.train.vision_cache and "vision_tower" in params.train.freeze):
         return pixels
     tower = unwrap(model).model.vision_tower.to(acc.device).eval()
-    key = cache_key(tower, processor.image_processor.to_dict(), images.ids, computed_with(params, acc.device))
+    recipe = computed_with(acc.device, params.train.precision, params.model.vision_compile)
+    key = cache_key(tower, processor.image_processor.to_dict(), images.ids, recipe)
     root = Path(params.paths.vision_cache)
     with acc.main_process_first():
         cache = open_cache(root, key, verify=acc.is_main_process)
@@ -117,12 +120,6 @@ def vision_source(params: Params, model, processor, images: ImageTable, acc):
             encode = tower_encoder(tower, pixels, acc.device, params.model.vision_compile)
             cache = build_cache(root, key, images.ids, batches, encode)
     return CachedSource(cache)
-
-
-def computed_with(params: Params, device: torch.device) -> dict:
-    """How the vision features are computed: part of the cache key, and the same in train and evaluate."""
-    bf16 = device.type == "cuda" and params.train.precision in ("auto", "bf16")
-    return {"device": device.type, "precision": "bf16" if bf16 else "fp32", "compile": params.model.vision_compile}
 
 
 def save_trained(acc, objective, processor, target: Path) -> None:
@@ -145,18 +142,6 @@ def save_model(model, processor, target: Path, state_dict: dict | None = None) -
     save_processor(processor, tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
-
-
-def _params_read(params: Params) -> dict:
-    config = to_dict(params)
-    picked = {}
-    for key in PARAMS_READ:
-        section, _, leaf = key.partition(".")
-        if leaf:
-            picked.setdefault(section, {})[leaf] = config[section][leaf]
-        else:
-            picked[section] = config[section]
-    return picked
 
 
 def _rows(processed: Path, split: str) -> list[dict]:
