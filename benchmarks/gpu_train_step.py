@@ -7,12 +7,15 @@ answers of 3-6 tokens padded to 6). Variants, each on the same model with a fres
 - recipe: fp32, batch 6, the model's own `labels=` loss with padding ids left in (trained on), no attention mask,
   processor-style input (577 image placeholder ids + text ids, `input_ids` + `pixel_values`), pixels through the
   frozen vision tower every step, plain `torch.optim.AdamW` (not fused), linear schedule, `loss.item()` each step.
-- engine_pixels: `florence_ops.training.train_step` (the engine's own step: bf16 autocast, summed masked
-  cross-entropy over answer tokens from `DocVQAObjective`, grad clipping at 1.0) with `make_optimizer` (fused AdamW),
-  attention masks and -100 labels as `florence_ops.batching` builds them, pixels through the frozen tower.
+- engine_pixels: `florence_ops.training.train_window` (the engine's own optimizer step: bf16 autocast, summed masked
+  cross-entropy over answer tokens from `DocVQAObjective` divided by the step's token count, grad clipping at 1.0)
+  with `make_optimizer` (fused AdamW), attention masks and -100 labels as `florence_ops.batching` builds them, pixels
+  through the frozen tower.
 - engine_cached: the same with the vision cache: `CachedSource` over a real `VisionFeatureCache` folder (bf16
-  (N, 1024, 24, 24) memory-mapped .npy, read and copied to the GPU inside the step, as in training).
+  (N, 1024, 24, 24) memory-mapped .npy, read and copied to the GPU inside the step).
+- engine_cached_loader: the cache read as training reads it: `WithVision` in DataLoader workers, pinned memory.
 - engine_cached_gpu: the same with the cached features already on the GPU (no host read or copy): the model's share.
+- *_compiled: the objective under `torch.compile` (what `train.compile: true` does).
 
 Pixels (and the GPU-resident features) are precomputed on the GPU for both sides: image decoding and preprocessing
 are left out of every variant. Each variant warms up, then times `--steps` steps (synchronised host clock around each
@@ -56,10 +59,10 @@ from transformers import (  # noqa: E402
 )
 
 from florence_ops.batching import IGNORE_INDEX, TextBatch  # noqa: E402
-from florence_ops.generation import CachedSource  # noqa: E402
 from florence_ops.modeling import train_mode  # noqa: E402
-from florence_ops.training import DocVQAObjective, WithCachedFeatures, make_optimizer, train_step  # noqa: E402
-from florence_ops.vision_cache import VisionFeatureCache  # noqa: E402
+from florence_ops.training import DocVQAObjective, make_optimizer, train_window  # noqa: E402
+from florence_ops.vision_cache import build_cache  # noqa: E402
+from florence_ops.vision_inputs import CachedSource, WithVision  # noqa: E402
 
 PAD, BOS, EOS = 1, 0, 2
 # Work per sample counted with torch.utils.flop_counter on this architecture and these shapes (shared/reference).
@@ -151,8 +154,11 @@ class DevicePixels:
     def __init__(self, pool: torch.Tensor):
         self.pool = pool
 
-    def load(self, image_ids, device):
+    def load(self, image_ids):
         return self.pool[torch.tensor([int(i) for i in image_ids], device=self.pool.device)]
+
+    def prepare(self, loaded, device):
+        return loaded
 
 
 class DeviceFeatures(DevicePixels):
@@ -172,18 +178,12 @@ def random_pixels(shapes: Shapes, n: int, device, gen: torch.Generator) -> torch
     return out
 
 
-def write_feature_cache(root: Path, shapes: Shapes, n: int, gen: torch.Generator) -> Path:
-    """A VisionFeatureCache folder (index.json + bf16 features.npy) of n random tower outputs."""
-    folder = root / "bench"
-    folder.mkdir(parents=True, exist_ok=True)
-    shape = (n, shapes.tower_channels, shapes.grid, shapes.grid)
-    array = np.lib.format.open_memmap(folder / "features.npy", mode="w+", dtype=np.uint16, shape=shape)
-    for i in range(n):
-        array[i] = torch.randn(shape[1:], generator=gen).to(torch.bfloat16).view(torch.uint16).numpy()
-    array.flush()
-    del array
-    (folder / "index.json").write_text(json.dumps({"ids": [str(i) for i in range(n)]}))
-    return folder
+def write_feature_cache(root: Path, shapes: Shapes, n: int, gen: torch.Generator):
+    """A real VisionFeatureCache of n random tower outputs (bf16 features.npy, index with checksums)."""
+    ids = [str(i) for i in range(n)]
+    shape = (shapes.tower_channels, shapes.grid, shapes.grid)
+    batches = ((ids[i : i + 16], torch.randn((len(ids[i : i + 16]), *shape), generator=gen)) for i in range(0, n, 16))
+    return build_cache(root, "bench", ids, batches, lambda features: features)
 
 
 def sync(device: torch.device) -> None:
@@ -270,15 +270,18 @@ def run_recipe(model, shapes, pixels, batch, args, device, gen) -> dict:
 
 
 def run_engine(name, model, shapes, source, pool, batch, args, device, accelerator, gen, profile=False,
-               loader_workers=0) -> dict:  # fmt: skip
-    """florence_ops.training.train_step with the engine's objective, optimizer and batches.
+               loader_workers=0, compiled=False) -> dict:  # fmt: skip
+    """florence_ops.training.train_window with the engine's objective, optimizer and batches.
 
-    `loader_workers` reads cached features the way training does: `WithCachedFeatures` in DataLoader workers, into
-    pinned memory, overlapping the device's work.
+    `loader_workers` reads cached features the way training does: `WithVision` in DataLoader workers, into pinned
+    memory, overlapping the device's work. `compiled` runs the objective under torch.compile (`train.compile`).
     """
     reset_memory(model, device)
     objective = DocVQAObjective(model)
     train_mode(objective)  # as the training loop does: a frozen tower runs in eval mode
+    if compiled:
+        objective = torch.compile(objective)
+        name = f"{name}_compiled"
     optimizer = make_optimizer(objective, lr=3e-4, weight_decay=0.01, device=device)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=10, num_training_steps=10_000)
     texts = [random_text(shapes, batch, gen) for _ in range(4)]
@@ -288,15 +291,16 @@ def run_engine(name, model, shapes, source, pool, batch, args, device, accelerat
         return text_batch(texts[i % len(texts)], [str(j) for j in range(start, start + batch)])
 
     def step(i):
-        return train_step(accelerator, objective, optimizer, scheduler, make_batch(i).to(device), source, 1.0)
+        return train_window(accelerator, objective, optimizer, scheduler, [make_batch(i).to(device)], source, 1.0)
 
     if loader_workers:
-        loader = DataLoader(range(10_000), batch_size=None, collate_fn=WithCachedFeatures(make_batch, source),
-                            num_workers=loader_workers, pin_memory=device.type == "cuda")  # fmt: skip
+        loader = DataLoader(range(10_000), batch_size=None, collate_fn=WithVision(make_batch, source),
+                            num_workers=loader_workers, pin_memory=device.type == "cuda", prefetch_factor=4)  # fmt: skip
         batches = iter(loader)
 
         def step(i):  # noqa: F811 - the DataLoader variant of the step above
-            return train_step(accelerator, objective, optimizer, scheduler, next(batches).to(device), source, 1.0)
+            window = [next(batches).to(device)]
+            return train_window(accelerator, objective, optimizer, scheduler, window, source, 1.0)
 
     try:
         times, loss = time_steps(step, args.warmup, args.steps, device)
@@ -356,9 +360,12 @@ def parse_args(argv=None):
     parser.add_argument("--tiny", action="store_true", help="toy-size model and 128x128 images (smoke test)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--recipe-batch", type=int, default=6)
-    parser.add_argument("--pixel-batches", type=int, nargs="+", default=[32, 64])
-    parser.add_argument("--cached-batches", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--recipe-batch", type=int, default=6, help="0: skip the recipe variant")
+    parser.add_argument("--pixel-batches", type=int, nargs="*", default=[32, 64])
+    parser.add_argument("--cached-batches", type=int, nargs="*", default=[32, 64, 128])
+    parser.add_argument("--loader-batches", type=int, nargs="*", default=None, help="default: --cached-batches")
+    parser.add_argument("--compiled-batches", type=int, nargs="*", default=[], help="engine_cached_gpu compiled")
+    parser.add_argument("--no-memmap", action="store_true", help="skip engine_cached (the cache read in the step)")
     parser.add_argument("--out", default=str(REPO / "reports" / "benchmarks"))
     parser.add_argument("--loader-workers", type=int, default=6, help="DataLoader workers of engine_cached_loader")
     parser.add_argument(
@@ -387,28 +394,31 @@ def main(argv=None) -> dict:
     if args.profile_path is not None:
         args.profile_path.write_text("")
     gen = torch.Generator().manual_seed(0)
-    largest = max([args.recipe_batch, *args.pixel_batches, *args.cached_batches])
+    loader_batches = args.cached_batches if args.loader_batches is None else args.loader_batches
+    largest = max([args.recipe_batch, *args.pixel_batches, *args.cached_batches, *loader_batches,
+                   *args.compiled_batches])  # fmt: skip
     pool = 2 * largest
     results = []
 
-    pixels = random_pixels(shapes, max(args.recipe_batch, *args.pixel_batches) * 2, device, gen)
-    results.append(run_recipe(model, shapes, pixels, args.recipe_batch, args, device, gen))
-    print(results[-1], flush=True)
-    for batch in args.pixel_batches:
-        source = DevicePixels(pixels)
-        results.append(run_engine("engine_pixels", model, shapes, source, pixels.shape[0], batch, args, device,
-                                  accelerator, gen, profile=batch == args.pixel_batches[0]))  # fmt: skip
-        print(results[-1], flush=True)
-    del pixels, source
-    reset_memory(model, device)
+    if args.recipe_batch or args.pixel_batches:
+        pixels = random_pixels(shapes, max(args.recipe_batch, *args.pixel_batches) * 2, device, gen)
+        if args.recipe_batch:
+            results.append(run_recipe(model, shapes, pixels, args.recipe_batch, args, device, gen))
+            print(results[-1], flush=True)
+        for batch in args.pixel_batches:
+            results.append(run_engine("engine_pixels", model, shapes, DevicePixels(pixels), pixels.shape[0], batch,
+                                      args, device, accelerator, gen, profile=batch == args.pixel_batches[0]))  # fmt: skip
+            print(results[-1], flush=True)
+        del pixels
+        reset_memory(model, device)
 
     with tempfile.TemporaryDirectory() as tmp:
-        cache = VisionFeatureCache(write_feature_cache(Path(tmp), shapes, pool, gen))
-        for batch in args.cached_batches:
+        cache = write_feature_cache(Path(tmp), shapes, pool, gen)
+        for batch in [] if args.no_memmap else args.cached_batches:
             results.append(run_engine("engine_cached", model, shapes, CachedSource(cache), pool, batch, args, device,
                                       accelerator, gen))  # fmt: skip
             print(results[-1], flush=True)
-        for batch in args.cached_batches:
+        for batch in loader_batches:
             results.append(run_engine("engine_cached_loader", model, shapes, CachedSource(cache), pool, batch, args,
                                       device, accelerator, gen, loader_workers=args.loader_workers))  # fmt: skip
             print(results[-1], flush=True)
@@ -418,9 +428,14 @@ def main(argv=None) -> dict:
         results.append(run_engine("engine_cached_gpu", model, shapes, DeviceFeatures(features), pool, batch, args,
                                   device, accelerator, gen, profile=batch == args.cached_batches[0]))  # fmt: skip
         print(results[-1], flush=True)
+    for batch in args.compiled_batches:
+        results.append(run_engine("engine_cached_gpu", model, shapes, DeviceFeatures(features), pool, batch, args,
+                                  device, accelerator, gen, compiled=True))  # fmt: skip
+        print(results[-1], flush=True)
     del features
 
-    recipe_rate = results[0]["samples_per_s"]
+    # the recipe's measured rate on an H100 (RECIPE.md) when the recipe variant is not rerun
+    recipe_rate = results[0]["samples_per_s"] if args.recipe_batch else 40.7
     for row in results:
         if "samples_per_s" in row:
             row["ratio_vs_recipe"] = round(row["samples_per_s"] / recipe_rate, 2)

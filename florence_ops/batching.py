@@ -35,8 +35,9 @@ class TextBatch:
         return self._apply(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> TextBatch:
-        """The same batch in page-locked memory (the DataLoader calls this with `pin_memory=True`)."""
-        return self._apply(lambda t: t.pin_memory())
+        """The same batch in page-locked memory (the DataLoader calls this with `pin_memory=True`); tensors already
+        on a device stay there."""
+        return self._apply(lambda t: t.pin_memory() if t.device.type == "cpu" else t)
 
     def _apply(self, fn) -> TextBatch:
         names = ("input_ids", "attention_mask", "labels", "decoder_attention_mask", "vision", "image_index")

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from florence_ops.errors import UserError
+
 log = logging.getLogger(__name__)
 LAUNCHED = "FLORENCE_OPS_LAUNCHED"  # set for the processes started here, so they run the stage, not launch again
 
@@ -29,4 +31,7 @@ def launch(stage: str, num_processes: int, fsdp: bool = False) -> None:
     cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # the stage sets these itself
     cmd += ["-m", "florence_ops.cli", stage, "--params", os.environ.get("FLORENCE_OPS_PARAMS", "params.yaml")]
     log.info("launching: %s", " ".join(cmd))
-    subprocess.run(cmd, check=True, env={**os.environ, LAUNCHED: "1"})
+    done = subprocess.run(cmd, env={**os.environ, LAUNCHED: "1"})
+    if done.returncode:
+        raise UserError(f"`florence-ops {stage}` failed in its {num_processes} launched process(es) "
+                        f"(exit {done.returncode}); the error is in the output above")  # fmt: skip

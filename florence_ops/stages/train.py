@@ -35,6 +35,8 @@ PARAMS_READ = ("lr", "epochs", "batch_size", "seed", "train", "model.attn_implem
 
 def train(params: Params) -> dict:
     """Fine-tune, save the result and return the run summary (resuming this run's checkpoint if any)."""
+    if params.train.distributed == "fsdp" and not torch.cuda.is_available():
+        raise UserError("train.distributed: fsdp needs CUDA GPUs (accelerate has no FSDP on CPU); use ddp here")
     if needs_launch(params.train.num_processes, params.train.distributed):
         launch("train", params.train.num_processes, fsdp=params.train.distributed == "fsdp")
         return json.loads((Path(params.paths.train) / "summary.json").read_text())
