@@ -24,6 +24,7 @@ from transformers import (
     Florence2Processor,
     Florence2VisionConfig,
 )
+from transformers.models.florence2.processing_florence2 import Florence2PostProcessor
 
 from florence_ops.config import ModelConfig, TinyModel
 
@@ -121,7 +122,8 @@ def load_pretrained(
 
 
 def save_processor(processor: Florence2Processor, folder: str | Path) -> None:
-    """Save the processor without the truncation/padding state that batching leaves on a fast tokenizer.
+    """Save the processor without the truncation/padding state that batching leaves on a fast tokenizer, and with a
+    post-processor entry for every Florence-2 task, so that `post_process_generation` works on the saved processor.
 
     Calling the tokenizer with `truncation=True, max_length=N` sets that state on its backend, and `save_pretrained`
     writes it into tokenizer.json, where it would silently truncate the processor's 577 image tokens on reload.
@@ -130,7 +132,19 @@ def save_processor(processor: Florence2Processor, folder: str | Path) -> None:
     if backend is not None:
         backend.no_truncation()
         backend.no_padding()
+    if isinstance(processor, Florence2Processor):
+        _complete_post_processor(processor)
     processor.save_pretrained(folder)
+
+
+def _complete_post_processor(processor: Florence2Processor) -> None:
+    # A processor built from tokenizer and image processor files (the tiny one, or the original checkpoint's files)
+    # has no post-processor config, and `post_process_generation` then rejects every task, `<DocVQA>` included (it is
+    # parsed as "pure_text"). Entries the processor already has, such as a converted checkpoint's, are kept.
+    config = {kind: {} for kind in processor.tasks_answer_post_processing_type.values()}
+    config.update(processor.post_processor_config or {})
+    processor.post_processor_config = config
+    processor.post_processor = Florence2PostProcessor(config=config, tokenizer=processor.tokenizer)
 
 
 def model_parts(model: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:
