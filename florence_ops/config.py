@@ -187,7 +187,7 @@ class EvalConfig:
 @dataclass
 class PromotionConfig:
     metric: str = "anls"  # key of reports/metrics.json compared with the champion's
-    margin: float = 0.0  # the candidate must beat the champion by more than this
+    margin: float = 0.0  # the candidate must beat the champion (none yet: the base model) by more than this
     champion_dir: str = "models/champion"
 
 
