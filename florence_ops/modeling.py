@@ -27,6 +27,7 @@ from transformers import (
 from transformers.models.florence2.processing_florence2 import Florence2PostProcessor
 
 from florence_ops.config import ModelConfig, TinyModel
+from florence_ops.hub import model_fetch_error
 
 log = logging.getLogger(__name__)
 
@@ -109,15 +110,25 @@ def build_tiny_model(spec: TinyModel, processor: Florence2Processor, seed: int) 
 def load_pretrained(
     source: str | Path, cfg: ModelConfig, revision: str | None = None
 ) -> tuple[Florence2ForConditionalGeneration, Florence2Processor]:
-    """Load a model and processor from a hub id (at `revision`) or a local Hugging Face directory."""
+    """Load a model and processor from a hub id (at `revision`) or a local Hugging Face directory.
+
+    A hub model that cannot be fetched (offline and not cached, no network, no such model or revision) raises
+    `UserError` with one line saying which setting to change.
+    """
     local = Path(source).is_dir()
     if not local and revision is None:
         log.warning("model %s has no pinned revision: runs are not reproducible (set model.revision)", source)
     kwargs = {"revision": revision, "trust_remote_code": cfg.trust_remote_code}
-    processor = AutoProcessor.from_pretrained(source, **kwargs)
-    model = AutoModelForImageTextToText.from_pretrained(
-        source, attn_implementation=cfg.attn_implementation, dtype=torch.float32, **kwargs
-    )
+    try:
+        processor = AutoProcessor.from_pretrained(source, **kwargs)
+        model = AutoModelForImageTextToText.from_pretrained(
+            source, attn_implementation=cfg.attn_implementation, dtype=torch.float32, **kwargs
+        )
+    except OSError as error:
+        problem = None if local else model_fetch_error(error, str(source), revision)
+        if problem is None:
+            raise
+        raise problem from error
     return model, processor
 
 
