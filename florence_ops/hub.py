@@ -9,6 +9,7 @@ from __future__ import annotations
 from huggingface_hub import is_offline_mode
 from huggingface_hub.errors import (
     HfHubHTTPError,
+    HFValidationError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
@@ -17,8 +18,9 @@ from huggingface_hub.errors import (
 from florence_ops.errors import DataSourceError, UserError
 
 # transformers re-raises these as OSError with the hub client's error as the cause: not cached and offline or
-# unreachable (LocalEntryNotFoundError); no such model, revision or access, or another HTTP error (HfHubHTTPError).
-MODEL_FETCH_ERRORS = (LocalEntryNotFoundError, HfHubHTTPError)
+# unreachable (LocalEntryNotFoundError); no such model, revision or access, or another HTTP error (HfHubHTTPError);
+# a name that is neither a directory nor a possible hub id, such as a mistyped local path (HFValidationError).
+MODEL_FETCH_ERRORS = (LocalEntryNotFoundError, HfHubHTTPError, HFValidationError)
 OFFLINE_HINT = "set HF_HUB_OFFLINE=0 and check the connection"
 
 
@@ -28,6 +30,8 @@ def model_fetch_error(error: OSError, name: str, revision: str | None) -> UserEr
     if not isinstance(cause, MODEL_FETCH_ERRORS):
         return None
     instead = "or set model.name to tiny or a local model directory"
+    if isinstance(cause, HFValidationError):
+        return UserError(f"model.name: {name} is neither a local directory nor a hub id (org/name); check the path")
     if isinstance(cause, RevisionNotFoundError):
         return UserError(f"model.revision: {revision} does not exist for {name} on the hub; set an existing commit")
     if isinstance(cause, RepositoryNotFoundError):  # gated and private repositories without a token included

@@ -112,8 +112,8 @@ def load_pretrained(
 ) -> tuple[Florence2ForConditionalGeneration, Florence2Processor]:
     """Load a model and processor from a hub id (at `revision`) or a local Hugging Face directory.
 
-    A hub model that cannot be fetched (offline and not cached, no network, no such model or revision) raises
-    `UserError` with one line saying which setting to change.
+    When `source` is `cfg.name` and that hub model cannot be fetched (offline and not cached, no network, no such
+    model or revision), `UserError` says in one line which setting to change.
     """
     local = Path(source).is_dir()
     if not local and revision is None:
@@ -124,8 +124,8 @@ def load_pretrained(
         model = AutoModelForImageTextToText.from_pretrained(
             source, attn_implementation=cfg.attn_implementation, dtype=torch.float32, **kwargs
         )
-    except OSError as error:
-        problem = None if local else model_fetch_error(error, str(source), revision)
+    except OSError as error:  # only `model.name` is named in the message: other sources are the pipeline's own dirs
+        problem = model_fetch_error(error, cfg.name, revision) if str(source) == cfg.name and not local else None
         if problem is None:
             raise
         raise problem from error

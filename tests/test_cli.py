@@ -110,3 +110,10 @@ def test_hub_id_that_does_not_exist_online_says_what_to_change(tmp_path, empty_h
     write_params(tmp_path, **sections)
     line = the_error_line(run_cli(tmp_path, "download", hub=empty_hub))
     assert line.startswith(expected) and "hf auth login" in line
+
+
+def test_local_model_directory_that_does_not_exist_says_so(tmp_path):
+    write_params(tmp_path, model={"name": "./models/my-florence"})
+    line = the_error_line(run_cli(tmp_path, "download"))
+    assert line.startswith("error: model.name: ./models/my-florence is neither a local directory nor a hub id")
+    assert line.endswith("; check the path")
