@@ -21,7 +21,7 @@ PARAMS_FILE = Path("params.yaml")
 
 
 class ConfigError(ValueError):
-    """A params.yaml key is unknown, missing or of the wrong type."""
+    """params.yaml is missing or not valid YAML, or one of its keys is unknown, missing or of the wrong type."""
 
 
 class _Loader(yaml.SafeLoader):
@@ -204,7 +204,7 @@ class EvalConfig:
 @dataclass
 class PromotionConfig:
     metric: str = "anls"  # key of reports/metrics.json compared with the champion's
-    margin: float = 0.0  # the candidate must beat the champion by more than this
+    margin: float = 0.0  # the candidate must beat the champion (none yet: the base model) by more than this
     champion_dir: str = "models/champion"
 
 
@@ -244,9 +244,30 @@ class Params:
 
 
 def read_yaml(path: str | Path) -> Any:
-    """Parse a YAML file, reading `1e-06` and other YAML 1.2 floats as floats."""
-    with open(path, encoding="utf-8") as stream:
-        return yaml.load(stream, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    """Parse a YAML file, reading `1e-06` and other YAML 1.2 floats as floats.
+
+    A missing file or a syntax error raises `ConfigError` with one line naming the file and the line to fix.
+    """
+    try:
+        with open(path, encoding="utf-8") as stream:
+            return yaml.load(stream, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: {_yaml_problem(error)}; fix the YAML syntax there") from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """Where and what PyYAML found wrong, on one line (its own message spans several)."""
+    if not isinstance(error, yaml.MarkedYAMLError) or error.problem_mark is None:
+        return "invalid YAML: " + " ".join(str(error).split())
+    mark = error.problem_mark
+    where = f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {error.problem}"
+    if error.context and error.context_mark is not None:
+        where += f" ({error.context} opened at line {error.context_mark.line + 1})"
+    return where
 
 
 def parse_value(text: str) -> Any:

@@ -17,8 +17,10 @@ from transformers import (
     Florence2ForConditionalGeneration,
     Florence2Processor,
 )
+from transformers.models.florence2.processing_florence2 import Florence2PostProcessor
 
 from florence_ops.config import LoraSettings, ModelConfig
+from florence_ops.hub import model_fetch_error
 
 log = logging.getLogger(__name__)
 MAX_WRAPPERS = 8  # DDP/FSDP, compile, the training objective, peft: never more than a few deep
@@ -27,20 +29,31 @@ MAX_WRAPPERS = 8  # DDP/FSDP, compile, the training objective, peft: never more 
 def load_pretrained(
     source: str | Path, cfg: ModelConfig, revision: str | None = None
 ) -> tuple[Florence2ForConditionalGeneration, Florence2Processor]:
-    """Load a model and processor from a hub id (at `revision`) or a local Hugging Face directory."""
+    """Load a model and processor from a hub id (at `revision`) or a local Hugging Face directory.
+
+    When `source` is `cfg.name` and that hub model cannot be fetched (offline and not cached, no network, no such
+    model or revision), `UserError` says in one line which setting to change.
+    """
     local = Path(source).is_dir()
     if not local and revision is None:
         log.warning("model %s has no pinned revision: runs are not reproducible (set model.revision)", source)
     kwargs = {"revision": revision, "trust_remote_code": cfg.trust_remote_code}
-    processor = AutoProcessor.from_pretrained(source, **kwargs)
-    model = AutoModelForImageTextToText.from_pretrained(
-        source, attn_implementation=cfg.attn_implementation, dtype=torch.float32, **kwargs
-    )
+    try:
+        processor = AutoProcessor.from_pretrained(source, **kwargs)
+        model = AutoModelForImageTextToText.from_pretrained(
+            source, attn_implementation=cfg.attn_implementation, dtype=torch.float32, **kwargs
+        )
+    except OSError as error:  # only `model.name` is named in the message: other sources are the pipeline's own dirs
+        problem = model_fetch_error(error, cfg.name, revision) if str(source) == cfg.name and not local else None
+        if problem is None:
+            raise
+        raise problem from error
     return model, processor
 
 
 def save_processor(processor: Florence2Processor, folder: str | Path) -> None:
-    """Save the processor without the truncation/padding state that batching leaves on a fast tokenizer.
+    """Save the processor without the truncation/padding state that batching leaves on a fast tokenizer, and with a
+    post-processor entry for every Florence-2 task, so that `post_process_generation` works on the saved processor.
 
     Calling the tokenizer with `truncation=True, max_length=N` sets that state on its backend, and `save_pretrained`
     writes it into tokenizer.json, where it would silently truncate the processor's 577 image tokens on reload.
@@ -49,7 +62,19 @@ def save_processor(processor: Florence2Processor, folder: str | Path) -> None:
     if backend is not None:
         backend.no_truncation()
         backend.no_padding()
+    if isinstance(processor, Florence2Processor):
+        _complete_post_processor(processor)
     processor.save_pretrained(folder)
+
+
+def _complete_post_processor(processor: Florence2Processor) -> None:
+    # A processor built from tokenizer and image processor files (the tiny one, or the original checkpoint's files)
+    # has no post-processor config, and `post_process_generation` then rejects every task, `<DocVQA>` included (it is
+    # parsed as "pure_text"). Entries the processor already has, such as a converted checkpoint's, are kept.
+    config = {kind: {} for kind in processor.tasks_answer_post_processing_type.values()}
+    config.update(processor.post_processor_config or {})
+    processor.post_processor_config = config
+    processor.post_processor = Florence2PostProcessor(config=config, tokenizer=processor.tokenizer)
 
 
 def model_parts(model: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:

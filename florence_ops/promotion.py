@@ -41,16 +41,22 @@ class Verdict:
     margin: float
     candidate: float
     champion: float | None  # None: there is no champion yet
+    baseline: float  # what the candidate had to beat: the champion's score, or else the base model's
+    against: str  # "champion" or "base model"
     reason: str
 
     @property
-    def delta(self) -> float | None:
-        """Candidate minus champion on `metric`."""
-        return None if self.champion is None else self.candidate - self.champion
+    def delta(self) -> float:
+        """Candidate minus baseline on `metric`."""
+        return self.candidate - self.baseline
 
     def as_dict(self) -> dict[str, Any]:
         """The comparison as plain data, for reports."""
         return {**dataclasses.asdict(self), "delta": self.delta}
+
+
+class PromotionError(OSError):
+    """Copying the model into place failed (no space left, permissions, ...); the champion is unchanged."""
 
 
 def _read_json_object(path: Path, what: str) -> dict[str, Any]:
@@ -93,15 +99,23 @@ def read_champion(path: str | Path) -> dict[str, Any] | None:
 
 
 def judge(candidate: Mapping[str, Any], champion: Mapping[str, Any] | None, metric: str, margin: float) -> Verdict:
-    """Promote when there is no champion, or when the candidate beats it on `metric` by more than `margin`."""
+    """Promote when the candidate beats the champion on `metric` by more than `margin`.
+
+    Without a champion the candidate must beat, by the same margin, the base model it was fine-tuned from, as the
+    same evaluation scored it (`before` in the metrics): a run that learnt nothing never becomes the first champion.
+    """
     score = metric_value(candidate, metric, "candidate metrics")
     if champion is None:
-        return Verdict(True, metric, margin, score, None, f"first champion: {metric} {score:.4f}")
-    best = metric_value(champion["metrics"], metric, "champion metrics")
+        before = candidate.get("before")
+        best = metric_value(before if isinstance(before, Mapping) else {}, metric, "candidate metrics 'before'")
+        against, champion_score = "base model", None
+    else:
+        best = champion_score = metric_value(champion["metrics"], metric, "champion metrics")
+        against = "champion"
     wins = score > best + margin
     relation = "beats" if wins else "does not beat"
-    reason = f"candidate {metric} {score:.4f} {relation} champion {best:.4f} by more than {margin:g}"
-    return Verdict(wins, metric, margin, score, best, reason)
+    reason = f"candidate {metric} {score:.4f} {relation} {against} {best:.4f} by more than {margin:g}"
+    return Verdict(wins, metric, margin, score, champion_score, best, against, reason)
 
 
 def _sha256(data: Any) -> str:
@@ -203,6 +217,7 @@ def promote(
     The model is copied beside the champion with the record inside, the old champion is renamed aside, the copy
     renamed into place, and only then is the old one deleted and `record_path` updated. `recover_champion` undoes
     an interruption at any point, so the champion directory always holds one complete model and its own record.
+    A copy that fails (a full disk, say) is removed at once and raises `PromotionError` with a one-line message.
     """
     export_dir, champion_dir = Path(export_dir), Path(champion_dir)
     if not export_dir.is_dir():
@@ -210,14 +225,37 @@ def promote(
     recover_champion(champion_dir)
     incoming, previous = _staging_dirs(champion_dir)
     champion_dir.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(export_dir, incoming)
-    write_json(incoming / CHAMPION_RECORD, record)
+    try:
+        shutil.copytree(export_dir, incoming)
+        write_json(incoming / CHAMPION_RECORD, record)
+    except OSError as error:  # shutil.Error (one entry per file that failed) is an OSError too
+        shutil.rmtree(incoming, ignore_errors=True)
+        raise PromotionError(_copy_failure(error, export_dir, incoming)) from error
     if champion_dir.exists():
         champion_dir.rename(previous)
     incoming.rename(champion_dir)
     shutil.rmtree(previous, ignore_errors=True)
     write_json(record_path, record)
     log.info("promoted %s to %s", export_dir, champion_dir)
+
+
+def _copy_failure(error: OSError, export_dir: Path, incoming: Path) -> str:
+    """One line: what failed, where, and the space the copy needs beside what is free there (after clean-up)."""
+    if isinstance(error, shutil.Error) and error.args and isinstance(error.args[0], list):
+        failures = error.args[0]  # [(source, destination, reason), ...]
+        cause = f"{failures[0][2]}" + (f" (and {len(failures) - 1} more file(s))" if len(failures) > 1 else "")
+    else:
+        cause = f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
+    needed = sum(p.stat().st_size for p in export_dir.rglob("*") if p.is_file())
+    free = shutil.disk_usage(incoming.parent).free
+    return (
+        f"promotion failed: copying {export_dir} to {incoming} failed: {' '.join(cause.split())}; "
+        f"{_size(needed)} needed, {_size(free)} free in {incoming.parent}; the champion is unchanged"
+    )
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:.1f} MiB ({n_bytes} bytes)"
 
 
 def _per_type(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -232,13 +270,16 @@ def _cell(value: Any) -> str:
     return "–" if value is None else str(value)
 
 
-def comparison_table(candidate: Mapping[str, Any] | None, champion: Mapping[str, Any] | None) -> str:
-    """A markdown table of the headline metrics and per-type ANLS: champion, candidate and their difference."""
+def comparison_table(
+    candidate: Mapping[str, Any] | None, champion: Mapping[str, Any] | None, against: str = "champion"
+) -> str:
+    """A markdown table of the headline metrics and per-type ANLS: champion (or the `against` column's model),
+    candidate and their difference."""
     candidate, champion = candidate or {}, champion or {}
     rows = [(name, champion.get(name), candidate.get(name)) for name in HEADLINE_METRICS]
     old_types, new_types = _per_type(champion), _per_type(candidate)
     rows += [(f"anls: {name}", old_types.get(name), new_types.get(name)) for name in sorted({*old_types, *new_types})]
-    lines = ["| metric | champion | candidate | difference |", "| --- | ---: | ---: | ---: |"]
+    lines = [f"| metric | {against} | candidate | difference |", "| --- | ---: | ---: | ---: |"]
     for name, old, new in rows:
         both = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (old, new))
         diff = f"{new - old:+.4f}" if both and name != "n_questions" else "–"

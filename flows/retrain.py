@@ -215,9 +215,11 @@ def report_markdown(record: dict[str, Any]) -> str:
     lines += [record["reason"] or "", ""]
     if record["error"]:
         lines += [f"**Error:** `{record['error']}`", ""]
-    champion = (record.get("champion") or {}).get("metrics")
-    if record.get("metrics") or champion:
-        lines.append(promotion.comparison_table(record.get("metrics"), champion))
+    metrics, champion = record.get("metrics") or {}, (record.get("champion") or {}).get("metrics")
+    if champion:
+        lines.append(promotion.comparison_table(metrics, champion))
+    elif metrics:  # no champion yet: the candidate was judged against the base model it started from
+        lines.append(promotion.comparison_table(metrics, metrics.get("before"), against="base model"))
     return "\n".join(lines)
 
 
@@ -243,7 +245,8 @@ def _publish(repo: Path, record: dict[str, Any]) -> None:
 
 @flow(name="florence-retrain")
 def retrain(force: bool = False, overrides: dict[str, Any] | None = None, repo_dir: str | None = None) -> dict:
-    """Retrain on the current data, compare with the champion on `promotion.metric`, promote only a winner.
+    """Retrain on the current data, compare with the champion (none yet: the base model) on `promotion.metric`,
+    promote only a winner.
 
     Skipping: unless `force`, nothing is trained when the data fingerprint and the params equal the champion's.
     Code is not fingerprinted: force a run after a code change (DVC then reruns only the stages it touches).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -62,3 +63,13 @@ def workspace(prepared, tmp_path) -> Path:
     root = tmp_path / "ws"
     shutil.copytree(prepared, root, symlinks=True)
     return root
+
+
+def disk_full_after(n_bytes: int):
+    """A stand-in for shutil.copyfile on a full disk: writes `n_bytes` of the file, then fails with ENOSPC."""
+
+    def copyfile(src, dst, *, follow_symlinks=True):
+        Path(dst).write_bytes(Path(src).read_bytes()[:n_bytes])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+
+    return copyfile

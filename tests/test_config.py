@@ -94,3 +94,21 @@ def test_decoding_budget_below_training_is_refused():
 def test_lora_needs_a_frozen_vision_tower():
     with pytest.raises(ConfigError, match=r"train\.lora\.enabled"):
         load_params(REPO / "params.yaml", {"train.lora.enabled": True, "train.freeze": []})
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, r"params\.yaml: no such file$"),
+        (b"lr: 0.1\n  epochs: 3\n", r"params\.yaml: invalid YAML at line 2, column 9: mapping values are not allowed"),
+        (b'seed: "12\n', r"invalid YAML at line 2, column 1: .* \(while scanning a quoted scalar opened at line 1\)"),
+        (b"seed: \xff\n", r"params\.yaml: not UTF-8 text \(invalid start byte at byte 6\); save it as UTF-8$"),
+    ],
+)
+def test_unreadable_params_file_is_one_line_naming_the_file(tmp_path, content, message):
+    path = tmp_path / "params.yaml"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message) as error:
+        load_params(path)
+    assert "\n" not in str(error.value) and str(error.value).startswith(str(path))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,7 @@ os.environ.update(
 
 import pytest  # noqa: E402
 import yaml  # noqa: E402
-from conftest import TINY_OVERRIDES  # noqa: E402
+from conftest import TINY_OVERRIDES, disk_full_after  # noqa: E402
 from prefect import task  # noqa: E402
 from prefect.artifacts import Artifact  # noqa: E402
 from prefect.settings import temporary_settings  # noqa: E402
@@ -64,7 +65,7 @@ def repo(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def fake_dvc(anls: float = 0.5, fail: str | None = None, calls: list | None = None):
+def fake_dvc(anls: float = 0.5, fail: str | None = None, calls: list | None = None, before: float = 0.0):
     """A stand-in for the `run_dvc` task: writes metrics.json and models/export as the pipeline would, or fails."""
 
     @task(name="fake dvc")
@@ -81,7 +82,7 @@ def fake_dvc(anls: float = 0.5, fail: str | None = None, calls: list | None = No
         metrics = {"anls": anls, "levenshtein_similarity": anls, "exact_match": anls / 2, "n_questions": 4}
         reports, export = repo / params.paths.reports, repo / params.paths.export
         reports.mkdir(parents=True, exist_ok=True)
-        (reports / "metrics.json").write_text(json.dumps({**metrics, "by_type": by_type, "before": {"anls": 0.0}}))
+        (reports / "metrics.json").write_text(json.dumps({**metrics, "by_type": by_type, "before": {"anls": before}}))
         shutil.rmtree(export, ignore_errors=True)
         export.mkdir(parents=True)
         (export / "model.safetensors").write_text(f"weights with anls {anls}")
@@ -145,6 +146,39 @@ def test_failed_train_stage_keeps_the_champion_and_is_recorded(harness, repo, mo
     failed = history(repo)[-1]
     assert (failed["status"], failed["decision"]) == ("failed", "rejected")
     assert failed["error"].startswith("PipelineFailed: `dvc repro` exited with 1") and failed["metrics"] is None
+
+
+def test_first_run_must_beat_the_base_model(harness, repo, monkeypatch):
+    monkeypatch.setattr(retrain_module, "run_dvc", fake_dvc(0.0, before=0.0))  # trained, but learnt nothing
+    first = retrain(repo_dir=str(repo))
+    assert (first["status"], first["decision"]) == ("completed", "rejected")
+    assert first["reason"] == "candidate anls 0.0000 does not beat base model 0.0000 by more than 0"
+    assert not (repo / "models" / "champion").exists() and not (repo / "reports" / "champion.json").exists()
+    assert "| metric | base model | candidate | difference |" in Artifact.get(retrain_module.ARTIFACT_KEY).data
+    monkeypatch.setattr(retrain_module, "run_dvc", fake_dvc(0.3, before=0.0))
+    assert retrain(force=True, repo_dir=str(repo))["decision"] == "promoted"
+    assert champion_weights(repo) == "weights with anls 0.3"
+
+
+def test_promotion_out_of_space_keeps_the_champion_and_reports_one_line(harness, repo, monkeypatch, capsys):
+    monkeypatch.setattr(retrain_module, "PROJECT_ROOT", repo)
+    monkeypatch.setattr(retrain_module, "run_dvc", fake_dvc(0.5))
+    retrain(repo_dir=str(repo))
+    monkeypatch.setattr(retrain_module, "run_dvc", fake_dvc(0.9))
+    monkeypatch.setattr(shutil, "copyfile", disk_full_after(4))  # the disk fills up 4 bytes into the model copy
+    assert retrain_module.main(["--force"]) == 1
+    assert champion_weights(repo) == "weights with anls 0.5"
+    assert read_champion(repo / "reports" / "champion.json")["metrics"]["anls"] == 0.5
+    assert sorted(p.name for p in (repo / "models").iterdir()) == ["champion", "export"]  # no .champion.incoming
+    needed_and_free = (
+        r"0\.0 MiB \(21 bytes\) needed, [\d.]+ MiB \(\d+ bytes\) free in \S+/models; the champion is unchanged$"
+    )
+    failed = history(repo)[-1]
+    assert (failed["status"], failed["decision"]) == ("failed", "rejected")
+    assert failed["error"].startswith("PromotionError: promotion failed: copying ") and "\n" not in failed["error"]
+    assert "No space left on device" in failed["error"] and re.search(needed_and_free, failed["error"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("retrain failed: promotion failed: ") and re.search(needed_and_free, error)
 
 
 def test_overrides_apply_to_one_run_and_params_yaml_is_restored(harness, repo, monkeypatch):
@@ -238,11 +272,18 @@ def pipeline_repo(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_real_pipeline_promotes_then_a_failing_run_keeps_the_champion(harness, pipeline_repo):
+def test_real_pipeline_gates_promotes_then_a_failing_run_keeps_the_champion(harness, pipeline_repo):
     if shutil.which("florence-ops") is None:
         pytest.fail("the florence-ops command is not installed (pip install -e .)")
     committed = (pipeline_repo / "params.yaml").read_bytes()
-    record = retrain(overrides=TINY_OVERRIDES, repo_dir=str(pipeline_repo))
+    # A few steps of the tiny model learn nothing: ANLS 0, as the base model scores. The gate rejects it.
+    learnt_nothing = retrain(overrides=TINY_OVERRIDES, repo_dir=str(pipeline_repo))
+    assert (learnt_nothing["status"], learnt_nothing["decision"]) == ("completed", "rejected")
+    assert learnt_nothing["comparison"]["against"] == "base model"
+    assert learnt_nothing["metrics"]["anls"] <= learnt_nothing["metrics"]["before"]["anls"]
+    assert not (pipeline_repo / "models" / "champion").exists()
+    # A negative margin admits it, to exercise promotion (promotion params rerun no stage).
+    record = retrain(overrides={**TINY_OVERRIDES, "promotion.margin": -1.0}, repo_dir=str(pipeline_repo))
     assert (record["status"], record["decision"]) == ("completed", "promoted")
     champion = read_champion(pipeline_repo / "reports" / "champion.json")
     assert champion["metrics"]["n_questions"] == record["metrics"]["n_questions"] > 0
@@ -260,6 +301,7 @@ def test_real_pipeline_promotes_then_a_failing_run_keeps_the_champion(harness, p
     assert read_champion(pipeline_repo / "reports" / "champion.json") == champion
     runs = history(pipeline_repo)
     assert [(r["decision"], r["status"]) for r in runs] == [
+        ("rejected", "completed"),
         ("promoted", "completed"),
         ("skipped", "completed"),
         ("rejected", "failed"),

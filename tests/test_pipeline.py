@@ -76,3 +76,27 @@ def test_vision_cache_used_only_with_frozen_tower(workspace, freeze, workers):
     record = json.loads((workspace / "models/train/summary.json").read_text())
     assert record["vision_cache"] is bool(freeze)
     assert any((workspace / ".cache/vision_features").glob("*/features.npy")) is bool(freeze)
+
+
+def test_model_card_snippet_runs_on_the_exported_model(workspace, tmp_path, monkeypatch):
+    """The card's code, copied as users copy it, answers with `post_process_generation` the Florence-2 way."""
+    import re
+    import shutil
+
+    from florence_ops.data.processed import ImageTable, read_questions
+    from florence_ops.stages.export import export
+
+    params = tiny_params(workspace)
+    shutil.copytree(workspace / "models/base", workspace / "models/train/model")  # export does not care if trained
+    (workspace / "reports").mkdir(exist_ok=True)
+    (workspace / "reports/metrics.json").write_text(json.dumps({"anls": 0.5, "before": {}, "by_type": {}}))
+    target = export(params)
+    row = read_questions(workspace / "data/processed", "validation")[0]
+    ImageTable(workspace / "data/processed")[row["image_id"]].save(tmp_path / "page.png")
+    card = (target / "README.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1).replace("path/to/this/dir", str(target))
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(snippet, "model card", "exec"), namespace)  # noqa: S102 - the card is ours
+    expected = namespace["processor"].batch_decode(namespace["generated"], skip_special_tokens=True)[0].strip()
+    assert isinstance(namespace["answer"], str) and namespace["answer"] == expected

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from florence_ops import promotion
 from florence_ops.config import Params, load_params, to_dict
 from florence_ops.promotion import MetricsError
+from tests.conftest import disk_full_after
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,10 +40,26 @@ def test_judge_compares_on_metric_with_margin(candidate, champion, margin, promo
     assert ("beats" if promote else "does not beat") in verdict.reason
 
 
-def test_first_run_without_champion_is_promoted():
-    verdict = promotion.judge({"anls": 0.0}, None, "anls", 0.0)
-    assert verdict.promote and verdict.champion is None and verdict.delta is None
-    assert verdict.as_dict()["candidate"] == 0.0
+@pytest.mark.parametrize(
+    ("candidate", "before", "margin", "promote"),
+    [
+        (0.0, 0.0, 0.0, False),  # learnt nothing (the lr=1e-4, epochs=6 run): never the first champion
+        (0.26, 0.0, 0.0, True),
+        (0.05, 0.0, 0.1, False),  # better than the base model, but not by more than the margin
+        (0.20, 0.30, 0.0, False),  # fine-tuning made it worse
+    ],
+)
+def test_first_champion_must_beat_the_base_model(candidate, before, margin, promote):
+    verdict = promotion.judge({"anls": candidate, "before": {"anls": before}}, None, "anls", margin)
+    assert verdict.promote is promote
+    assert (verdict.champion, verdict.baseline, verdict.against) == (None, before, "base model")
+    assert verdict.as_dict()["delta"] == pytest.approx(candidate - before)
+    assert f"base model {before:.4f}" in verdict.reason
+
+
+def test_first_champion_without_a_base_model_score_is_an_error():
+    with pytest.raises(MetricsError, match="candidate metrics 'before': 'anls' must be a number"):
+        promotion.judge({"anls": 0.5}, None, "anls", 0.0)
 
 
 def test_judge_uses_the_configured_metric():
@@ -213,3 +232,17 @@ def test_comparison_table_lists_headline_and_per_type_figures():
     assert "| n_questions | 10 | 10 | – |" in table
     assert "| anls: table | – | 0.7000 | – |" in table and "| anls: form | 0.2000 | – | – |" in table
     assert "| anls | – | 0.6000 | – |" in promotion.comparison_table(candidate, None)
+
+
+def test_promotion_that_runs_out_of_space_leaves_no_partial_copy(tmp_path, monkeypatch):
+    champion_dir, record_path = tmp_path / "champion", tmp_path / "champion.json"
+    promotion.promote(make_export(tmp_path / "export1", "v1"), champion_dir, record("r1", 0.1), record_path)
+    monkeypatch.setattr(shutil, "copyfile", disk_full_after(2))
+    with pytest.raises(promotion.PromotionError) as failure:
+        promotion.promote(make_export(tmp_path / "export2", "v2" * 1000), champion_dir, record("r2", 0.2), record_path)
+    message = str(failure.value)
+    assert "\n" not in message and "No space left on device" in message and str(tmp_path) in message
+    assert re.search(r"\(2002 bytes\) needed, .* MiB \(\d+ bytes\) free in ", message)  # model.safetensors + config
+    assert (champion_dir / "model.safetensors").read_text() == "v1"
+    assert promotion.read_champion(record_path)["run_id"] == "r1"
+    assert not (tmp_path / ".champion.incoming").exists()

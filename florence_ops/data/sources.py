@@ -24,6 +24,7 @@ from florence_ops.data.local import RejectedLine, read_local
 from florence_ops.data.processed import SPLITS, ParquetSink, staged_directory
 from florence_ops.data.synthetic import generate_split
 from florence_ops.errors import DataSourceError
+from florence_ops.hub import dataset_fetch_error
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,10 @@ def _synthetic_records(split: str, n_documents: int, seed: int, questions: int) 
 
 def load_hub_split(hub: HubData, split: str) -> datasets.IterableDataset:
     """Open one split of the hub dataset, streamed: the only line that reaches the Hugging Face hub."""
-    return datasets.load_dataset(hub.dataset, revision=hub.revision, split=split, streaming=True)
+    try:
+        return datasets.load_dataset(hub.dataset, revision=hub.revision, split=split, streaming=True)
+    except (ConnectionError, FileNotFoundError) as error:  # offline or unreachable; no such dataset or revision
+        raise dataset_fetch_error(error, hub.dataset) from error
 
 
 def _hub_splits(hub: HubData) -> Iterator[tuple[str, Iterator[dict[str, Any]]]]:

@@ -2,7 +2,8 @@
 
 `paths.export` holds safetensors weights (LoRA adapters merged in), the processor, a generation config with the
 decoding the evaluation used, and README.md with the metrics and params. It loads offline with
-`AutoModelForImageTextToText.from_pretrained(path)` and `AutoProcessor.from_pretrained(path)`.
+`AutoModelForImageTextToText.from_pretrained(path)` and `AutoProcessor.from_pretrained(path)`, and its processor's
+`post_process_generation(text, task="<DocVQA>", ...)` works as in Florence-2's examples (see `save_processor`).
 """
 
 from __future__ import annotations
@@ -61,11 +62,18 @@ Base model: `{params.model.name}`{f" @ `{params.model.revision}`" if params.mode
 `{params.data.source}`. Produced by the florence-ops pipeline (`dvc repro`).
 
 ```python
+from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
+
 model = AutoModelForImageTextToText.from_pretrained("path/to/this/dir")
 processor = AutoProcessor.from_pretrained("path/to/this/dir")
-inputs = processor(text="{params.train.prompt}What is the invoice number?", images=image, return_tensors="pt")
-answer = processor.batch_decode(model.generate(**inputs), skip_special_tokens=True)[0]
+image = Image.open("page.png").convert("RGB")
+task = {json.dumps(params.train.prompt)}
+inputs = processor(text=task + "What is the invoice number?", images=image, return_tensors="pt")
+generated = model.generate(**inputs)  # decoding as in the evaluation, from generation_config.json
+text = processor.batch_decode(generated, skip_special_tokens=False)[0]
+answer = processor.post_process_generation(text, task=task, image_size=image.size)[task]
+print(answer)
 ```
 
 ## Evaluation ({params.evaluate.split} split)
