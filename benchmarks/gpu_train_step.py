@@ -295,7 +295,8 @@ def run_engine(name, model, shapes, source, pool, batch, args, device, accelerat
 
     if loader_workers:
         loader = DataLoader(range(10_000), batch_size=None, collate_fn=WithVision(make_batch, source),
-                            num_workers=loader_workers, pin_memory=device.type == "cuda", prefetch_factor=4)  # fmt: skip
+                            num_workers=loader_workers, pin_memory=device.type == "cuda",
+                            prefetch_factor=4)  # fmt: skip
         batches = iter(loader)
 
         def step(i):  # noqa: F811 - the DataLoader variant of the step above
@@ -406,8 +407,9 @@ def main(argv=None) -> dict:
             results.append(run_recipe(model, shapes, pixels, args.recipe_batch, args, device, gen))
             print(results[-1], flush=True)
         for batch in args.pixel_batches:
+            first = batch == args.pixel_batches[0]
             results.append(run_engine("engine_pixels", model, shapes, DevicePixels(pixels), pixels.shape[0], batch,
-                                      args, device, accelerator, gen, profile=batch == args.pixel_batches[0]))  # fmt: skip
+                                      args, device, accelerator, gen, profile=first))  # fmt: skip
             print(results[-1], flush=True)
         del pixels
         reset_memory(model, device)
