@@ -109,17 +109,27 @@ def page_loader(source, image_ids: Sequence[str], batch_size: int, num_workers: 
                       pin_memory=torch.cuda.is_available())  # fmt: skip
 
 
-def tower_encoder(tower: torch.nn.Module, source: PixelSource, device: torch.device, compile: bool = False):
+def tower_encoder(
+    tower: torch.nn.Module, source: PixelSource, device: torch.device, compile: bool = False, channels_last=None
+):
     """A function from loaded pages to the tower's last hidden state on `device` (bf16 autocast on CUDA).
 
-    With `compile`, the tower runs under `torch.compile`; its first call compiles (seconds) and later calls are faster.
+    With `compile`, the tower runs under `torch.compile`: its first call compiles (seconds), later calls are faster.
+    `channels_last` (default: on CUDA) keeps the convolutions' activations in NHWC, which the tower's blocks flatten
+    and transpose into token order without copies.
     """
     from florence_ops.generation import autocast
 
+    nhwc = device.type == "cuda" if channels_last is None else channels_last
+    if nhwc:
+        tower = tower.to(memory_format=torch.channels_last)
     run = torch.compile(tower) if compile else tower
 
     def encode(pages: torch.Tensor) -> torch.Tensor:
+        pixels = source.prepare(pages, device)
+        if nhwc:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), autocast(device):
-            return run(source.prepare(pages, device)).last_hidden_state
+            return run(pixels).last_hidden_state
 
     return encode

@@ -1,0 +1,145 @@
+"""Vision-tower throughput on the GPU: Florence-2-base's DaViT (depths 1,1,9,1, 90.4M parameters, 768x768 pages)
+as the vision-feature cache build and the pixel paths run it (`florence_ops.vision_inputs.tower_encoder`).
+
+Variants: eager or `torch.compile`, NCHW or channels-last, at the batch sizes given; every variant starts from
+uint8 pages on the GPU (normalised inside, as in the pipeline) and runs under bf16 autocast. Correctness: each variant's
+output on fresh random pages is compared with the fp32 eager tower (relative error ||out - ref|| / ||ref||, and the
+largest difference over the output's range). Timing: CUDA events around each call after warm-up (compilation
+included in the warm-up and reported separately), median of `--repeats`.
+
+    PYTHONPATH=. python benchmarks/gpu_vision_tower.py [--batches 128 256] [--out reports/benchmarks]
+
+Writes <out>/vision_tower_<device-slug>.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from florence_ops.base_models import build_reference_model, build_reference_processor  # noqa: E402
+from florence_ops.vision_inputs import PixelSource, tower_encoder  # noqa: E402
+
+TOWER_GFLOP = 369.0  # one 768x768 page through Florence-2-base's tower (torch.utils.flop_counter, issue figure)
+
+
+class DevicePages(PixelSource):
+    """uint8 pages already on the device: `load` indexes them, `prepare` normalises as the pipeline does."""
+
+    def __init__(self, pages: torch.Tensor, image_processor):
+        super().__init__({}, image_processor)
+        self.pages = pages
+
+    def load(self, image_ids):
+        return self.pages[: len(image_ids)]
+
+
+def time_calls(encode, pages: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """(first call's seconds, median milliseconds of `repeats` later calls); host clock synchronised on the CPU."""
+    cuda = pages.is_cuda
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    encode(pages)
+    sync()
+    first = time.perf_counter() - t0
+    for _ in range(2 if cuda else 0):
+        encode(pages)
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            encode(pages)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            encode(pages)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return first, statistics.median(times)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reference", default=str(REPO.parent / "shared" / "reference" / "florence-2-base-ft"))
+    parser.add_argument("--batches", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", default=str(REPO / "reports" / "benchmarks"))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--compile", choices=["both", "no", "yes"], default="both")
+    parser.add_argument("--check-pages", type=int, default=8)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    processor = build_reference_processor(args.reference)
+    cpu_tower = build_reference_model("base-shape", args.reference, processor, seed=0).model.vision_tower.eval()
+    image_processor = processor.image_processor
+    gen = torch.Generator().manual_seed(0)
+
+    check_pages = torch.randint(0, 256, (args.check_pages, 3, 768, 768), generator=gen, dtype=torch.uint8).to(device)
+    reference_tower = copy.deepcopy(cpu_tower).to(device)
+    check_source = DevicePages(check_pages, image_processor)
+    with torch.no_grad():
+        reference = reference_tower(check_source.prepare(check_pages, device)).last_hidden_state.float()
+    del reference_tower
+
+    results = []
+    for compiled in {"both": (False, True), "no": (False,), "yes": (True,)}[args.compile]:
+        for channels_last in (False, True):
+            tower = copy.deepcopy(cpu_tower).to(device)
+            encode = tower_encoder(tower, check_source, device, compile=compiled, channels_last=channels_last)
+            name = f"{'compiled' if compiled else 'eager'}{'_channels_last' if channels_last else ''}"
+            out = encode(check_pages).float()
+            error = ((out - reference).norm() / reference.norm()).item()
+            spread = ((out - reference).abs().max() / (reference.max() - reference.min())).item()
+            for batch in args.batches:
+                pages = torch.randint(0, 256, (batch, 3, 768, 768), generator=gen, dtype=torch.uint8).to(device)
+                first, median_ms = time_calls(encode, pages, args.repeats)
+                rate = batch / (median_ms / 1e3)
+                results.append({
+                    "variant": name, "batch": batch, "pages_per_s": round(rate, 1),
+                    "call_ms_median": round(median_ms, 2), "first_call_s": round(first, 2),
+                    "tflops": round(rate * TOWER_GFLOP / 1e3, 1),
+                    "relative_error_vs_fp32": round(error, 5), "max_diff_over_range": round(spread, 5),
+                    "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+                })  # fmt: skip
+                print(results[-1], flush=True)
+                del pages
+            del tower, encode
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    slug = name.lower().replace(" ", "-")
+    report = {
+        "benchmark": "vision_tower",
+        "device": name,
+        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
+        "model": "Florence-2-base vision tower (DaViT depths 1,1,9,1, 90.4M parameters), random weights, 768x768",
+        "conditions": "uint8 pages on the GPU, normalised in the call; bf16 autocast; CUDA-event timing, median",
+        "results": results,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"vision_tower_{slug}.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{'variant':<26}{'batch':>6}{'pages/s':>10}{'first s':>9}{'rel err':>10}")
+    for r in results:
+        print(f"{r['variant']:<26}{r['batch']:>6}{r['pages_per_s']:>10.1f}{r['first_call_s']:>9.1f}"
+              f"{r['relative_error_vs_fp32']:>10.5f}")  # fmt: skip
+    return report
+
+
+if __name__ == "__main__":
+    main()
