@@ -37,8 +37,8 @@ sys.path.insert(0, str(REPO))
 
 from florence_ops.config import load_params  # noqa: E402 - after the path fix for running from a checkout
 from florence_ops.data import validation  # noqa: E402
-from florence_ops.data.processed import ParquetSink, write_json_atomic  # noqa: E402
-from florence_ops.data.sources import RAW_FEATURES  # noqa: E402
+from florence_ops.data.processed import write_json_atomic  # noqa: E402
+from florence_ops.data.raw import PAGES_FILE, RawWriter  # noqa: E402
 
 log = logging.getLogger("preprocess_throughput")
 
@@ -68,13 +68,14 @@ def write_raw(raw_dir: Path, n: int, width: int, height: int) -> int:
     """Write n generated scans as raw/train.parquet (and an empty validation split); return total JPEG bytes."""
     raw_dir.mkdir(parents=True, exist_ok=True)
     total = 0
-    with ParquetSink(raw_dir / "train.parquet", RAW_FEATURES) as sink:
+    with RawWriter(raw_dir) as writer:
+        writer.open_split("validation")
         for index in range(n):
             data = scan(index, width, height)
             total += len(data)
-            sink.write({"questionId": str(index), "question": "What is the total?", "question_types": ["form"],
-                        "image": {"bytes": data, "path": None}, "docId": index, "ucsf_document_id": str(index),
-                        "ucsf_document_page_no": "1", "answers": ["42"]})  # fmt: skip
+            writer.add("train", {"questionId": str(index), "question": "What is the total?", "question_types": ["form"],
+                                 "image": {"bytes": data, "path": None}, "docId": index, "ucsf_document_id": str(index),
+                                 "ucsf_document_page_no": "1", "answers": ["42"]})  # fmt: skip
     return total
 
 
@@ -82,7 +83,7 @@ def breakdown(raw_dir: Path, size: int, samples: int = 5) -> dict[str, float]:
     """Milliseconds per image of decode+orient+convert, resize and PNG encode, on one core."""
     import pyarrow.parquet as pq
 
-    rows = pq.read_table(raw_dir / "train.parquet").slice(0, samples).column("image").to_pylist()
+    rows = pq.read_table(raw_dir / PAGES_FILE).slice(0, samples).column("image").to_pylist()
     times = {"decode_ms": 0.0, "resize_and_png_ms": 0.0}
     for row in rows:
         start = time.perf_counter()
