@@ -3,7 +3,8 @@
 `${paths.processed}/` holds:
 - `images.parquet`: `image_id` (sha1 of the raw image bytes), `image` (PNG, RGB, exactly the model's input size),
   `width`, `height` (upright original size). Each distinct page is stored once.
-- `<split>.parquet`: `questionId`, `question`, `question_types`, `docId`, `answers`, `image_id`.
+- `<split>.parquet`: `questionId`, `question`, `question_types`, `docId`, `answers`, `image_id`; `answers` is empty
+  for the questions of an unlabeled split (`data.unlabeled_splits`).
 - `quarantine.jsonl`: one `{"id", "split", "reason", "detail", "line"}` per rejected input record.
 """
 

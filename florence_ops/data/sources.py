@@ -56,7 +56,7 @@ def materialize_raw(cfg: DataConfig, seed: int, raw_dir: Path) -> dict[str, int]
         elif cfg.source == "hf":
             counts = _write_records(staging, _hub_splits(cfg.hf))
         else:
-            counts = _write_local(cfg.local, seed, staging)
+            counts = _write_local(cfg.local, seed, set(cfg.unlabeled_splits), staging)
     log.info("raw data (%s) in %s: %s", cfg.source, raw_dir, counts)
     return counts
 
@@ -77,7 +77,8 @@ def _write_synthetic(cfg: DataConfig, seed: int, staging: Path) -> dict[str, int
     with RawWriter(staging) as writer:
         for split in splits:
             writer.open_split(split)
-            render = partial(synthetic_page, split=split, seed=seed, questions=spec.questions_per_document)
+            render = partial(synthetic_page, split=split, seed=seed, questions=spec.questions_per_document,
+                             labeled=split not in cfg.unlabeled_splits)  # fmt: skip
             for png, page_id, records in ordered_map(render, range(documents[split]), workers, SYNTHETIC_CHUNK):
                 writer.add_page(png, known_id=page_id)
                 for record in records:
@@ -86,8 +87,11 @@ def _write_synthetic(cfg: DataConfig, seed: int, staging: Path) -> dict[str, int
     return writer.counts()
 
 
-def synthetic_page(index: int, *, split: str, seed: int, questions: int) -> tuple[bytes, str, list]:
-    """Render synthetic document `index` of `split`: its PNG bytes, their image_id and its question records."""
+def synthetic_page(index: int, *, split: str, seed: int, questions: int, labeled: bool) -> tuple[bytes, str, list]:
+    """Render synthetic document `index` of `split`: its PNG bytes, their image_id and its question records.
+
+    Records of an unlabeled split carry no answers, as DocVQA's test split.
+    """
     document = make_document(split, index, seed)
     buffer = io.BytesIO()
     document.image.save(buffer, format="PNG")
@@ -95,6 +99,8 @@ def synthetic_page(index: int, *, split: str, seed: int, questions: int) -> tupl
     records = document_records(document, split, index, seed, questions)
     for record in records:
         del record["image"]  # the page travels once, as PNG bytes
+        if not labeled:
+            record["answers"] = None
     return png, image_id(png), records
 
 
@@ -130,13 +136,13 @@ def _hub_records(hub: HubData, name: str) -> Iterator[dict[str, Any]]:
         yield {**record, "image": image}
 
 
-def _write_local(cfg: LocalData, seed: int, staging: Path) -> dict[str, int]:
+def _write_local(cfg: LocalData, seed: int, unlabeled: set[str], staging: Path) -> dict[str, int]:
     rejected = 0
     with RawWriter(staging) as writer:
         writer.open_split("train")  # test is optional; train and validation are always written, even empty
         writer.open_split("validation")
         with open(staging / REJECTED_LINES_FILE, "w", encoding="utf-8") as stream:
-            for item in read_local(cfg, seed):
+            for item in read_local(cfg, seed, unlabeled):
                 if isinstance(item, RejectedLine):
                     stream.write(json.dumps(item.to_dict(), ensure_ascii=False) + "\n")
                     rejected += 1

@@ -98,8 +98,10 @@ def check_answers(answers: object) -> Problem | None:
     return None
 
 
-def check_fields(question: object, answers: object) -> Problem | None:
-    """The first problem with a record's question and answers, or None."""
+def check_fields(question: object, answers: object, *, labeled: bool = True) -> Problem | None:
+    """The first problem with a record's question and answers, or None; unlabeled records may have no answers."""
+    if not labeled and (answers is None or answers == []):
+        return check_question(question)
     return check_question(question) or check_answers(answers)
 
 

@@ -89,7 +89,7 @@ def preprocess(params: Params) -> dict[str, Any]:
     size = model_input_size(Path(paths.base_model))
     workers = worker_count(data.num_workers)
     with staged_directory(Path(paths.processed)) as staging:
-        writer = Preprocessor(staging, splits, size, data.max_image_pixels)
+        writer = Preprocessor(staging, splits, size, data.max_image_pixels, set(data.unlabeled_splits))
         writer.run(raw_dir, workers)
         summary = writer.tally.summary(data.max_bad_fraction)
         write_json_atomic(report_path, summary)
@@ -111,8 +111,11 @@ def preprocess(params: Params) -> dict[str, Any]:
 class Preprocessor:
     """Writes the processed files of one run into `out_dir`, tallying every record it reads."""
 
-    def __init__(self, out_dir: Path, splits: list[str], size: tuple[int, int], max_pixels: int) -> None:
+    def __init__(
+        self, out_dir: Path, splits: list[str], size: tuple[int, int], max_pixels: int, unlabeled: set[str]
+    ) -> None:
         self.out_dir, self.splits, self.size, self.max_pixels = out_dir, splits, size, max_pixels
+        self.unlabeled = unlabeled
         self.tally = Tally()
         self.record_problems: dict[str, list[checks.Problem | None]] = {}  # per split, in row order
         self.image_problems: dict[str, checks.Problem | None] = {}  # None: stored in images.parquet
@@ -137,7 +140,7 @@ class Preprocessor:
         for split in self.splits:
             problems = self.record_problems[split] = []
             for row in _rows(raw_dir / f"{split}.parquet", columns):
-                problem = _record_problem(row, seen_ids)
+                problem = _record_problem(row, seen_ids, labeled=split not in self.unlabeled)
                 problems.append(problem)
                 image_id = row["image_id"]
                 if problem is None and image_id is not None and image_id not in self.image_problems:
@@ -204,14 +207,14 @@ def _rows(path: Path, columns: list[str] | None = None) -> Iterator[dict[str, An
         yield from batch.to_pylist()
 
 
-def _record_problem(row: dict[str, Any], seen_ids: set[str]) -> checks.Problem | None:
+def _record_problem(row: dict[str, Any], seen_ids: set[str], labeled: bool) -> checks.Problem | None:
     qid = row["questionId"]
     if qid is None or not str(qid).strip():
         return checks.Problem(checks.ID_MISSING, "questionId is empty")
     if qid in seen_ids:
         return checks.Problem(checks.DUPLICATE_ID, f"questionId {qid!r} appeared before")
     seen_ids.add(qid)
-    return checks.check_fields(row["question"], row["answers"])
+    return checks.check_fields(row["question"], row["answers"], labeled=labeled)
 
 
 def _missing_image() -> checks.Problem:
@@ -228,6 +231,6 @@ def _question_row(row: dict[str, Any], image_id: str) -> dict[str, Any]:
         "question": row["question"].strip(),
         "question_types": row.get("question_types") or [],
         "docId": "" if row.get("docId") is None else str(row["docId"]),
-        "answers": [answer.strip() for answer in row["answers"]],
+        "answers": [answer.strip() for answer in row["answers"] or []],
         "image_id": image_id,
     }
