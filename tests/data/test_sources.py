@@ -19,7 +19,13 @@ from florence_ops.data.local import assign_documents
 from florence_ops.data.raw import PAGE_FEATURES, PAGES_FILE, RAW_QUESTION_FEATURES, REJECTED_LINES_FILE
 from florence_ops.data.sources import materialize_raw
 from florence_ops.errors import DataSourceError
-from tests.data.conftest import png, write_hub_split
+from tests.data.offline_hub import emulate_hub, png, write_hub_split
+
+
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """The hub emulated offline (`tests.data.offline_hub`)."""
+    return emulate_hub(monkeypatch)
 
 
 def read_raw(raw_dir: Path, split: str) -> datasets.Dataset:

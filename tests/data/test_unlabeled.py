@@ -15,7 +15,13 @@ from florence_ops.data.sources import materialize_raw
 from florence_ops.errors import DataQualityError
 from florence_ops.stages.preprocess import preprocess
 from tests.conftest import tiny_params
-from tests.data.conftest import png, write_hub_split
+from tests.data.offline_hub import emulate_hub, png, write_hub_split
+
+
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """The hub emulated offline (`tests.data.offline_hub`)."""
+    return emulate_hub(monkeypatch)
 
 
 def prepare(tmp_path: Path, **overrides):

@@ -1,5 +1,7 @@
 """The hub, emulated offline: Parquet files shaped like splits of HuggingFaceM4/DocumentVQA, read through the same
-`datasets.load_dataset` streaming call that `florence_ops.data.sources.load_hub_split` makes."""
+`datasets.load_dataset` streaming call that `florence_ops.data.sources.load_hub_split` makes.
+
+Not a conftest.py: tests elsewhere import the top-level conftest by its bare module name."""
 
 from __future__ import annotations
 
@@ -45,9 +47,9 @@ def write_hub_split(path: Path, n: int, drop: str | None = None, answers: bool =
     return str(path)
 
 
-@pytest.fixture
-def offline_hub(monkeypatch):
-    """Replace the one hub call with the same `load_dataset` call on local Parquet files; record what was asked."""
+def emulate_hub(monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, str], list[tuple[str, str | None, str]]]:
+    """Replace the one hub call with the same `load_dataset` call on local Parquet files (split name -> file, to
+    fill in); return those files and the list of calls made."""
     files: dict[str, str] = {}
     calls: list[tuple[str, str | None, str]] = []
 
