@@ -58,7 +58,8 @@ class RawWriter:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.pages = ParquetSink(directory / PAGES_FILE, PAGE_FEATURES)
+        # statistics of the image_id only: those of small images would swell the footer every reader parses
+        self.pages = ParquetSink(directory / PAGES_FILE, PAGE_FEATURES, statistics=["image_id"])
         self._questions: dict[str, ParquetSink] = {}
         self._page_ids: set[str] = set()
 
