@@ -73,25 +73,27 @@ def _write_records(staging: Path, splits: Iterable[tuple[str, Iterable[dict[str,
 def _write_synthetic(cfg: DataConfig, seed: int, staging: Path) -> dict[str, int]:
     spec, workers = cfg.synthetic, worker_count(cfg.num_workers)
     documents = {"train": spec.train_documents, "validation": spec.validation_documents, "test": spec.test_documents}
-    splits = [split for split, n_documents in documents.items() if n_documents > 0]
+    pages = [(split, index) for split, n_documents in documents.items() for index in range(n_documents)]
+    render = partial(synthetic_page, seed=seed, questions=spec.questions_per_document, unlabeled=cfg.unlabeled_splits)
     with RawWriter(staging) as writer:
-        for split in splits:
+        for split in (split for split, n_documents in documents.items() if n_documents > 0):
             writer.open_split(split)
-            render = partial(synthetic_page, split=split, seed=seed, questions=spec.questions_per_document,
-                             labeled=split not in cfg.unlabeled_splits)  # fmt: skip
-            for png, page_id, records in ordered_map(render, range(documents[split]), workers, SYNTHETIC_CHUNK):
-                writer.add_page(png, known_id=page_id)
-                for record in records:
-                    writer.add_question(split, record, page_id)
-    log.info("rendered %d synthetic pages in %d process(es)", sum(documents.values()), workers)
+        for (split, _), (png, page_id, records) in zip(pages, ordered_map(render, pages, workers, SYNTHETIC_CHUNK)):
+            writer.add_page(png, known_id=page_id)
+            for record in records:
+                writer.add_question(split, record, page_id)
+    log.info("rendered %d synthetic pages in %d process(es)", len(pages), workers)
     return writer.counts()
 
 
-def synthetic_page(index: int, *, split: str, seed: int, questions: int, labeled: bool) -> tuple[bytes, str, list]:
-    """Render synthetic document `index` of `split`: its PNG bytes, their image_id and its question records.
+def synthetic_page(
+    page: tuple[str, int], *, seed: int, questions: int, unlabeled: list[str]
+) -> tuple[bytes, str, list[dict[str, Any]]]:
+    """Render synthetic document (split, index): its PNG bytes, their image_id and its question records.
 
     Records of an unlabeled split carry no answers, as DocVQA's test split.
     """
+    split, index = page
     document = make_document(split, index, seed)
     buffer = io.BytesIO()
     document.image.save(buffer, format="PNG")
@@ -99,7 +101,7 @@ def synthetic_page(index: int, *, split: str, seed: int, questions: int, labeled
     records = document_records(document, split, index, seed, questions)
     for record in records:
         del record["image"]  # the page travels once, as PNG bytes
-        if not labeled:
+        if split in unlabeled:
             record["answers"] = None
     return png, image_id(png), records
 

@@ -14,7 +14,6 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from pathlib import Path
@@ -45,6 +44,7 @@ REPORT_FILE = "data_quality.json"
 PAGES_PER_TASK = 4  # pages per worker task: a few hundred ms of work, and little memory in flight
 BATCH_ROWS = 4096  # question rows read at once
 MAX_LISTED_BAD = 1000  # bad records listed in the report; quarantine.jsonl lists all
+PENDING = checks.Problem("pending", "sent to a worker")  # replaced by the result before any record reads it
 
 
 @dataclass
@@ -123,8 +123,7 @@ class Preprocessor:
     def run(self, raw_dir: Path, workers: int) -> None:
         """Read the raw splits (and rejected annotation lines) and write everything under `out_dir`."""
         pages = self._check_records(raw_dir)
-        with ExitStack() as stack:
-            self.quarantine = stack.enter_context(open(self.out_dir / QUARANTINE_FILE, "w", encoding="utf-8"))
+        with open(self.out_dir / QUARANTINE_FILE, "w", encoding="utf-8") as self.quarantine:
             self._read_rejected_lines(raw_dir / REJECTED_LINES_FILE)
             self._normalize_pages(raw_dir / PAGES_FILE, pages, workers)
             for split in self.splits:
@@ -144,7 +143,7 @@ class Preprocessor:
                 problems.append(problem)
                 image_id = row["image_id"]
                 if problem is None and image_id is not None and image_id not in self.image_problems:
-                    self.image_problems[image_id] = checks.Problem("pending", "not normalised yet")
+                    self.image_problems[image_id] = PENDING
                     pages.append((image_id, row_of.get(image_id)))
         return pages
 
