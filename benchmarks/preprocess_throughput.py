@@ -1,12 +1,16 @@
-"""CPU throughput and peak memory of the preprocess stage on generated page scans.
+"""CPU throughput and peak memory of the preprocess stage on generated page scans or synthetic pages.
 
-Generates N distinct RGB JPEG "scans" (default 200 at 2000x2500: text-like blocks, scanner noise), writes them as a
-raw split, then runs `florence_ops.stages.preprocess.preprocess` in a child process and reports images/s, the peak
-RSS of the stage's main process and of its largest worker, a single-core breakdown per image, and machine info.
+`--source scans` (default) generates N distinct RGB JPEG "scans" (200 at 2000x2500: text-like blocks, scanner noise)
+and writes them as a raw split; `--source synthetic` renders N synthetic pages (PNG, 600-1000 px wide) with the
+download stage's own `materialize_raw` in `--workers` processes and reports its pages/s too. Then
+`florence_ops.stages.preprocess.preprocess` runs in a child process; the script reports images/s, the CPU time per
+image of the stage's main process and of its workers (robust on a shared machine, and what a projection to more cores
+needs: with C cores the stage cannot beat C / (main + worker CPU) nor 1 / main CPU), the peak RSS of the main process
+and of its largest worker, a single-core breakdown per image, and machine info.
 
-    python benchmarks/preprocess_throughput.py [--images 200] [--workers 0] [--size 768]
+    python benchmarks/preprocess_throughput.py [--source scans|synthetic] [--images 200] [--workers 0] [--size 768]
 
-Writes reports/benchmarks/preprocess_cpu.json (or --out).
+Writes reports/benchmarks/preprocess_cpu.json, or preprocess_synthetic_cpu.json for synthetic pages (or --out).
 """
 
 from __future__ import annotations
@@ -35,10 +39,12 @@ from PIL import Image, ImageDraw
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from florence_ops.config import load_params  # noqa: E402 - after the path fix for running from a checkout
+from florence_ops.config import DataConfig, SyntheticData, load_params  # noqa: E402 - after the path fix
 from florence_ops.data import validation  # noqa: E402
-from florence_ops.data.processed import ParquetSink, write_json_atomic  # noqa: E402
-from florence_ops.data.sources import RAW_FEATURES  # noqa: E402
+from florence_ops.data.parallel import worker_count  # noqa: E402
+from florence_ops.data.processed import write_json_atomic  # noqa: E402
+from florence_ops.data.raw import PAGES_FILE, RawWriter  # noqa: E402
+from florence_ops.data.sources import materialize_raw  # noqa: E402
 
 log = logging.getLogger("preprocess_throughput")
 
@@ -68,21 +74,52 @@ def write_raw(raw_dir: Path, n: int, width: int, height: int) -> int:
     """Write n generated scans as raw/train.parquet (and an empty validation split); return total JPEG bytes."""
     raw_dir.mkdir(parents=True, exist_ok=True)
     total = 0
-    with ParquetSink(raw_dir / "train.parquet", RAW_FEATURES) as sink:
+    with RawWriter(raw_dir) as writer:
+        writer.open_split("validation")
         for index in range(n):
             data = scan(index, width, height)
             total += len(data)
-            sink.write({"questionId": str(index), "question": "What is the total?", "question_types": ["form"],
-                        "image": {"bytes": data, "path": None}, "docId": index, "ucsf_document_id": str(index),
-                        "ucsf_document_page_no": "1", "answers": ["42"]})  # fmt: skip
+            writer.add("train", {"questionId": str(index), "question": "What is the total?", "question_types": ["form"],
+                                 "image": {"bytes": data, "path": None}, "docId": index, "ucsf_document_id": str(index),
+                                 "ucsf_document_page_no": "1", "answers": ["42"]})  # fmt: skip
     return total
+
+
+def write_synthetic(raw_dir: Path, n: int, workers: int) -> dict[str, float]:
+    """Render n synthetic pages (one of them in validation) as the download stage does; time it."""
+    spec = SyntheticData(train_documents=n - 1, validation_documents=1, test_documents=0)
+    with cpu_clock() as clock:
+        materialize_raw(DataConfig(synthetic=spec, num_workers=workers), seed=1234, raw_dir=raw_dir)
+    return {"input_bytes": (raw_dir / PAGES_FILE).stat().st_size, **clock.per_item(n)}
+
+
+class cpu_clock(contextlib.AbstractContextManager):  # noqa: N801 - used as a context manager, like a function
+    """Wall time and CPU time of this process and of its reaped children over a block."""
+
+    def __enter__(self) -> cpu_clock:
+        self._start = (time.perf_counter(), *_cpu_seconds())
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        end = (time.perf_counter(), *_cpu_seconds())
+        self.wall, self.main_cpu, self.worker_cpu = (b - a for a, b in zip(self._start, end, strict=True))
+
+    def per_item(self, n: int) -> dict[str, float]:
+        """Seconds, items/s and CPU milliseconds per item (main process, workers)."""
+        return {"seconds": self.wall, "per_second": n / self.wall,
+                "main_cpu_ms": 1000 * self.main_cpu / n, "worker_cpu_ms": 1000 * self.worker_cpu / n}  # fmt: skip
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, children.ru_utime + children.ru_stime
 
 
 def breakdown(raw_dir: Path, size: int, samples: int = 5) -> dict[str, float]:
     """Milliseconds per image of decode+orient+convert, resize and PNG encode, on one core."""
     import pyarrow.parquet as pq
 
-    rows = pq.read_table(raw_dir / "train.parquet").slice(0, samples).column("image").to_pylist()
+    rows = pq.read_table(raw_dir / PAGES_FILE).slice(0, samples).column("image").to_pylist()
     times = {"decode_ms": 0.0, "resize_and_png_ms": 0.0}
     for row in rows:
         start = time.perf_counter()
@@ -95,7 +132,7 @@ def breakdown(raw_dir: Path, size: int, samples: int = 5) -> dict[str, float]:
 
 
 def run_stage(workdir: Path, workers: int) -> dict:
-    """The child process: run preprocess over workdir and report its time and peak memory."""
+    """The child process: run preprocess over workdir and report its time, CPU time and peak memory."""
     from florence_ops.stages.preprocess import preprocess
 
     overrides = {f"paths.{key}": str(workdir / key) for key in ("raw", "processed", "base_model", "reports")}
@@ -103,13 +140,13 @@ def run_stage(workdir: Path, workers: int) -> dict:
     baseline = _status_mib("VmRSS")  # interpreter and imports, before any data
     sampler = PssSampler()
     sampler.start()
-    start = time.perf_counter()
-    summary = preprocess(params)
-    seconds = time.perf_counter() - start
+    with cpu_clock() as clock:
+        summary = preprocess(params)
     sampler.stop.set()
     sampler.join()
+    clock.main_cpu -= sampler.cpu_seconds
     return {
-        "seconds": seconds,
+        **clock.per_item(summary["n_images"]),
         "n_ok": summary["n_ok"],
         "rss_after_imports_mib": baseline,
         "peak_rss_main_mib": _status_mib("VmHWM"),
@@ -127,11 +164,14 @@ def _status_mib(key: str) -> float:
 
 
 class PssSampler(threading.Thread):
-    """Samples the proportional set size of this process plus its workers: shared pages are counted once."""
+    """Samples the proportional set size of this process plus its workers: shared pages are counted once.
+
+    Reading smaps costs CPU time of this process: `cpu_seconds` is the sampler's own, to leave out of the stage's.
+    """
 
     def __init__(self, interval: float = 0.05) -> None:
         super().__init__(daemon=True)
-        self.interval, self.peak_mib, self.stop = interval, 0.0, threading.Event()
+        self.interval, self.peak_mib, self.stop, self.cpu_seconds = interval, 0.0, threading.Event(), 0.0
 
     def run(self) -> None:
         me = psutil.Process()
@@ -141,6 +181,7 @@ class PssSampler(threading.Thread):
                 with contextlib.suppress(psutil.Error):  # a worker that just exited
                     total += process.memory_full_info().pss
             self.peak_mib = max(self.peak_mib, total / 2**20)
+            self.cpu_seconds = time.thread_time()
 
 
 def machine() -> dict:
@@ -165,44 +206,66 @@ def _child(*args: str) -> str:
     return subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True).stdout
 
 
+def generate(workdir: Path, args: argparse.Namespace) -> dict:
+    """The child process: write the raw pages and the base model's image size; report what was written."""
+    if args.source == "synthetic":
+        written = write_synthetic(workdir / "raw", args.images, args.workers)
+    else:
+        written = {"input_bytes": write_raw(workdir / "raw", args.images, args.width, args.height)}
+    (workdir / "base_model").mkdir()
+    config = {"size": {"height": args.size, "width": args.size}}
+    (workdir / "base_model" / "preprocessor_config.json").write_text(json.dumps(config))
+    return written
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", choices=["scans", "synthetic"], default="scans")
     parser.add_argument("--images", type=int, default=200)
-    parser.add_argument("--width", type=int, default=2000)
-    parser.add_argument("--height", type=int, default=2500)
+    parser.add_argument("--width", type=int, default=2000, help="scan width (scans only)")
+    parser.add_argument("--height", type=int, default=2500, help="scan height (scans only)")
     parser.add_argument("--size", type=int, default=768, help="model input side (Florence-2 base/large: 768)")
     parser.add_argument("--workers", type=int, default=0, help="data.num_workers (0: one per core)")
-    parser.add_argument("--out", type=Path, default=REPO / "reports/benchmarks/preprocess_cpu.json")
+    parser.add_argument("--out", type=Path, help="default: reports/benchmarks/preprocess[_synthetic]_cpu.json")
     parser.add_argument("--generate-only", type=Path, help=argparse.SUPPRESS)  # child processes, each starting
     parser.add_argument("--stage-only", type=Path, help=argparse.SUPPRESS)  # small so memory peaks are their own
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.generate_only:
-        print(write_raw(args.generate_only / "raw", args.images, args.width, args.height))
-        (args.generate_only / "base_model").mkdir()
-        config = {"size": {"height": args.size, "width": args.size}}
-        (args.generate_only / "base_model" / "preprocessor_config.json").write_text(json.dumps(config))
+        print(json.dumps(generate(args.generate_only, args)))
         return
     if args.stage_only:
         print(json.dumps(run_stage(args.stage_only, args.workers)))
         return
     with tempfile.TemporaryDirectory(prefix="preprocess-bench-") as tmp:
-        workdir = Path(tmp)
-        start = time.perf_counter()
-        sizes = ["--images", str(args.images), "--width", str(args.width), "--height", str(args.height)]
-        jpeg_bytes = int(_child("--generate-only", str(workdir), *sizes, "--size", str(args.size)))
-        log.info("generated %d scans in %.1fs", args.images, time.perf_counter() - start)
-        stage = json.loads(_child("--stage-only", str(workdir), "--workers", str(args.workers)))
-        per_image = breakdown(workdir / "raw", args.size)
+        options = [
+            f"--{key}={getattr(args, key)}" for key in ("source", "images", "width", "height", "size", "workers")
+        ]
+        written = json.loads(_child("--generate-only", tmp, *options))
+        log.info("generated %d %s pages: %s", args.images, args.source, written)
+        stage = json.loads(_child("--stage-only", tmp, f"--workers={args.workers}"))
+        per_image = breakdown(Path(tmp) / "raw", args.size)
+    out = (
+        args.out
+        or REPO / "reports/benchmarks" / f"preprocess{'_synthetic' if args.source == 'synthetic' else ''}_cpu.json"
+    )
+    write_json_atomic(out, summarize(args, written, stage, per_image))
+
+
+def summarize(args: argparse.Namespace, written: dict, stage: dict, per_image: dict) -> dict:
+    """The JSON written: inputs, stage throughput, CPU per image, memory peaks, per-image breakdown, machine."""
     result = {
         "benchmark": "preprocess_throughput",
+        "source": args.source,
         "images": args.images,
-        "scan_size": [args.width, args.height],
+        "scan_size": [args.width, args.height] if args.source == "scans" else None,
         "model_size": [args.size, args.size],
-        "mean_jpeg_kib": round(jpeg_bytes / args.images / 1024, 1),
-        "workers": args.workers or os.cpu_count(),
+        "mean_input_kib": round(written["input_bytes"] / args.images / 1024, 1),
+        "workers": worker_count(args.workers),
         "seconds": round(stage["seconds"], 2),
-        "images_per_second": round(args.images / stage["seconds"], 2),
+        "images_per_second": round(stage["per_second"], 2),
+        "main_cpu_ms_per_image": round(stage["main_cpu_ms"], 1),
+        "worker_cpu_ms_per_image": round(stage["worker_cpu_ms"], 1),
         "rss_after_imports_mib": round(stage["rss_after_imports_mib"], 1),
         "peak_rss_main_mib": round(stage["peak_rss_main_mib"], 1),
         "peak_rss_largest_worker_mib": round(stage["peak_rss_largest_worker_mib"], 1),
@@ -210,8 +273,10 @@ def main() -> None:
         "single_core_per_image": per_image,
         "machine": machine(),
     }
-    write_json_atomic(args.out, result)
+    if args.source == "synthetic":
+        result["download"] = {key: round(value, 2) for key, value in written.items() if key != "input_bytes"}
     log.info("%s", json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ _Loader.add_implicit_resolver(
 
 @dataclass
 class Paths:
-    raw: str = "data/raw"  # download output: raw records as Parquet, one file per split
+    raw: str = "data/raw"  # download output: each page once, and the questions of each split (Parquet)
     processed: str = "data/processed"  # preprocess output: validated, resized, training-ready
     base_model: str = "models/base"  # download output: the model fine-tuning starts from
     train: str = "models/train"  # train output: fine-tuned model (HF layout) + resumable state
@@ -73,7 +73,7 @@ class HubData:
     revision: str | None = None  # pin a commit sha or tag for reproducible runs
     train_split: str = "train"
     validation_split: str = "validation"
-    test_split: str | None = None  # DocVQA withholds test answers: nothing to train or score on
+    test_split: str | None = None  # DocVQA withholds test answers: list test in data.unlabeled_splits to keep it
     max_samples: int | None = None  # per split, for quick runs
 
 
@@ -96,11 +96,19 @@ class DataConfig:
     local: LocalData = field(default_factory=LocalData)
     max_bad_fraction: float = 0.01  # preprocess fails when more records than this are quarantined
     max_image_pixels: int = 100_000_000  # larger images are quarantined as decompression bombs
-    num_workers: int = 0  # preprocessing processes; 0 means one per CPU core
+    num_workers: int = 0  # processes rendering synthetic pages and preprocessing images; 0 means one per CPU core
+    unlabeled_splits: list[str] = field(default_factory=list)  # splits kept without answers (DocVQA's test)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ConfigError(f"data.max_bad_fraction: expected a fraction in [0, 1], got {self.max_bad_fraction}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers: expected >= 0 (0: one per CPU core), got {self.num_workers}")
+        if set(self.unlabeled_splits) - {"test"}:
+            raise ConfigError(
+                f"data.unlabeled_splits: only test may be unlabeled (train and validation need answers to train and "
+                f"score on), got {self.unlabeled_splits}"
+            )
         if self.source == "local" and not self.local.path:
             raise ConfigError("data.local.path: required when data.source is 'local'")
 

@@ -3,7 +3,8 @@
 One JSON object a line: `question_id` (unique string or integer), `question`, `answers` (list of accepted answers),
 `image` (path relative to the folder), and optionally `doc_id`, `question_types` (list of strings) and `split`
 (train, validation or test). Records without `split` are split by document (`doc_id`, or the image path when absent)
-with the seed, so no document lands in two splits.
+with the seed, so no document lands in two splits. A line whose `split` is one of `data.unlabeled_splits` may leave
+`answers` out (or empty).
 
 Lines that cannot become a record (not UTF-8, malformed JSON, wrong field types, duplicate ids, blank questions or
 answers) come out as `RejectedLine`s with their line number; preprocess counts them as quarantined. A missing or
@@ -16,7 +17,7 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -64,15 +65,20 @@ class Annotation:
     split: str | None
 
 
-def read_local(cfg: LocalData, seed: int) -> Iterator[tuple[str, dict[str, Any]] | RejectedLine]:
-    """Yield (split, DocumentVQA raw record) for each valid line, and a `RejectedLine` for each invalid one."""
+def read_local(
+    cfg: LocalData, seed: int, unlabeled: Collection[str] = ()
+) -> Iterator[tuple[str, dict[str, Any]] | RejectedLine]:
+    """Yield (split, DocumentVQA raw record) for each valid line, and a `RejectedLine` for each invalid one.
+
+    Lines naming a split in `unlabeled` need no answers.
+    """
     folder = Path(cfg.path or "")
     annotations = folder / ANNOTATIONS_FILE
     if not annotations.is_file():
         raise DataSourceError(f"data.local.path: {annotations} not found")
     explicit: dict[str, str] = {}
     unsplit: set[str] = set()
-    for item in parse_annotations(annotations):
+    for item in parse_annotations(annotations, unlabeled):
         if isinstance(item, Annotation):
             if item.split:
                 explicit.setdefault(item.doc_key, item.split)
@@ -81,7 +87,7 @@ def read_local(cfg: LocalData, seed: int) -> Iterator[tuple[str, dict[str, Any]]
     assigned = assign_documents(unsplit - explicit.keys(), seed, cfg.validation_fraction, cfg.test_fraction)
     assigned.update(explicit)
     missing = 0
-    for item in parse_annotations(annotations):
+    for item in parse_annotations(annotations, unlabeled):
         if isinstance(item, RejectedLine):
             yield item
             continue
@@ -106,14 +112,17 @@ def assign_documents(
     return {key: splits[index] if index < len(splits) else "train" for index, key in enumerate(keys)}
 
 
-def parse_annotations(path: Path) -> Iterator[Annotation | RejectedLine]:
-    """Parse annotations.jsonl line by line from bytes, so one bad line costs only itself."""
+def parse_annotations(path: Path, unlabeled: Collection[str] = ()) -> Iterator[Annotation | RejectedLine]:
+    """Parse annotations.jsonl line by line from bytes, so one bad line costs only itself.
+
+    Lines naming a split in `unlabeled` may omit answers.
+    """
     first_seen: dict[str, int] = {}
     with open(path, "rb") as stream:
         for number, raw in enumerate(stream, start=1):
             if not raw.strip():
                 continue
-            item = _parse_line(raw, number)
+            item = _parse_line(raw, number, unlabeled)
             if isinstance(item, Annotation):
                 if item.question_id in first_seen:
                     detail = f"question_id {item.question_id!r} first seen on line {first_seen[item.question_id]}"
@@ -131,7 +140,7 @@ def _reject(
     return RejectedLine(number, problem.reason, problem.detail, text, qid, split)
 
 
-def _parse_line(raw: bytes, number: int) -> Annotation | RejectedLine:
+def _parse_line(raw: bytes, number: int, unlabeled: Collection[str]) -> Annotation | RejectedLine:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -150,7 +159,8 @@ def _parse_line(raw: bytes, number: int) -> Annotation | RejectedLine:
         problem = checks.Problem(checks.ID_MISSING, f"question_id must be a non-empty string or integer, got {qid!r}")
         return _reject(number, problem, raw, split=obj.get("split"))
     qid = str(qid)
-    problem = _field_problem(obj) or checks.check_fields(obj.get("question"), obj.get("answers"))
+    labeled = obj.get("split") not in unlabeled
+    problem = _field_problem(obj) or checks.check_fields(obj.get("question"), obj.get("answers"), labeled=labeled)
     if problem:
         return _reject(number, problem, raw, qid, obj.get("split"))
     doc_id = obj.get("doc_id")
@@ -158,7 +168,7 @@ def _parse_line(raw: bytes, number: int) -> Annotation | RejectedLine:
         line=number,
         question_id=qid,
         question=obj["question"],
-        answers=obj["answers"],
+        answers=obj.get("answers") or [],
         image=obj["image"],
         doc_key=obj["image"] if doc_id is None else str(doc_id),
         doc_id=doc_id,

@@ -3,7 +3,8 @@
 `${paths.processed}/` holds:
 - `images.parquet`: `image_id` (sha1 of the raw image bytes), `image` (PNG, RGB, exactly the model's input size),
   `width`, `height` (upright original size). Each distinct page is stored once.
-- `<split>.parquet`: `questionId`, `question`, `question_types`, `docId`, `answers`, `image_id`.
+- `<split>.parquet`: `questionId`, `question`, `question_types`, `docId`, `answers`, `image_id`; `answers` is empty
+  for the questions of an unlabeled split (`data.unlabeled_splits`).
 - `quarantine.jsonl`: one `{"id", "split", "reason", "detail", "line"}` per rejected input record.
 """
 
@@ -52,17 +53,22 @@ class ParquetSink:
     """Append rows to a Parquet file in row groups, with `features` in the schema so `datasets` decodes them.
 
     A row group is what a reader holds in memory at once: the default of 16 rows keeps that to tens of MB for scans.
+    `statistics` names the columns given min/max statistics (all by default).
     """
 
-    def __init__(self, path: Path, features: Features, rows_per_group: int = 16) -> None:
+    def __init__(
+        self, path: Path, features: Features, rows_per_group: int = 16, statistics: bool | list[str] = True
+    ) -> None:
         self.path, self.rows, self._rows_per_group = path, 0, rows_per_group
         self._schema = features.arrow_schema
         self._buffer: list[dict[str, Any]] = []
         if any(isinstance(feature, datasets.Image) for feature in features.values()):
             # encoded images neither compress nor repeat; a dictionary page of them would be decoded whole on read
-            self._writer = pq.ParquetWriter(path, self._schema, use_dictionary=False, compression="none")
+            self._writer = pq.ParquetWriter(
+                path, self._schema, use_dictionary=False, compression="none", write_statistics=statistics
+            )
         else:
-            self._writer = pq.ParquetWriter(path, self._schema)
+            self._writer = pq.ParquetWriter(path, self._schema, write_statistics=statistics)
 
     def write(self, row: dict[str, Any]) -> None:
         """Buffer one row; a full buffer is written out as a row group."""

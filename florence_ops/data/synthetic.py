@@ -314,15 +314,22 @@ def generate_split(split: str, n_documents: int, seed: int, *, questions_per_doc
 def _records(split: str, n_documents: int, seed: int, questions_per_document: int) -> Iterator[dict]:
     for index in range(n_documents):
         document = make_document(split, index, seed)
-        rng = random.Random(stable_seed("questions", seed, split, index))
-        for number, chosen in enumerate(select_facts(document.facts, questions_per_document, rng)):
-            yield {
-                "questionId": f"{document.doc_id}-{number}",
-                "question": rng.choice(chosen.questions),
-                "question_types": [chosen.question_type],
-                "image": document.image,
-                "docId": document.doc_id,
-                "ucsf_document_id": f"synth{document.doc_id}",
-                "ucsf_document_page_no": "1",
-                "answers": list(chosen.answers),
-            }
+        yield from document_records(document, split, index, seed, questions_per_document)
+
+
+def document_records(document: SyntheticDocument, split: str, index: int, seed: int, questions: int) -> list[dict]:
+    """The question records of document `index` of `split` (rendered as `document`), its image in each."""
+    rng = random.Random(stable_seed("questions", seed, split, index))
+    return [
+        {
+            "questionId": f"{document.doc_id}-{number}",
+            "question": rng.choice(chosen.questions),
+            "question_types": [chosen.question_type],
+            "image": document.image,
+            "docId": document.doc_id,
+            "ucsf_document_id": f"synth{document.doc_id}",
+            "ucsf_document_page_no": "1",
+            "answers": list(chosen.answers),
+        }
+        for number, chosen in enumerate(select_facts(document.facts, questions, rng))
+    ]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 # Lines of a local annotations.jsonl that are not a usable record.
 NOT_UTF8 = "not_utf8"
@@ -40,6 +40,7 @@ IMAGE_UNSUPPORTED = "image_unsupported"
 
 WHITE = (255, 255, 255)
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+TURNED = range(2, 9)  # EXIF orientations other than upright (1)
 DETAIL_CHARS = 120
 # File signatures of common page formats: bytes that start like an image but do not open are a corrupt image.
 IMAGE_SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"II*\x00", b"MM\x00*", b"BM", b"RIFF", b"\x00\x00\x00\x0cjP")
@@ -98,8 +99,10 @@ def check_answers(answers: object) -> Problem | None:
     return None
 
 
-def check_fields(question: object, answers: object) -> Problem | None:
-    """The first problem with a record's question and answers, or None."""
+def check_fields(question: object, answers: object, *, labeled: bool = True) -> Problem | None:
+    """The first problem with a record's question and answers, or None; unlabeled records may have no answers."""
+    if not labeled and (answers is None or answers == []):
+        return check_question(question)
     return check_question(question) or check_answers(answers)
 
 
@@ -150,6 +153,8 @@ def decode_image(data: bytes | None, max_pixels: int) -> Image.Image:
 def upright(image: Image.Image) -> Image.Image:
     """Apply the EXIF orientation; an unparsable EXIF block leaves the pixels as stored."""
     try:
+        if image.getexif().get(ExifTags.Base.Orientation, 1) not in TURNED:
+            return image  # upright already: exif_transpose would only copy it
         return ImageOps.exif_transpose(image) or image
     except Exception:  # broken EXIF is common in scanner and camera output; the pixels themselves are fine
         return image

@@ -45,7 +45,7 @@ def evaluate(params: Params) -> dict:
         wanted, started = params.evaluate.num_processes, accelerator.num_processes
         raise UserError(f"evaluate.num_processes is {wanted} but {started} process(es) started")
     rows = read_questions(processed, params.evaluate.split).select_columns(COLUMNS).to_list()
-    rows = rows[: params.evaluate.max_questions]
+    rows = labeled_rows(rows, params.evaluate.split)[: params.evaluate.max_questions]
     images = ImageTable(processed)
     base = load_trained(params.paths.base_model, params.paths.base_model, params.model)
     tuned = load_trained(Path(params.paths.train) / "model", params.paths.base_model, params.model)
@@ -69,6 +69,16 @@ def evaluate(params: Params) -> dict:
     log.info("ANLS %.4f (before fine-tuning %.4f) on %d questions", metrics["anls"] or 0, metrics_before["anls"] or 0,
              metrics["n_questions"])  # fmt: skip
     return result
+
+
+def labeled_rows(rows: list[dict], split: str) -> list[dict]:
+    """The rows that have answers to score against; questions without answers (an unlabeled split's) are skipped."""
+    labeled = [row for row in rows if row["answers"]]
+    if not labeled:
+        raise UserError(f"evaluate.split {split!r} has no questions with answers to score; evaluate a labeled split")
+    if len(labeled) < len(rows):
+        log.info("skipping %d question(s) without answers in %s", len(rows) - len(labeled), split)
+    return labeled
 
 
 def vision_source(params: Params, base, tuned, images: ImageTable, device: torch.device):

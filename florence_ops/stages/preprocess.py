@@ -1,24 +1,21 @@
 """Stage `preprocess`: validate the raw records, normalise their images once, write the training-ready dataset.
 
 Every input record ends up either in `${paths.processed}/<split>.parquet` (its page in `images.parquet`) or in
-`quarantine.jsonl` with its reason; `${paths.reports}/data_quality.json` counts both. Raw files are read in chunks
-and images are decoded in worker processes with a bounded number of chunks in flight, so memory stays flat however
-large the dataset is. Output does not depend on the number of workers: chunks are finished in input order.
+`quarantine.jsonl` with its reason; `${paths.reports}/data_quality.json` counts both. Three passes: the question
+tables (small: no image bytes) are checked first, which fixes the pages to normalise and their order; worker
+processes then read those pages from the raw `pages.parquet` themselves and decode, orient and resize them, a few at
+a time with a bounded number of tasks in flight, so memory stays flat however large the dataset is; last, the
+questions are written. Output does not depend on the number of workers: results are written in a fixed order.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import multiprocessing
-import os
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from contextlib import ExitStack
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +23,7 @@ import pyarrow.parquet as pq
 
 from florence_ops.config import Params
 from florence_ops.data import validation as checks
+from florence_ops.data.parallel import batched, ordered_map, worker_count
 from florence_ops.data.processed import (
     IMAGE_FEATURES,
     IMAGES_FILE,
@@ -37,25 +35,16 @@ from florence_ops.data.processed import (
     staged_directory,
     write_json_atomic,
 )
+from florence_ops.data.raw import PAGES_FILE, REJECTED_LINES_FILE, PageReader, page_ids
 from florence_ops.errors import DataQualityError, DataSourceError
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "data_quality.json"
-REJECTED_LINES_FILE = "rejected_lines.jsonl"  # written by the local source next to the raw splits
-CHUNK_ROWS = 4  # records per worker task: a few hundred ms of work, and little memory in flight
+PAGES_PER_TASK = 4  # pages per worker task: a few hundred ms of work, and little memory in flight
+BATCH_ROWS = 4096  # question rows read at once
 MAX_LISTED_BAD = 1000  # bad records listed in the report; quarantine.jsonl lists all
 PENDING = checks.Problem("pending", "sent to a worker")  # replaced by the result before any record reads it
-
-
-@dataclass
-class Chunk:
-    """Records of one split read together, with the problems found before their images are decoded."""
-
-    split: str
-    rows: list[dict[str, Any]]
-    problems: list[checks.Problem | None]
-    image_ids: list[str | None]
 
 
 @dataclass
@@ -95,10 +84,12 @@ def preprocess(params: Params) -> dict[str, Any]:
     splits = [split for split in SPLITS if (raw_dir / f"{split}.parquet").is_file()]
     if not splits:
         raise DataSourceError(f"no raw splits in {raw_dir}: run `florence-ops download` first")
+    if not (raw_dir / PAGES_FILE).is_file():
+        raise DataSourceError(f"{raw_dir / PAGES_FILE} not found: run `florence-ops download` again")
     size = model_input_size(Path(paths.base_model))
-    workers = data.num_workers or os.cpu_count() or 1
+    workers = worker_count(data.num_workers)
     with staged_directory(Path(paths.processed)) as staging:
-        writer = Preprocessor(staging, splits, size, data.max_image_pixels)
+        writer = Preprocessor(staging, splits, size, data.max_image_pixels, set(data.unlabeled_splits))
         writer.run(raw_dir, workers)
         summary = writer.tally.summary(data.max_bad_fraction)
         write_json_atomic(report_path, summary)
@@ -120,34 +111,69 @@ def preprocess(params: Params) -> dict[str, Any]:
 class Preprocessor:
     """Writes the processed files of one run into `out_dir`, tallying every record it reads."""
 
-    def __init__(self, out_dir: Path, splits: list[str], size: tuple[int, int], max_pixels: int) -> None:
+    def __init__(
+        self, out_dir: Path, splits: list[str], size: tuple[int, int], max_pixels: int, unlabeled: set[str]
+    ) -> None:
         self.out_dir, self.splits, self.size, self.max_pixels = out_dir, splits, size, max_pixels
+        self.unlabeled = unlabeled
         self.tally = Tally()
-        self.seen_ids: set[str] = set()
+        self.record_problems: dict[str, list[checks.Problem | None]] = {}  # per split, in row order
         self.image_problems: dict[str, checks.Problem | None] = {}  # None: stored in images.parquet
 
     def run(self, raw_dir: Path, workers: int) -> None:
         """Read the raw splits (and rejected annotation lines) and write everything under `out_dir`."""
-        normalize = partial(checks.normalize_images, size=self.size, max_pixels=self.max_pixels)
-        with ExitStack() as stack:
-            # fork: workers touch only PIL and numpy, so the parent's threads are no hazard, and callers need no
-            # `if __name__ == "__main__"` guard (forkserver and spawn re-import the main module)
-            fork = multiprocessing.get_context("fork")
-            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=fork))  # a dead worker raises, not hangs
-            self.images = stack.enter_context(ParquetSink(self.out_dir / IMAGES_FILE, IMAGE_FEATURES))
-            self.quarantine = stack.enter_context(open(self.out_dir / QUARANTINE_FILE, "w", encoding="utf-8"))
-            questions = {
-                split: stack.enter_context(ParquetSink(self.out_dir / f"{split}.parquet", QUESTION_FEATURES, 4096))
-                for split in self.splits
-            }
+        pages = self._check_records(raw_dir)
+        with open(self.out_dir / QUARANTINE_FILE, "w", encoding="utf-8") as self.quarantine:
             self._read_rejected_lines(raw_dir / REJECTED_LINES_FILE)
-            in_flight: deque[tuple[Chunk, Future]] = deque()
-            for chunk in self._chunks(raw_dir):
-                in_flight.append((chunk, pool.submit(normalize, self._new_images(chunk))))
-                if len(in_flight) > 2 * workers:  # bounded: the reader never runs far ahead of the workers
-                    self._finish(*in_flight.popleft(), questions)
-            while in_flight:
-                self._finish(*in_flight.popleft(), questions)
+            self._normalize_pages(raw_dir / PAGES_FILE, pages, workers)
+            for split in self.splits:
+                self._write_split(raw_dir, split)
+
+    def _check_records(self, raw_dir: Path) -> list[tuple[str, int | None]]:
+        """Record problems of every split; return the pages that valid records need, in first-use order, with their
+        row in pages.parquet (None when it is not there)."""
+        row_of = {page_id: row for row, page_id in enumerate(page_ids(raw_dir))}
+        seen_ids: set[str] = set()
+        pages: list[tuple[str, int | None]] = []
+        columns = ["questionId", "question", "answers", "image_id"]
+        for split in self.splits:
+            problems = self.record_problems[split] = []
+            for row in _rows(raw_dir / f"{split}.parquet", columns):
+                problem = _record_problem(row, seen_ids, labeled=split not in self.unlabeled)
+                problems.append(problem)
+                image_id = row["image_id"]
+                if problem is None and image_id is not None and image_id not in self.image_problems:
+                    self.image_problems[image_id] = PENDING
+                    pages.append((image_id, row_of.get(image_id)))
+        return pages
+
+    def _normalize_pages(self, path: Path, pages: list[tuple[str, int | None]], workers: int) -> None:
+        """Normalise `pages` in worker processes and store them in images.parquet, in order."""
+        normalize = partial(normalize_pages, path=path, size=self.size, max_pixels=self.max_pixels)
+        with ParquetSink(self.out_dir / IMAGES_FILE, IMAGE_FEATURES) as images:
+            for results in ordered_map(normalize, batched(pages, PAGES_PER_TASK), workers):
+                for image in results:
+                    self.image_problems[image.image_id] = image.problem
+                    if image.problem is None:
+                        images.write({"image_id": image.image_id, "image": {"bytes": image.png, "path": None},
+                                      "width": image.width, "height": image.height})  # fmt: skip
+                        self.tally.n_images += 1
+        _page_reader.cache_clear()  # with one worker, the reader was this process's
+
+    def _write_split(self, raw_dir: Path, split: str) -> None:
+        """Write the valid questions of `split` and quarantine the others, in input order."""
+        rows = _rows(raw_dir / f"{split}.parquet")
+        with ParquetSink(self.out_dir / f"{split}.parquet", QUESTION_FEATURES, 4096) as questions:
+            for row, problem in zip(rows, self.record_problems[split], strict=True):
+                image_id = row["image_id"]
+                if problem is None:
+                    problem = _missing_image() if image_id is None else self.image_problems[image_id]
+                if problem is not None:
+                    self._reject(row["questionId"], split, _with_path(problem, row["image_path"]))
+                    continue
+                questions.write(_question_row(row, image_id))
+                self.tally.n_ok += 1
+                self.tally.by_split[split] += 1
 
     def _read_rejected_lines(self, path: Path) -> None:
         if not path.is_file():
@@ -158,50 +184,6 @@ class Preprocessor:
                 problem = checks.Problem(entry["reason"], entry["detail"])
                 self._reject(entry.get("id"), entry.get("split"), problem, entry.get("line"))
 
-    def _chunks(self, raw_dir: Path) -> Iterator[Chunk]:
-        for split in self.splits:
-            raw = pq.ParquetFile(raw_dir / f"{split}.parquet")
-            for group in range(raw.num_row_groups):  # one row group in memory at a time (iter_batches reads ahead)
-                for batch in raw.read_row_group(group).to_batches(max_chunksize=CHUNK_ROWS):
-                    rows = batch.to_pylist()
-                    image_ids = [_image_id(row.get("image")) for row in rows]
-                    yield Chunk(split, rows, [self._record_problem(row) for row in rows], image_ids)
-
-    def _record_problem(self, row: dict[str, Any]) -> checks.Problem | None:
-        qid = row.get("questionId")
-        if qid is None or not str(qid).strip():
-            return checks.Problem(checks.ID_MISSING, "questionId is empty")
-        if qid in self.seen_ids:
-            return checks.Problem(checks.DUPLICATE_ID, f"questionId {qid!r} appeared before")
-        self.seen_ids.add(qid)
-        return checks.check_fields(row.get("question"), row.get("answers"))
-
-    def _new_images(self, chunk: Chunk) -> list[tuple[str, bytes]]:
-        """The images of a chunk's valid records that no earlier chunk sent to the workers."""
-        todo = []
-        for row, problem, image_id in zip(chunk.rows, chunk.problems, chunk.image_ids, strict=True):
-            if problem is None and image_id is not None and image_id not in self.image_problems:
-                self.image_problems[image_id] = PENDING
-                todo.append((image_id, row["image"]["bytes"]))
-        return todo
-
-    def _finish(self, chunk: Chunk, result: Future, questions: dict[str, ParquetSink]) -> None:
-        for image in result.result():
-            self.image_problems[image.image_id] = image.problem
-            if image.problem is None:
-                self.images.write({"image_id": image.image_id, "image": {"bytes": image.png, "path": None},
-                                   "width": image.width, "height": image.height})  # fmt: skip
-                self.tally.n_images += 1
-        for row, problem, image_id in zip(chunk.rows, chunk.problems, chunk.image_ids, strict=True):
-            if problem is None:
-                problem = _missing_image(row) if image_id is None else self.image_problems[image_id]
-            if problem is not None:
-                self._reject(row.get("questionId"), chunk.split, _with_path(problem, row))
-                continue
-            questions[chunk.split].write(_question_row(row, image_id))
-            self.tally.n_ok += 1
-            self.tally.by_split[chunk.split] += 1
-
     def _reject(self, qid: str | None, split: str | None, problem: checks.Problem, line: int | None = None) -> None:
         entry = {"id": qid, "split": split, "reason": problem.reason, "detail": problem.detail, "line": line}
         self.quarantine.write(json.dumps(entry, ensure_ascii=False) + "\n")
@@ -211,20 +193,43 @@ class Preprocessor:
             self.tally.bad.append(entry)
 
 
-def _image_id(image: dict[str, Any] | None) -> str | None:
-    data = (image or {}).get("bytes")
-    return hashlib.sha1(data).hexdigest() if data else None
+def normalize_pages(
+    pages: list[tuple[str, int | None]], path: Path, size: tuple[int, int], max_pixels: int
+) -> list[checks.ImageResult]:
+    """Read (image_id, row) pages from pages.parquet at `path` and normalise them; run in the workers."""
+    stat = path.stat()
+    reader = _page_reader(path, (stat.st_mtime_ns, stat.st_size))
+    return checks.normalize_images([(page, None if row is None else reader.read(row)) for page, row in pages],
+                                   size, max_pixels)  # fmt: skip
 
 
-def _missing_image(row: dict[str, Any]) -> checks.Problem:
-    data = (row.get("image") or {}).get("bytes")
-    if data is None:
-        return checks.Problem(checks.IMAGE_MISSING, "no image bytes (file missing or unreadable)")
-    return checks.Problem(checks.IMAGE_EMPTY, "zero-byte image")
+@lru_cache(maxsize=1)
+def _page_reader(path: Path, version: tuple[int, int]) -> PageReader:
+    """One reader per process for all its tasks, as opening one parses the footer (a few ms for DocVQA's 12k pages);
+    `version` (mtime, size) makes a rewritten file open anew."""
+    return PageReader(path)
 
 
-def _with_path(problem: checks.Problem, row: dict[str, Any]) -> checks.Problem:
-    path = (row.get("image") or {}).get("path")
+def _rows(path: Path, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
+    for batch in pq.ParquetFile(path).iter_batches(BATCH_ROWS, columns=columns):
+        yield from batch.to_pylist()
+
+
+def _record_problem(row: dict[str, Any], seen_ids: set[str], labeled: bool) -> checks.Problem | None:
+    qid = row["questionId"]
+    if qid is None or not str(qid).strip():
+        return checks.Problem(checks.ID_MISSING, "questionId is empty")
+    if qid in seen_ids:
+        return checks.Problem(checks.DUPLICATE_ID, f"questionId {qid!r} appeared before")
+    seen_ids.add(qid)
+    return checks.check_fields(row["question"], row["answers"], labeled=labeled)
+
+
+def _missing_image() -> checks.Problem:
+    return checks.Problem(checks.IMAGE_MISSING, "no image bytes (file missing or unreadable)")
+
+
+def _with_path(problem: checks.Problem, path: str | None) -> checks.Problem:
     return checks.Problem(problem.reason, f"{problem.detail} [{path}]") if path else problem
 
 
@@ -234,6 +239,6 @@ def _question_row(row: dict[str, Any], image_id: str) -> dict[str, Any]:
         "question": row["question"].strip(),
         "question_types": row.get("question_types") or [],
         "docId": "" if row.get("docId") is None else str(row["docId"]),
-        "answers": [answer.strip() for answer in row["answers"]],
+        "answers": [answer.strip() for answer in row["answers"] or []],
         "image_id": image_id,
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -13,75 +14,75 @@ import pytest
 from PIL import Image
 
 from florence_ops.config import DataConfig, HubData, LocalData, SyntheticData
-from florence_ops.data import sources
 from florence_ops.data import validation as checks
 from florence_ops.data.local import assign_documents
-from florence_ops.data.sources import RAW_FEATURES, REJECTED_LINES_FILE, materialize_raw
+from florence_ops.data.raw import PAGE_FEATURES, PAGES_FILE, RAW_QUESTION_FEATURES, REJECTED_LINES_FILE
+from florence_ops.data.sources import materialize_raw
 from florence_ops.errors import DataSourceError
-
-# other integer types than ours, as a hub copy may have
-HUB_FEATURES = datasets.Features(
-    {**RAW_FEATURES, "questionId": datasets.Value("int64"), "docId": datasets.Value("int32")}
-)
+from tests.data.offline_hub import emulate_hub, png, write_hub_split
 
 
-def png(color: tuple[int, int, int]) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (20, 10), color).save(buffer, format="PNG")
-    return buffer.getvalue()
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """The hub emulated offline (`tests.data.offline_hub`)."""
+    return emulate_hub(monkeypatch)
 
 
 def read_raw(raw_dir: Path, split: str) -> datasets.Dataset:
+    """The questions of a raw split."""
     return datasets.Dataset.from_parquet(str(raw_dir / f"{split}.parquet"))
 
 
-def test_synthetic_source_writes_the_docvqa_schema(tmp_path):
+def read_pages(raw_dir: Path) -> dict[str, bytes]:
+    """The raw pages by image_id, in file order."""
+    table = datasets.Dataset.from_parquet(str(raw_dir / PAGES_FILE)).cast_column("image", datasets.Image(decode=False))
+    return {row["image_id"]: row["image"]["bytes"] for row in table}
+
+
+def test_synthetic_source_writes_each_page_once(tmp_path):
     spec = SyntheticData(train_documents=2, validation_documents=1, test_documents=0, questions_per_document=2)
     counts = materialize_raw(DataConfig(synthetic=spec), seed=7, raw_dir=tmp_path / "raw")
 
     assert counts == {"train": 4, "validation": 2}
-    assert sorted(path.name for path in (tmp_path / "raw").iterdir()) == ["train.parquet", "validation.parquet"]
+    names = sorted(path.name for path in (tmp_path / "raw").iterdir())
+    assert names == ["pages.parquet", "train.parquet", "validation.parquet"]
     train = read_raw(tmp_path / "raw", "train")
-    assert train.features == RAW_FEATURES
+    assert train.features == RAW_QUESTION_FEATURES
     record = train[0]
-    assert isinstance(record["image"], Image.Image) and record["image"].mode == "RGB"
     assert isinstance(record["questionId"], str) and record["answers"] and record["question_types"]
-    pages = train.cast_column("image", datasets.Image(decode=False))
+    pages = datasets.Dataset.from_parquet(str(tmp_path / "raw" / PAGES_FILE))
+    assert pages.features == PAGE_FEATURES and len(pages) == 3
+    assert isinstance(pages[0]["image"], Image.Image) and pages[0]["image"].mode == "RGB"
     by_doc = defaultdict(set)
-    for row in pages:
-        by_doc[row["docId"]].add(row["image"]["bytes"])
-    assert len(by_doc) == 2 and all(len(images) == 1 for images in by_doc.values())
+    for row in train:
+        by_doc[row["docId"]].add(row["image_id"])
+    assert len(by_doc) == 2 and all(len(ids) == 1 for ids in by_doc.values())
+    stored = read_pages(tmp_path / "raw")
+    assert all(hashlib.sha1(data).hexdigest() == page_id for page_id, data in stored.items())
+    assert set(train["image_id"]) | set(read_raw(tmp_path / "raw", "validation")["image_id"]) == set(stored)
 
 
-def write_hub_split(path: Path, n: int, drop: str | None = None) -> str:
-    """A Parquet file shaped like a split of HuggingFaceM4/DocumentVQA."""
-    rows = {
-        "questionId": [100 + i for i in range(n)],
-        "question": [f"What is {i}?" for i in range(n)],
-        "question_types": [["form"]] * n,
-        "image": [{"bytes": png((i, 0, 0)), "path": f"{i}.png"} for i in range(n)],
-        "docId": list(range(n)),
-        "ucsf_document_id": [f"doc{i}" for i in range(n)],
-        "ucsf_document_page_no": ["1"] * n,
-        "answers": [[str(i)] for i in range(n)],
-    }
-    dataset = datasets.Dataset.from_dict(rows, features=HUB_FEATURES)
-    dataset.remove_columns(drop).to_parquet(str(path)) if drop else dataset.to_parquet(str(path))
-    return str(path)
+def test_raw_data_holds_each_page_once_however_many_questions_it_has(tmp_path):
+    spec = SyntheticData(train_documents=3, validation_documents=1, test_documents=0, questions_per_document=6)
+    materialize_raw(DataConfig(synthetic=spec), seed=7, raw_dir=tmp_path / "raw")
+
+    page_bytes = sum(len(data) for data in read_pages(tmp_path / "raw").values())
+    raw_bytes = sum(path.stat().st_size for path in (tmp_path / "raw").iterdir())
+    assert len(read_raw(tmp_path / "raw", "train")) == 18
+    assert raw_bytes < 1.1 * page_bytes  # not six copies of every page
 
 
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    """Replace the one hub call with the same `load_dataset` call on local Parquet files; record what was asked."""
-    files: dict[str, str] = {}
-    calls: list[tuple[str, str | None, str]] = []
-
-    def load_local(hub: HubData, split: str) -> datasets.IterableDataset:
-        calls.append((hub.dataset, hub.revision, split))
-        return datasets.load_dataset("parquet", data_files={split: files[split]}, split=split, streaming=True)
-
-    monkeypatch.setattr(sources, "load_hub_split", load_local)
-    return files, calls
+def test_synthetic_raw_files_do_not_depend_on_worker_count(tmp_path, caplog):
+    spec = SyntheticData(train_documents=7, validation_documents=3, test_documents=2, questions_per_document=3)
+    outputs = []
+    for workers in (1, 3):
+        raw = tmp_path / f"raw{workers}"
+        with caplog.at_level(logging.INFO):
+            materialize_raw(DataConfig(synthetic=spec, num_workers=workers), seed=5, raw_dir=raw)
+        assert f"rendered 12 synthetic pages in {workers} process(es)" in caplog.text
+        outputs.append({path.name: hashlib.md5(path.read_bytes()).hexdigest() for path in sorted(raw.iterdir())})
+    assert list(outputs[0]) == ["pages.parquet", "test.parquet", "train.parquet", "validation.parquet"]
+    assert outputs[0] == outputs[1]
 
 
 def test_hub_source_streams_splits_with_revision_and_cap(tmp_path, offline_hub, caplog):
@@ -96,9 +97,12 @@ def test_hub_source_streams_splits_with_revision_and_cap(tmp_path, offline_hub, 
     assert calls == [("someone/docvqa", "abc123", "train"), ("someone/docvqa", "abc123", "val")]
     assert "revision" not in caplog.text
     train = read_raw(tmp_path / "raw", "train")
-    assert train.features == RAW_FEATURES
+    assert train.features == RAW_QUESTION_FEATURES
     assert train["questionId"] == ["100", "101", "102", "103"]
-    assert train[3]["image"].getpixel((0, 0)) == (3, 0, 0)
+    assert train["image_path"] == ["100.png", "100.png", "101.png", "101.png"]
+    pages = read_pages(tmp_path / "raw")
+    assert len(pages) == 2  # two questions a page, and validation's pages are also train's: stored once
+    assert Image.open(io.BytesIO(pages[train[3]["image_id"]])).getpixel((0, 0)) == (101, 0, 0)
 
 
 def test_hub_source_without_revision_warns(tmp_path, offline_hub, caplog):
@@ -182,9 +186,10 @@ def test_local_unreadable_lines_and_images_are_kept_for_preprocess(tmp_path):
     rejected = [json.loads(text) for text in (tmp_path / "raw" / REJECTED_LINES_FILE).read_text().splitlines()]
     assert [(r["line"], r["reason"]) for r in rejected] == [(3, checks.NOT_UTF8), (4, checks.MALFORMED_JSON)]
     assert rejected[0]["text"] == '{"question_id": 2, "question": "caf\\xe9"}'
-    rows = read_raw(tmp_path / "raw", "train").cast_column("image", datasets.Image(decode=False))
+    rows = read_raw(tmp_path / "raw", "train")
     assert rows["questionId"] == ["1", "missing"]
-    assert rows[1]["image"] == {"bytes": None, "path": "gone.png"}
+    assert (rows[1]["image_id"], rows[1]["image_path"]) == (None, "gone.png")
+    assert list(read_pages(tmp_path / "raw")) == [rows[0]["image_id"]]
 
 
 def test_local_folder_without_annotations_is_a_user_error(tmp_path):
