@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
+import time
 
 from florence_ops.config import ConfigError, load_params
 
@@ -36,14 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ["FLORENCE_OPS_PARAMS"] = args.params  # read by processes the train stage launches
     from florence_ops.errors import UserError
 
+    start = time.perf_counter()
     try:
         result = run_stage(args.stage, args.params)
     except (ConfigError, UserError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    logging.getLogger("florence_ops.cli").info("stage %s finished in %.1f s", args.stage, time.perf_counter() - start)
     if isinstance(result, dict):
         print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict | list)}, default=str))
     return 0

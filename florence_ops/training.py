@@ -283,8 +283,10 @@ def _end_of_epoch(run: Run, objective, progress: Progress, decoding: Decoding) -
     params, acc = run.params, run.accelerator
     record = {"epoch": progress.epoch, "step": progress.step}
     if params.train.eval_every_epoch and run.val_rows:
+        start = time.perf_counter()
         score = validation_score(acc, objective, run.val_rows, run.eval_collator, run.source, decoding,
                                  params.train.num_workers)  # fmt: skip
+        seconds = time.perf_counter() - start
         record["val_anls"] = score
         if score > progress.best_score:
             progress.best_score, progress.best_epoch, progress.stale_epochs = score, progress.epoch, 0
@@ -293,7 +295,8 @@ def _end_of_epoch(run: Run, objective, progress: Progress, decoding: Decoding) -
             progress.stale_epochs += 1
         if run.live is not None:
             run.live.log_metric("val/anls", score)
-        log.info("epoch %d: validation ANLS %.4f (best %.4f)", progress.epoch, score, progress.best_score)
+        log.info("epoch %d: validation ANLS %.4f (best %.4f) on %d questions in %.1f s", progress.epoch, score,
+                 progress.best_score, len(run.val_rows), seconds)  # fmt: skip
     progress.history.append(record)
     run.checkpoints.save(acc, asdict(progress))
     patience = params.train.early_stopping_patience

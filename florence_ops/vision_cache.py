@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -167,7 +168,7 @@ def build_cache(
     tmp = root / f".{key}.tmp-{os.getpid()}"
     tmp.mkdir(parents=True)
     writer = _FeatureWriter(tmp / FEATURES, len(image_ids))
-    done = 0
+    done, start, first_batch = 0, time.perf_counter(), None
     with ThreadPoolExecutor(1) as pool:
         pending = None
         for ids, pages in batches:
@@ -183,6 +184,9 @@ def build_cache(
             if ready is not None:
                 ready.record()
             pending = pool.submit(writer.write, host, ready)
+            if first_batch is None:  # the first call compiles and warms up: timed apart from the steady rate
+                pending.result()
+                first_batch = (time.perf_counter() - start, len(ids))
         if pending is not None:
             pending.result()
     if done != len(image_ids):
@@ -195,7 +199,11 @@ def build_cache(
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     _fsync_dir(root)
-    log.info("vision cache built: %d images -> %s", len(image_ids), folder)
+    seconds = time.perf_counter() - start
+    warm_seconds, warm_pages = first_batch
+    log.info("vision cache built: %d images in %.1f s (first batch of %d, compile and warm-up: %.1f s; then %.1f "
+             "pages/s) -> %s", len(image_ids), seconds, warm_pages, warm_seconds,
+             (len(image_ids) - warm_pages) / max(seconds - warm_seconds, 1e-9), folder)  # fmt: skip
     return VisionFeatureCache(folder)
 
 

@@ -8,6 +8,7 @@ plus an index from questions to pages: DocVQA asks about four questions per page
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -15,6 +16,8 @@ import torch
 from PIL import Image
 
 from florence_ops.batching import Collator, TextBatch
+
+log = logging.getLogger(__name__)
 
 
 class PixelSource:
@@ -55,6 +58,45 @@ class CachedSource:
     def prepare(self, loaded: torch.Tensor, device: torch.device) -> torch.Tensor:
         """The loaded features on `device`."""
         return loaded.to(device, non_blocking=True)
+
+
+class ResidentSource:
+    """Cached tower outputs of some pages held in device memory: batches carry row numbers, and features are gathered
+    on the device (no host reads or copies per batch). Built by `cached_source` when they fit."""
+
+    cached = True
+
+    def __init__(self, cache, image_ids: Sequence[str], device: torch.device, chunk: int = 256):
+        ids = sorted(set(image_ids), key=cache.row.__getitem__)
+        self.row = {image_id: i for i, image_id in enumerate(ids)}
+        self.features = torch.empty((len(ids), *cache.array.shape[1:]), dtype=torch.bfloat16, device=device)
+        for start in range(0, len(ids), chunk):
+            block = cache.features(ids[start : start + chunk])
+            self.features[start : start + len(block)] = block.pin_memory() if device.type == "cuda" else block
+
+    def load(self, image_ids: Sequence[str]) -> torch.Tensor:
+        """Row numbers of these pages (what a batch carries)."""
+        return torch.tensor([self.row[i] for i in image_ids])
+
+    def prepare(self, loaded: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The features of those rows, gathered on the device."""
+        return self.features[loaded.to(self.features.device)]
+
+
+def cached_source(cache, image_ids: Sequence[str], device: torch.device, budget: float = 0.25):
+    """Features of `image_ids` held on a CUDA device when they take at most `budget` of its free memory (a resident
+    source); read from the memory-mapped cache in DataLoader workers otherwise."""
+    if device.type != "cuda":
+        return CachedSource(cache)
+    pages = len(set(image_ids))
+    needed = pages * int(np.prod(cache.array.shape[1:])) * 2
+    free, _ = torch.cuda.mem_get_info(device)
+    if needed > budget * free:
+        log.info("vision features of %d pages (%.1f GiB) read from disk: over %.0f%% of free GPU memory", pages,
+                 needed / 2**30, 100 * budget)  # fmt: skip
+        return CachedSource(cache)
+    log.info("vision features of %d pages (%.1f GiB) held in GPU memory", pages, needed / 2**30)
+    return ResidentSource(cache, image_ids, device)
 
 
 class WithVision:
@@ -109,21 +151,29 @@ def page_loader(source, image_ids: Sequence[str], batch_size: int, num_workers: 
                       pin_memory=torch.cuda.is_available())  # fmt: skip
 
 
+def compile_regions(tower: torch.nn.Module) -> None:
+    """`torch.compile` the tower's repeated regions in place: each patch embedding and each block. Blocks of a stage
+    share one compiled graph, so this compiles in a fraction of the whole tower's time, for the same fusions."""
+    for module in [*tower.convs, *(layer for stage in tower.blocks for layer in stage)]:
+        module.compile()
+
+
 def tower_encoder(
-    tower: torch.nn.Module, source: PixelSource, device: torch.device, compile: bool = False, channels_last=None
+    tower: torch.nn.Module, source: PixelSource, device: torch.device, compile: bool = False, channels_last=False
 ):
     """A function from loaded pages to the tower's last hidden state on `device` (bf16 autocast on CUDA).
 
-    With `compile`, the tower runs under `torch.compile`: its first call compiles (seconds), later calls are faster.
-    `channels_last` (default: on CUDA) keeps the convolutions' activations in NHWC, which the tower's blocks flatten
-    and transpose into token order without copies.
+    With `compile`, the tower's blocks run under `torch.compile` (`compile_regions`): the first call compiles, later
+    calls are faster. `channels_last` keeps the convolutions' activations in NHWC.
     """
     from florence_ops.generation import autocast
 
-    nhwc = device.type == "cuda" if channels_last is None else channels_last
+    nhwc = channels_last
     if nhwc:
         tower = tower.to(memory_format=torch.channels_last)
-    run = torch.compile(tower) if compile else tower
+    if compile:
+        compile_regions(tower)
+    run = tower
 
     def encode(pages: torch.Tensor) -> torch.Tensor:
         pixels = source.prepare(pages, device)

@@ -70,7 +70,7 @@ def test_lora_trains_evaluates_and_exports_merged_weights(workspace):
     from florence_ops.stages.evaluate import vision_source
 
     images = ImageTable(workspace / "data/processed")
-    cached = vision_source(params, (base, processor), (merged, processor), images, cpu)
+    cached = vision_source(params, (base, processor), (merged, processor), images, rows, cpu)
     assert cached.cached
     predictions = [json.loads(line)["prediction"] for line in (workspace / "reports/predictions.jsonl").open()]
     assert predictions == answer(merged, rows, collator, cached, decoding, cpu)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 from collections.abc import Iterable, Iterator
 from functools import partial
 from pathlib import Path
@@ -76,6 +77,7 @@ def _write_synthetic(cfg: DataConfig, seed: int, staging: Path) -> dict[str, int
     documents = {"train": spec.train_documents, "validation": spec.validation_documents, "test": spec.test_documents}
     pages = [(split, index) for split, n_documents in documents.items() for index in range(n_documents)]
     render = partial(synthetic_page, seed=seed, questions=spec.questions_per_document, unlabeled=cfg.unlabeled_splits)
+    start = time.perf_counter()
     with RawWriter(staging) as writer:
         for split in (split for split, n_documents in documents.items() if n_documents > 0):
             writer.open_split(split)
@@ -83,7 +85,9 @@ def _write_synthetic(cfg: DataConfig, seed: int, staging: Path) -> dict[str, int
             writer.add_page(png, known_id=page_id)
             for record in records:
                 writer.add_question(split, record, page_id)
-    log.info("rendered %d synthetic pages in %d process(es)", len(pages), workers)
+    seconds = time.perf_counter() - start
+    log.info("rendered %d synthetic pages in %.1f s (%.1f pages/s) in %d process(es)", len(pages), seconds,
+             len(pages) / max(seconds, 1e-9), workers)  # fmt: skip
     return writer.counts()
 
 

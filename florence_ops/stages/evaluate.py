@@ -24,7 +24,7 @@ from florence_ops.metrics import aggregate, score_predictions
 from florence_ops.modeling import load_trained
 from florence_ops.reports import write_html_report, write_json, write_predictions, write_type_plot_data
 from florence_ops.vision_cache import cache_key, computed_with, open_cache
-from florence_ops.vision_inputs import CachedSource, PixelSource
+from florence_ops.vision_inputs import PixelSource, cached_source
 
 log = logging.getLogger(__name__)
 COLUMNS = ["questionId", "question", "answers", "image_id", "question_types"]
@@ -38,7 +38,7 @@ def evaluate(params: Params) -> dict:
     """
     processed, reports = Path(params.paths.processed), Path(params.paths.reports)
     if needs_launch(params.evaluate.num_processes):
-        launch("evaluate", params.evaluate.num_processes)
+        launch("evaluate", params, params.evaluate.num_processes)
         return json.loads((reports / "metrics.json").read_text())
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     if accelerator.num_processes != params.evaluate.num_processes:
@@ -49,7 +49,7 @@ def evaluate(params: Params) -> dict:
     images = ImageTable(processed)
     base = load_trained(params.paths.base_model, params.paths.base_model, params.model)
     tuned = load_trained(Path(params.paths.train) / "model", params.paths.base_model, params.model)
-    source = vision_source(params, base, tuned, images, accelerator.device)
+    source = vision_source(params, base, tuned, images, rows, accelerator.device)
     before = predict(accelerator, base, rows, source, params)
     after = predict(accelerator, tuned, rows, source, params)
     if not accelerator.is_main_process:
@@ -81,7 +81,7 @@ def labeled_rows(rows: list[dict], split: str) -> list[dict]:
     return labeled
 
 
-def vision_source(params: Params, base, tuned, images: ImageTable, device: torch.device):
+def vision_source(params: Params, base, tuned, images: ImageTable, rows: list[dict], device: torch.device):
     """The train stage's vision-feature cache when both models share its frozen tower, so the before and after
     passes read the same tower output; pages decoded in DataLoader workers otherwise."""
     (base_model, processor), (tuned_model, _) = base, tuned
@@ -95,7 +95,7 @@ def vision_source(params: Params, base, tuned, images: ImageTable, device: torch
     if cache is None:
         return pixels
     log.info("answering from the cached vision features in %s", cache.folder)
-    return CachedSource(cache)
+    return cached_source(cache, [row["image_id"] for row in rows], device)
 
 
 def predict(accelerator, loaded, rows: list[dict], source, params: Params) -> list[str]:

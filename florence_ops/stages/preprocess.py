@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -88,6 +89,7 @@ def preprocess(params: Params) -> dict[str, Any]:
         raise DataSourceError(f"{raw_dir / PAGES_FILE} not found: run `florence-ops download` again")
     size = model_input_size(Path(paths.base_model))
     workers = worker_count(data.num_workers)
+    start = time.perf_counter()
     with staged_directory(Path(paths.processed)) as staging:
         writer = Preprocessor(staging, splits, size, data.max_image_pixels, set(data.unlabeled_splits))
         writer.run(raw_dir, workers)
@@ -101,9 +103,11 @@ def preprocess(params: Params) -> dict[str, Any]:
                 f"{n_bad} of {n_in} input records failed validation ({fraction:.1%} > data.max_bad_fraction "
                 f"{data.max_bad_fraction:.1%}); see {report_path}"
             )
+    seconds = time.perf_counter() - start
     log.info(
-        "preprocessed %d records (%d quarantined, %d distinct pages) at %dx%d with %d workers",
-        summary["n_in"], summary["n_bad"], summary["n_images"], size[1], size[0], workers,
+        "preprocessed %d records (%d quarantined, %d distinct pages) at %dx%d with %d workers in %.1f s "
+        "(%.1f pages/s)", summary["n_in"], summary["n_bad"], summary["n_images"], size[1], size[0], workers, seconds,
+        summary["n_images"] / max(seconds, 1e-9),
     )  # fmt: skip
     return summary
 

@@ -24,7 +24,7 @@ from florence_ops.launch import launch, needs_launch
 from florence_ops.modeling import apply_lora, freeze, load_pretrained, save_processor, unwrap
 from florence_ops.training import Run, fit, make_accelerator
 from florence_ops.vision_cache import build_cache, cache_key, computed_with, open_cache
-from florence_ops.vision_inputs import CachedSource, PixelSource, page_loader, tower_encoder
+from florence_ops.vision_inputs import PixelSource, cached_source, page_loader, tower_encoder
 
 log = logging.getLogger(__name__)
 COLUMNS = ["questionId", "question", "answers", "image_id", "question_types"]
@@ -38,7 +38,7 @@ def train(params: Params) -> dict:
     if params.train.distributed == "fsdp" and not torch.cuda.is_available():
         raise UserError("train.distributed: fsdp needs CUDA GPUs (accelerate has no FSDP on CPU); use ddp here")
     if needs_launch(params.train.num_processes, params.train.distributed):
-        launch("train", params.train.num_processes, fsdp=params.train.distributed == "fsdp")
+        launch("train", params, params.train.num_processes, fsdp=params.train.distributed == "fsdp")
         return json.loads((Path(params.paths.train) / "summary.json").read_text())
     set_seed(params.seed)  # Python, NumPy and torch on every device
     acc = make_accelerator(params)
@@ -121,7 +121,7 @@ def vision_source(params: Params, model, processor, images: ImageTable, acc):
             batches = page_loader(pixels, images.ids, params.model.vision_batch_size, params.train.num_workers)
             encode = tower_encoder(tower, pixels, acc.device, params.model.vision_compile)
             cache = build_cache(root, key, images.ids, batches, encode)
-    return CachedSource(cache)
+    return cached_source(cache, images.ids, acc.device)
 
 
 def save_trained(acc, objective, processor, target: Path) -> None:
