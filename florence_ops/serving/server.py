@@ -1,7 +1,7 @@
 """`florence-ops serve`: the HTTP side of the server, built on LitServe.
 
 LitServe gives the batching of concurrent requests (`serve.max_batch_size`, `serve.batch_timeout_s`), workers per
-device and across GPUs, the request queue, bearer-token dependency and body-size limit; `worker.py` holds the
+device and across GPUs, the request queue and the bearer-token dependency; `worker.py` holds the
 model. This module adds the OpenAI chat-completions endpoint as a LitServe spec, which validates each request and
 prepares its page in the HTTP process (threads) before any model work, so a bad request gets its own 4xx and never
 fails the batch it would have joined; `GET /healthz`; and the page at `/`.
@@ -134,6 +134,38 @@ def fetch_image(url: str, max_bytes: int) -> bytes:
     return data
 
 
+class BodyLimit:
+    """ASGI middleware: a body over `max_bytes` gets 413 once the client has finished sending it.
+
+    LitServe's MaxSizeMiddleware answers as soon as the limit is passed; a client still sending (urllib, requests)
+    then sees the connection reset instead of the answer. Here the rest is read and dropped first (memory stays
+    bounded), up to `DRAIN_FACTOR` times the limit, beyond which the connection is simply closed.
+    """
+
+    DRAIN_FACTOR = 8
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        total = 0
+
+        async def limited():
+            nonlocal total
+            message = await receive()
+            total += len(message.get("body", b""))
+            if total > self.max_bytes:
+                while message.get("more_body") and total <= self.max_bytes * self.DRAIN_FACTOR:
+                    message = await receive()
+                    total += len(message.get("body", b""))
+                raise StarletteHTTPException(413, f"request body over serve.max_body_bytes={self.max_bytes}")
+            return message
+
+        await self.app(scope, limited, send)
+
+
 def build_server(model_dir: str | Path, params: Params) -> ls.LitServer:
     """A LitServer for `model_dir` configured by `params.serve`, with the OpenAI endpoint, /healthz and the page."""
     model_dir, cfg = Path(model_dir), params.serve
@@ -146,7 +178,7 @@ def build_server(model_dir: str | Path, params: Params) -> ls.LitServer:
         devices=cfg.devices if cfg.devices is not None else "auto",
         workers_per_device=cfg.workers_per_device,
         timeout=cfg.request_timeout_s,
-        max_payload_size=cfg.max_body_bytes,
+        middlewares=[(BodyLimit, {"max_bytes": cfg.max_body_bytes})],
     )
     add_routes(server, model_dir, api)
     return server

@@ -51,13 +51,13 @@ class DocVQAAPI(ls.LitAPI):
         """Load the model on `device` and start watching its directory for a newly promoted model."""
         threads = self.params.serve.preprocess_threads or os.cpu_count() or 1
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="pixels")
-        self.device = torch.device(device)
+        self.torch_device = torch.device(device)  # LitServe sets `device` to the string afterwards
         self.answerer = self._load()
         if self.params.serve.reload_interval_s > 0:
             threading.Thread(target=self._watch, name="model-reload", daemon=True).start()
 
     def _load(self) -> Answerer:
-        return load_answerer(self.model_dir, self.params, self.max_batch_size, self.device, pool=self.pool)
+        return load_answerer(self.model_dir, self.params, self.max_batch_size, self.torch_device, pool=self.pool)
 
     def decode_request(self, request: dict[str, Any]) -> dict[str, Any]:
         """The validated request (question, image_id, png) as a row with its page decoded later, in threads."""
@@ -125,5 +125,5 @@ class DocVQAAPI(ls.LitAPI):
             previous, self.answerer = self.answerer, fresh
             log.info("swapped in model version %s (was %s)", fresh.version, previous.version)
             del previous
-            if self.device.type == "cuda":
+            if self.torch_device.type == "cuda":
                 torch.cuda.empty_cache()

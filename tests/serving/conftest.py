@@ -9,14 +9,14 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO, tiny_params
+from tests.conftest import tiny_params
 
 SERVER_START_S = 120
 
@@ -105,6 +105,8 @@ class Server:
         self.log = params_file.parent / f"serve-{port}.log"
         command = ["florence-ops", "serve", "--params", str(params_file), "--model", str(model_dir)]
         command += ["--port", str(port)]
+        token = (env or {}).get("FLORENCE_OPS_API_TOKEN")
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.process = subprocess.Popen(
             command, cwd=params_file.parent, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})}, start_new_session=True,
@@ -117,17 +119,17 @@ class Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
             try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=2) as response:
-                    if response.status == 200:
-                        return
+                self.healthz()
+                return
             except OSError:
                 pass
             time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"server not ready in {SERVER_START_S} s:\n{self.log.read_text()[-3000:]}")
 
-    def healthz(self, headers: dict | None = None) -> dict:
-        request = urllib.request.Request(self.url + "/healthz", headers=headers or {})
+    def healthz(self) -> dict:
+        """GET /healthz (with the token, if any); raises HTTPError (an OSError) unless it answers 200."""
+        request = urllib.request.Request(self.url + "/healthz", headers=self.headers)
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())
 
@@ -141,4 +143,26 @@ class Server:
                 self.process.wait()
 
 
-__all__ = ["REPO", "Server", "data_url", "free_port", "png_bytes", "sys", "write_params"]
+def raw_pages(root: Path, split: str) -> list[dict]:
+    """The split's raw records (original page bytes, before preprocess resized them)."""
+    return pq.read_table(root / f"data/raw/{split}.parquet").to_pylist()
+
+
+def evaluation_answers(root: Path, model_dir: Path, split: str, processed: Path | None = None) -> dict[str, str]:
+    """questionId -> the answer `florence-ops evaluate` gives (its own `predict`, on the processed pages)."""
+    from accelerate import Accelerator
+
+    from florence_ops.data.processed import ImageTable, read_questions
+    from florence_ops.stages.evaluate import COLUMNS, load_model, predict
+
+    params = tiny_params(root)
+    processed = processed or root / "data/processed"
+    rows = read_questions(processed, split).select_columns(COLUMNS).to_list()
+    answers = predict(Accelerator(cpu=True), load_model(params, model_dir), rows, ImageTable(processed), params)
+    return {row["questionId"]: text for row, text in zip(rows, answers)}
+
+
+def ask(client, question: str, image: bytes, mime: str = "image/png"):
+    """Ask `question` about `image` through the official `openai` client."""
+    content = [{"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": data_url(image, mime)}}]
+    return client.chat.completions.create(model="florence-ops", messages=[{"role": "user", "content": content}])

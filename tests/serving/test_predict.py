@@ -5,33 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from florence_ops.cli import main
-from tests.conftest import tiny_params
-from tests.serving.conftest import write_params
-
-
-def raw_pages(root: Path, split: str) -> list[dict]:
-    """The split's raw records (original page bytes, before preprocess resized them)."""
-    return pq.read_table(root / f"data/raw/{split}.parquet").to_pylist()
-
-
-def evaluation_answers(root: Path, model_dir: Path, split: str, processed: Path | None = None) -> dict[str, str]:
-    """questionId -> the answer `florence-ops evaluate` gives (its own `predict`, on the processed pages)."""
-    from accelerate import Accelerator
-
-    from florence_ops.data.processed import ImageTable, read_questions
-    from florence_ops.stages.evaluate import COLUMNS, load_model, predict
-
-    params = tiny_params(root)
-    processed = processed or root / "data/processed"
-    rows = read_questions(processed, split).select_columns(COLUMNS).to_list()
-    answers = predict(Accelerator(cpu=True), load_model(params, model_dir), rows, ImageTable(processed), params)
-    return {row["questionId"]: text for row, text in zip(rows, answers)}
+from tests.serving.conftest import evaluation_answers, raw_pages, write_params
 
 
 @pytest.fixture(scope="module")
