@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import litserve as ls
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from litserve.server import RegularRequestHandler
@@ -73,8 +73,9 @@ class ChatCompletionsSpec(LitSpec):
         state["_handler"] = None
         return state
 
-    async def chat_completions(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
-        """Answer the question of the request's user message about its page."""
+    async def chat_completions(self, request: ChatCompletionRequest, response: Response) -> ChatCompletionResponse:
+        """Answer the question of the request's user message about its page (header X-Batch-Size: the batch it was
+        answered in)."""
         question, url = question_and_image(request)
         data = await self._image_bytes(url)
         size = await self._model_size()
@@ -87,6 +88,7 @@ class ChatCompletionsSpec(LitSpec):
             self._handler = RegularRequestHandler(self.lit_api, self._server)
         result = await self._handler.handle_request({"question": question, "image_id": page_id(data), "png": png},
                                                     dict)  # fmt: skip
+        response.headers["X-Batch-Size"] = str(result["batch_size"])
         usage = Usage(prompt_tokens=result["prompt_tokens"], completion_tokens=result["completion_tokens"],
                       total_tokens=result["prompt_tokens"] + result["completion_tokens"])  # fmt: skip
         choice = Choice(message=AssistantMessage(content=result["answer"]),

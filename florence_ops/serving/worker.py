@@ -77,12 +77,13 @@ class DocVQAAPI(ls.LitAPI):
             if image.size != (size[1], size[0]):  # only while the HTTP side still resizes for a swapped-out model
                 decoded[image_id] = resize_for_model(image, size)
         answers = answerer.answer([{"question": r["question"], "image_id": r["image_id"]} for r in rows], decoded)
-        return [self._result(answerer, row["question"], text) for row, text in zip(rows, answers)]
+        return [self._result(answerer, row["question"], text, len(rows)) for row, text in zip(rows, answers)]
 
     @staticmethod
-    def _result(answerer: Answerer, question: str, text: str) -> dict[str, Any]:
+    def _result(answerer: Answerer, question: str, text: str, batch_size: int) -> dict[str, Any]:
         completion = answerer.answer_tokens(text)
         return {
+            "batch_size": batch_size,
             "answer": text,
             "prompt_tokens": answerer.prompt_tokens(question),
             "completion_tokens": completion,
