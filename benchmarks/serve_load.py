@@ -129,7 +129,8 @@ def _sync(device: torch.device) -> None:
 def start_server(args: argparse.Namespace, params_file: Path, port: int, log_path: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "florence_ops.cli", "serve", "--params", str(params_file), "--model", args.model,
                "--port", str(port)]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO), "FLORENCE_OPS_API_TOKEN": ""}
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # keeps carried wheels' site
+    env = {**os.environ, "PYTHONPATH": path, "FLORENCE_OPS_API_TOKEN": ""}
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
                                start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + START_TIMEOUT_S
