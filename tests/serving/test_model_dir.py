@@ -42,3 +42,13 @@ def test_version_changes_with_each_promotion_and_metrics_follow_the_champion(ser
     assert version_of(champion) not in (None, first)
     assert model_metrics(champion)[0]["anls"] == 0.2 and model_metrics(champion)[1] == "champion.json"
     assert json.loads((champion / SETTINGS_FILE).read_text())["prompt"] == "<DocVQA>"
+
+
+def test_serving_a_folder_without_a_model_is_a_one_line_error(tmp_path, capsys):
+    from florence_ops.cli import main
+
+    code = main(["serve", "--params", str(tmp_path / "absent.yaml"), "--model", str(tmp_path / "nothing")])
+    assert code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: {tmp_path / 'nothing'} holds no model (no config.json): run the pipeline (`dvc repro`) or pass --model"
+    )
