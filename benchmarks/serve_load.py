@@ -114,6 +114,12 @@ def one_at_a_time(model_dir: str, params, questions: list[dict], device: torch.d
         _sync(device)
         latencies.append(time.perf_counter() - begin)
     result = summary(latencies, time.perf_counter() - start)
+    result["model_shape"] = {
+        "parameters": sum(p.numel() for p in answerer.model.parameters()),
+        "image_size": list(answerer.input_size),
+        "num_beams": answerer.decoding.num_beams,
+        "max_new_tokens": answerer.decoding.max_new_tokens,
+    }
     answerer.model = None  # free the weights before the server loads its copy
     gc.collect()
     if device.type == "cuda":
