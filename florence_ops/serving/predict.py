@@ -22,7 +22,7 @@ from tqdm import tqdm
 from florence_ops.config import Params
 from florence_ops.data import validation as checks
 from florence_ops.errors import UserError
-from florence_ops.reports import write_json, write_text_atomic
+from florence_ops.reports import write_text_atomic
 from florence_ops.serving.answering import Answerer
 from florence_ops.serving.pages import model_page, page_id, read_page_file
 
@@ -157,7 +157,8 @@ def write_submission(answerer: Answerer, processed_dir: Path, split: str, output
             for i, text in zip(chosen, answerer.answer([rows[i] for i in chosen], images)):
                 answers[i] = text
             progress.update(len(chosen))
-    write_json(output_path, [{"questionId": i, "answer": a} for i, a in zip(submission_ids(ids), answers)])
+    submission = [{"questionId": i, "answer": a} for i, a in zip(submission_ids(ids), answers)]
+    write_text_atomic(output_path, json.dumps(submission, ensure_ascii=False, indent=1) + "\n")  # keys as DocVQA has
     return {"questions": len(rows), "seconds": round(time.perf_counter() - start, 2)}
 
 

@@ -49,6 +49,8 @@ class DocVQAAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         """Load the model on `device` and start watching its directory for a newly promoted model."""
+        if not logging.getLogger().handlers:  # a spawned worker: log swaps as the CLI process does
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         threads = self.params.serve.preprocess_threads or os.cpu_count() or 1
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="pixels")
         self.torch_device = torch.device(device)  # LitServe sets `device` to the string afterwards
