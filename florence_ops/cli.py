@@ -1,4 +1,5 @@
-"""`florence-ops <stage>`: run one pipeline stage with params.yaml (what each `dvc.yaml` stage calls)."""
+"""`florence-ops <stage>`: run one pipeline stage with params.yaml (what each `dvc.yaml` stage calls);
+`florence-ops predict` and `florence-ops serve`: answer questions with a trained model."""
 
 from __future__ import annotations
 
@@ -11,6 +12,11 @@ import time
 from florence_ops.config import ConfigError, load_params
 
 STAGES = ("download", "preprocess", "train", "evaluate", "export")
+COMMANDS = {
+    **{stage: f"run the {stage} stage" for stage in STAGES},
+    "predict": "answer questions about pages with a model directory",
+    "serve": "serve a model directory over HTTP (OpenAI chat completions, a page at /)",
+}
 
 
 def run_stage(name: str, params_path: str = "params.yaml"):
@@ -31,16 +37,26 @@ def run_stage(name: str, params_path: str = "params.yaml"):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `florence-ops` console command."""
+    from florence_ops.serving.commands import add_predict_arguments, add_serve_arguments, run_predict, run_serve
+
     parser = argparse.ArgumentParser(prog="florence-ops", description=__doc__)
-    parser.add_argument("stage", choices=STAGES)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    for name in COMMANDS:
+        sub = commands.add_parser(name, help=COMMANDS[name])
+        sub.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    add_predict_arguments(commands.choices["predict"])
+    add_serve_arguments(commands.choices["serve"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from florence_ops.errors import UserError
 
     start = time.perf_counter()
     try:
-        result = run_stage(args.stage, args.params)
+        if args.command == "predict":
+            return run_predict(args)
+        if args.command == "serve":
+            return run_serve(args)
+        result = run_stage(args.command, args.params)
     except (ConfigError, UserError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

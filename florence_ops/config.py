@@ -217,6 +217,50 @@ class PromotionConfig:
 
 
 @dataclass
+class PredictConfig:
+    batch_size: int = 32  # questions per generate call of `florence-ops predict`
+    pdf_dpi: int = 150  # PDF pages are rendered at this resolution, then resized to the model's input like images
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or not 36 <= self.pdf_dpi <= 600:
+            raise ConfigError("predict: batch_size must be >= 1 and pdf_dpi in [36, 600]")
+
+
+SERVE_HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # the bind addresses LitServe accepts
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"  # 127.0.0.1: this machine only; 0.0.0.0 or :: expose the server to the network
+    port: int = 8000
+    max_batch_size: int = 64  # requests answered by one generate call
+    batch_timeout_s: float = 0.02  # longest wait for a batch to fill before it is answered
+    accelerator: Literal["auto", "cpu", "cuda"] = "auto"
+    devices: int | None = None  # GPUs used (null: all visible)
+    workers_per_device: int = 1  # model copies per device; 2 overlaps one's CPU work with the other's GPU work
+    api_servers: int = 1  # HTTP server processes that parse, validate and decode requests
+    preprocess_threads: int = 0  # threads per worker turning page images into pixels (0: one per CPU core)
+    request_timeout_s: float = 60.0  # a request still queued after this long gets 504
+    max_body_bytes: int = 25_000_000  # larger request bodies get 413
+    max_image_pixels: int = 50_000_000  # larger images get 400 (decompression bombs)
+    allow_remote_images: bool = False  # fetch http(s) image URLs (off: only data: URLs)
+    api_token_env: str = "FLORENCE_OPS_API_TOKEN"  # env variable holding the bearer token; unset or empty: no token
+    reload_interval_s: float = 2.0  # seconds between checks of the model directory for a new model (0: never)
+
+    def __post_init__(self) -> None:
+        if self.host not in SERVE_HOSTS:
+            raise ConfigError(f"serve.host: expected one of {list(SERVE_HOSTS)}, got {self.host!r}")
+        if not 1024 <= self.port <= 65535:
+            raise ConfigError(f"serve.port: expected 1024..65535, got {self.port}")
+        if min(self.max_batch_size, self.workers_per_device, self.api_servers, self.max_body_bytes) < 1:
+            raise ConfigError("serve: max_batch_size, workers_per_device, api_servers, max_body_bytes must be >= 1")
+        if min(self.batch_timeout_s, self.reload_interval_s, self.preprocess_threads) < 0:
+            raise ConfigError("serve: batch_timeout_s, reload_interval_s and preprocess_threads must be >= 0")
+        if self.batch_timeout_s >= self.request_timeout_s:
+            raise ConfigError("serve.batch_timeout_s must be less than serve.request_timeout_s")
+
+
+@dataclass
 class ScheduleConfig:
     cron: str = "0 3 * * 1"  # weekly, Monday 03:00
     timezone: str = "UTC"
@@ -235,6 +279,8 @@ class Params:
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1:

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 CHAMPION_RECORD = "champion.json"  # name of the record, inside the champion directory and in paths.reports
 HEADLINE_METRICS = ("anls", "levenshtein_similarity", "exact_match", "n_questions")
-NOT_MODEL_INPUTS = ("promotion", "schedule")  # params sections that cannot change the trained model
+NOT_MODEL_INPUTS = ("promotion", "schedule", "predict", "serve")  # params sections that cannot change the model
 
 
 class MetricsError(ValueError):

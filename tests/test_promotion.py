@@ -165,6 +165,8 @@ def test_skip_only_when_data_and_model_params_match_the_champion(params):
     assert "unchanged" in promotion.skip_reason(champion, fingerprint, params)
     margin_changed = params_with({"promotion.margin": 0.2, "schedule.cron": "0 0 * * *"})
     assert promotion.skip_reason(champion, fingerprint, margin_changed) is not None  # cannot change the model
+    serving_changed = params_with({"serve.port": 9000, "predict.batch_size": 4})
+    assert promotion.skip_reason(champion, fingerprint, serving_changed) is not None  # nor can serving settings
     lr_changed = params_with({"lr": 0.5})
     assert promotion.skip_reason(champion, fingerprint, lr_changed) is None
     new_data = {**fingerprint, "digest": "other"}

@@ -193,10 +193,15 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
 
 
-def encode_model_image(image: Image.Image, size: tuple[int, int]) -> bytes:
-    """Resize an RGB image once, bicubic, to exactly `size` (height, width) and encode it as PNG."""
+def resize_for_model(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """An RGB image resized once, bicubic, to exactly `size` (height, width): the pixels the model sees."""
     height, width = size
-    resized = image.resize((width, height), Image.Resampling.BICUBIC)
+    return image.resize((width, height), Image.Resampling.BICUBIC)
+
+
+def encode_model_image(image: Image.Image, size: tuple[int, int]) -> bytes:
+    """Resize an RGB image with `resize_for_model` and encode it as PNG."""
+    resized = resize_for_model(image, size)
     buffer = io.BytesIO()
     resized.save(buffer, format="PNG", compress_level=1)  # 4x faster than the default 6, ~16% more bytes on scans
     return buffer.getvalue()

@@ -1,7 +1,8 @@
 """Stage `export`: the fine-tuned model as users load it, with a model card.
 
 `paths.export` holds safetensors weights (LoRA adapters merged in), the processor, a generation config with the
-decoding the evaluation used, and README.md with the metrics and params. It loads offline with
+decoding the evaluation used, florence_ops.json with the prompt and question-token limit (what `florence-ops predict`
+and `serve` need beside the weights), and README.md with the metrics and params. It loads offline with
 `AutoModelForImageTextToText.from_pretrained(path)` and `AutoProcessor.from_pretrained(path)`, and its processor's
 `post_process_generation(text, task="<DocVQA>", ...)` works as in Florence-2's examples (see `save_processor`).
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from florence_ops.config import Params, pick
 from florence_ops.modeling import load_trained, save_processor
+from florence_ops.serving.model_dir import write_settings
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ def export(params: Params) -> Path:
     save_processor(processor, tmp)
     metrics = json.loads((Path(params.paths.reports) / "metrics.json").read_text())
     (tmp / "README.md").write_text(model_card(params, metrics), encoding="utf-8")
+    write_settings(tmp, params.train.prompt, params.train.max_question_tokens, metrics)  # read by predict and serve
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     log.info("exported to %s", target)

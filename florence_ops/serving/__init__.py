@@ -1,0 +1,1 @@
+"""Use the model: `florence-ops predict` and `florence-ops serve`, both answering through `generation.answer`."""

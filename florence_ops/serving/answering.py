@@ -1,0 +1,127 @@
+"""A loaded model directory that answers questions about page images, through `generation.answer` as evaluation does.
+
+`predict` and every server worker hold one `Answerer`. Pages arrive already at the model's input size (see
+`pages.py`), so the pixels are those preprocess would store, and the collator, prompt and decoding are those
+evaluation used for this model (`model_dir.read_settings`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from florence_ops.batching import Collator
+from florence_ops.config import Params
+from florence_ops.errors import UserError
+from florence_ops.generation import Decoding, PixelSource, answer
+from florence_ops.modeling import load_pretrained
+from florence_ops.serving.model_dir import AskSettings, read_settings, version_of
+
+log = logging.getLogger(__name__)
+PIXEL_CHUNK = 4  # images per image-processor call in a thread
+
+
+def default_device() -> torch.device:
+    """CUDA when available (answers in bf16 autocast there), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def input_size(processor) -> tuple[int, int]:
+    """The model's image input size (height, width), from its image processor (what preprocess resizes to)."""
+    size = getattr(processor.image_processor, "size", None) or {}
+    if "height" not in size or "width" not in size:
+        raise UserError(f"the model's image processor has no height/width size ({size!r})")
+    return int(size["height"]), int(size["width"])
+
+
+class ThreadedPixelSource(PixelSource):
+    """`PixelSource` that runs the image processor on a few images per thread: the same call per image, so the same
+    pixels, with the normalisation of a batch spread over CPU cores."""
+
+    def __init__(self, images: Mapping[str, Image.Image], image_processor, pool: ThreadPoolExecutor):
+        super().__init__(images, image_processor)
+        self.pool = pool
+
+    def pixels(self, image_ids: Sequence[str], device: torch.device) -> torch.Tensor:
+        """Normalised pixel tensor (B, 3, H, W) of already model-size images."""
+        chunks = [list(image_ids[i : i + PIXEL_CHUNK]) for i in range(0, len(image_ids), PIXEL_CHUNK)]
+        cpu = torch.device("cpu")
+        parts = list(self.pool.map(lambda chunk: super(ThreadedPixelSource, self).pixels(chunk, cpu), chunks))
+        return torch.cat(parts).to(device, non_blocking=True)
+
+
+@dataclass
+class Answerer:
+    """A model and processor on a device, with the collator and decoding evaluation used for it."""
+
+    model_dir: Path
+    model: torch.nn.Module
+    processor: object
+    collator: Collator
+    decoding: Decoding
+    device: torch.device
+    settings: AskSettings
+    version: str | None
+    pool: ThreadPoolExecutor
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) that pages are resized to."""
+        return input_size(self.processor)
+
+    def answer(self, rows: Sequence[dict], images: Mapping[str, Image.Image]) -> list[str]:
+        """Answers to `rows` (dicts with question and image_id), in order; `images[image_id]` is a model-size page."""
+        source = ThreadedPixelSource(images, self.processor.image_processor, self.pool)
+        return answer(self.model, rows, self.collator, source, self.decoding, self.device)
+
+    def prompt_tokens(self, question: str) -> int:
+        """Encoder tokens of one question: the image's tokens plus the prompt and question as the collator cuts them."""
+        text = self.collator.tokenizer(
+            self.settings.prompt + question.strip(), truncation=True, max_length=self.settings.max_question_tokens
+        ).input_ids
+        return len(text) + int(getattr(self.processor, "num_image_tokens", 0) or 0)
+
+    def answer_tokens(self, text: str) -> int:
+        """Tokens of an answer, without special tokens."""
+        return len(self.collator.tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def load_answerer(
+    model_dir: str | Path,
+    params: Params,
+    batch_size: int,
+    device: torch.device | None = None,
+    pool: ThreadPoolExecutor | None = None,
+) -> Answerer:
+    """Load `model_dir` (any Hugging Face layout directory) for answering in batches of `batch_size`.
+
+    `pool` runs the image processor (and predict's page decoding); by default one thread per CPU core.
+    """
+    model_dir = Path(model_dir)
+    check_model_dir(model_dir)
+    version = version_of(model_dir)
+    settings = read_settings(model_dir, params)
+    device = device or default_device()
+    model, processor = load_pretrained(model_dir, params.model)
+    model.to(device).eval()
+    collator = Collator(processor.tokenizer, settings.prompt, settings.max_question_tokens, 0, train=False)
+    decoding = Decoding(batch_size, settings.num_beams, settings.max_new_tokens)
+    pool = pool or ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="pixels")
+    log.info("loaded %s on %s (prompt and token limit from %s; %d beam(s), %d new tokens)", model_dir, device,
+             settings.source, settings.num_beams, settings.max_new_tokens)  # fmt: skip
+    return Answerer(model_dir, model, processor, collator, decoding, device, settings, version, pool)
+
+
+def check_model_dir(model_dir: Path) -> None:
+    """Raise UserError when `model_dir` is not a loadable model directory, saying what to do."""
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir} holds no model (no config.json): run the pipeline (`dvc repro`) or pass --model")
+    if (model_dir / "adapter_config.json").is_file():
+        raise UserError(f"{model_dir} holds LoRA adapters, not a model: use the exported model (`florence-ops export`)")

@@ -1,0 +1,88 @@
+"""Page images as the model sees them: decoded, upright RGB, resized exactly as preprocess resizes them.
+
+Images go through `data.validation.decode_image` (the checks and reasons preprocess quarantines by) and
+`resize_for_model`, so an answer from predict or serve is the answer evaluation gives for the same page. PDF pages
+are rendered with pypdfium2 (PDFium, the renderer of Chromium) at `predict.pdf_dpi` and then resized the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+from PIL import Image
+
+from florence_ops.data.validation import (
+    IMAGE_TOO_LARGE,
+    InvalidImage,
+    decode_image,
+    encode_model_image,
+    resize_for_model,
+)
+
+PDF_SIGNATURE = b"%PDF-"
+PDF_UNREADABLE = "pdf_unreadable"
+PAGE_MISSING = "page_missing"
+POINTS_PER_INCH = 72
+
+
+def page_id(data: bytes, page: int | None = None) -> str:
+    """An id of a page's content: the sha1 of the file's bytes (as preprocess names images), plus the PDF page."""
+    digest = hashlib.sha1(data).hexdigest()
+    return digest if page is None else f"{digest}-p{page}"
+
+
+def model_page(
+    data: bytes, size: tuple[int, int], max_pixels: int, page: int | None = None, dpi: int = 150
+) -> Image.Image:
+    """A page's pixels at the model's input `size` (height, width), from image or PDF bytes; `page` counts from 1.
+
+    Raises `InvalidImage` with the reason when the bytes are no readable page.
+    """
+    if data.startswith(PDF_SIGNATURE):
+        return resize_for_model(render_pdf_page(data, page or 1, dpi, max_pixels), size)
+    if page not in (None, 1):
+        raise InvalidImage(PAGE_MISSING, f"page {page} asked of an image, which has one page")
+    return resize_for_model(decode_image(data, max_pixels), size)
+
+
+def model_page_png(data: bytes, size: tuple[int, int], max_pixels: int) -> bytes:
+    """An image's pixels at the model's input size as PNG, exactly as preprocess stores them (lossless)."""
+    return encode_model_image(decode_image(data, max_pixels), size)
+
+
+def open_png(data: bytes) -> Image.Image:
+    """Decode a PNG written by `model_page_png` into RGB."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def render_pdf_page(data: bytes, page: int, dpi: int, max_pixels: int) -> Image.Image:
+    """Render page `page` (from 1) of a PDF at `dpi` into RGB; InvalidImage when it cannot be read or is too large."""
+    import pypdfium2 as pdfium  # only PDF pages need it
+
+    try:
+        document = pdfium.PdfDocument(data)
+    except pdfium.PdfiumError as error:
+        raise InvalidImage(PDF_UNREADABLE, f"not a readable PDF: {error}") from None
+    try:
+        if not 1 <= page <= len(document):
+            raise InvalidImage(PAGE_MISSING, f"page {page} asked, the PDF has {len(document)} page(s)")
+        pdf_page = document[page - 1]
+        scale = dpi / POINTS_PER_INCH
+        width, height = pdf_page.get_size()
+        if width * scale * height * scale > max_pixels:
+            raise InvalidImage(IMAGE_TOO_LARGE, f"page {page} at {dpi} dpi exceeds {max_pixels} pixels")
+        return pdf_page.render(scale=scale).to_pil().convert("RGB")
+    finally:
+        document.close()
+
+
+def read_page_file(path: Path) -> bytes | None:
+    """The bytes of a page file, or None when it is missing or unreadable (reported as `image_missing`)."""
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None

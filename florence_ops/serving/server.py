@@ -1,0 +1,253 @@
+"""`florence-ops serve`: the HTTP side of the server, built on LitServe.
+
+LitServe gives the batching of concurrent requests (`serve.max_batch_size`, `serve.batch_timeout_s`), workers per
+device and across GPUs, the request queue and the bearer-token dependency; `worker.py` holds the
+model. This module adds the OpenAI chat-completions endpoint as a LitServe spec, which validates each request and
+prepares its page in the HTTP process (threads) before any model work, so a bad request gets its own 4xx and never
+fails the batch it would have joined; `GET /healthz`; and the page at `/`.
+
+Routes: `POST /v1/chat/completions`, `GET /healthz`, `GET /` (page), plus LitServe's `/health`, `/info` and `/docs`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import litserve as ls
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from litserve.server import RegularRequestHandler
+from litserve.specs.base import LitSpec
+from litserve.utils import WorkerSetupStatus
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from transformers import AutoProcessor
+
+from florence_ops.config import Params
+from florence_ops.data.validation import InvalidImage
+from florence_ops.serving.answering import check_model_dir, input_size
+from florence_ops.serving.model_dir import model_metrics, version_of
+from florence_ops.serving.openai_api import (
+    AssistantMessage,
+    BadRequest,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Choice,
+    Usage,
+    decode_data_url,
+    question_and_image,
+)
+from florence_ops.serving.page import PAGE_HTML
+from florence_ops.serving.pages import model_page_png, page_id
+from florence_ops.serving.worker import API_PATH, DocVQAAPI
+
+log = logging.getLogger(__name__)
+REMOTE_TIMEOUT_S = 10  # fetching an http(s) image, where serve.allow_remote_images is on
+STATUS_CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
+                504: "timeout"}  # fmt: skip
+
+
+class ChatCompletionsSpec(LitSpec):
+    """`POST /v1/chat/completions`: validate, prepare the page, queue it for a worker's batch, answer as OpenAI does."""
+
+    def __init__(self, model_dir: Path, params: Params):
+        super().__init__()
+        self.api_path = API_PATH
+        self.model_dir, self.params = model_dir, params
+        self.model_name = model_dir.name
+        self._size: tuple[str | None, tuple[int, int]] = (version_of(model_dir), model_size(model_dir, params))
+        self._handler: RegularRequestHandler | None = None
+        self.add_endpoint(API_PATH, self.chat_completions, ["POST"])
+
+    def pre_setup(self, lit_api: ls.LitAPI) -> None:
+        """Remember the API whose queue requests go to."""
+        self.lit_api = lit_api
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_handler"] = None
+        return state
+
+    async def chat_completions(self, request: ChatCompletionRequest, response: Response) -> ChatCompletionResponse:
+        """Answer the question of the request's user message about its page (header X-Batch-Size: the batch it was
+        answered in)."""
+        question, url = question_and_image(request)
+        data = await self._image_bytes(url)
+        size = await self._model_size()
+        try:
+            png = await asyncio.to_thread(model_page_png, data, size, self.params.serve.max_image_pixels)
+        except InvalidImage as error:
+            problem = error.problem
+            raise BadRequest(f"{problem.reason}: {problem.detail}", problem.reason, "image_url") from None
+        if self._handler is None:
+            self._handler = RegularRequestHandler(self.lit_api, self._server)
+        result = await self._handler.handle_request({"question": question, "image_id": page_id(data), "png": png},
+                                                    dict)  # fmt: skip
+        response.headers["X-Batch-Size"] = str(result["batch_size"])
+        usage = Usage(prompt_tokens=result["prompt_tokens"], completion_tokens=result["completion_tokens"],
+                      total_tokens=result["prompt_tokens"] + result["completion_tokens"])  # fmt: skip
+        choice = Choice(message=AssistantMessage(content=result["answer"]),
+                        finish_reason="length" if result["truncated"] else "stop")  # fmt: skip
+        return ChatCompletionResponse(model=self.model_name, system_fingerprint=result["version"], choices=[choice],
+                                      usage=usage)  # fmt: skip
+
+    async def _image_bytes(self, url: str) -> bytes:
+        if url.startswith("data:"):
+            return decode_data_url(url)
+        if not url.startswith(("http://", "https://")):
+            raise BadRequest("image_url must be a data: URL or an http(s) URL", "invalid_image_url", "image_url")
+        if not self.params.serve.allow_remote_images:
+            raise BadRequest("remote image URLs are off (serve.allow_remote_images): send the page as a data: URL",
+                             "remote_images_disabled", "image_url")  # fmt: skip
+        return await asyncio.to_thread(fetch_image, url, self.params.serve.max_body_bytes)
+
+    async def _model_size(self) -> tuple[int, int]:
+        """The input size of the model on disk, re-read after a swap (a new model may take another size)."""
+        version, size = self._size
+        current = version_of(self.model_dir)
+        if current is not None and current != version:
+            try:
+                self._size = (current, await asyncio.to_thread(model_size, self.model_dir, self.params))
+            except Exception as error:  # mid-promotion: the workers still serve the old model
+                log.warning("input size of the new model not read yet: %s", error)
+        return self._size[1]
+
+
+def model_size(model_dir: Path, params: Params) -> tuple[int, int]:
+    """The input size (height, width) of the model in `model_dir`, from its processor."""
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=params.model.trust_remote_code)
+    return input_size(processor)
+
+
+def fetch_image(url: str, max_bytes: int) -> bytes:
+    """The bytes at an http(s) URL, at most `max_bytes`; BadRequest when the fetch fails or the file is larger."""
+    try:
+        with urllib.request.urlopen(url, timeout=REMOTE_TIMEOUT_S) as response:  # noqa: S310 - scheme checked
+            data = response.read(max_bytes + 1)
+    except (OSError, ValueError) as error:
+        raise BadRequest(f"image_url could not be fetched: {error}", "image_fetch_failed", "image_url") from None
+    if len(data) > max_bytes:
+        raise BadRequest(f"image at image_url exceeds {max_bytes} bytes", "image_too_large", "image_url")
+    return data
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `max_bytes` gets 413 once the client has finished sending it.
+
+    LitServe's MaxSizeMiddleware answers as soon as the limit is passed; a client still sending (urllib, requests)
+    then sees the connection reset instead of the answer. Here the rest is read and dropped first (memory stays
+    bounded), up to `DRAIN_FACTOR` times the limit, beyond which the connection is simply closed.
+    """
+
+    DRAIN_FACTOR = 8
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        total = 0
+
+        async def limited():
+            nonlocal total
+            message = await receive()
+            total += len(message.get("body", b""))
+            if total > self.max_bytes:
+                while message.get("more_body") and total <= self.max_bytes * self.DRAIN_FACTOR:
+                    message = await receive()
+                    total += len(message.get("body", b""))
+                raise StarletteHTTPException(413, f"request body over serve.max_body_bytes={self.max_bytes}")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def build_server(model_dir: str | Path, params: Params) -> ls.LitServer:
+    """A LitServer for `model_dir` configured by `params.serve`, with the OpenAI endpoint, /healthz and the page."""
+    model_dir, cfg = Path(model_dir), params.serve
+    check_model_dir(model_dir)
+    token = os.environ.get(cfg.api_token_env) or None
+    api = DocVQAAPI(model_dir, params, token, ChatCompletionsSpec(model_dir, params))
+    server = ls.LitServer(
+        api,
+        accelerator=cfg.accelerator,
+        devices=cfg.devices if cfg.devices is not None else "auto",
+        workers_per_device=cfg.workers_per_device,
+        timeout=cfg.request_timeout_s,
+        middlewares=[(BodyLimit, {"max_bytes": cfg.max_body_bytes})],
+    )
+    add_routes(server, model_dir, api)
+    return server
+
+
+def add_routes(server: ls.LitServer, model_dir: Path, api: DocVQAAPI) -> None:
+    """`/healthz`, the page at `/` (in place of LitServe's plain-text index) and OpenAI-shaped errors."""
+    app: FastAPI = server.app
+    app.router.routes = [route for route in app.router.routes if getattr(route, "path", None) != "/"]
+    auth = server.setup_auth(api)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE_HTML)
+
+    @app.get("/healthz", dependencies=[Depends(auth)])
+    async def healthz() -> JSONResponse:
+        ready = bool(server.workers_setup_status) and all(
+            status == WorkerSetupStatus.READY for status in server.workers_setup_status.values()
+        )
+        metrics, source = model_metrics(model_dir)
+        body = {"status": "ok" if ready else "starting", "model": str(model_dir.resolve()),
+                "version": version_of(model_dir), "metrics": metrics, "metrics_source": source,
+                "device": [d if isinstance(d, str) else ",".join(d) for d in server.devices],
+                "max_batch_size": api.max_batch_size, "batch_timeout_s": api.batch_timeout}  # fmt: skip
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    add_error_handlers(app)
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI's JSON error body, with a one-line message and no traceback."""
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(request: Request, error: BadRequest) -> JSONResponse:
+        return error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":
+            return error_response(BadRequest("the request body is not valid JSON", "invalid_json"))
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+        message = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+        return error_response(BadRequest(message, "invalid_request", where or None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        code = STATUS_CODES.get(error.status_code, "server_error" if error.status_code >= 500 else "invalid_request")
+        response = error_response(BadRequest(str(error.detail), code, status=error.status_code))
+        response.headers.update(getattr(error, "headers", None) or {})
+        return response
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.error("unexpected error on %s: %r", request.url.path, error)
+        return error_response(BadRequest("internal server error", "server_error", status=500))
+
+
+def error_response(error: BadRequest) -> JSONResponse:
+    """The OpenAI error body of `error` with its status."""
+    return JSONResponse(error.body().model_dump(), status_code=error.status)
+
+
+def serve(model_dir: str | Path, params: Params) -> None:
+    """Run the server on `serve.host`:`serve.port` until interrupted."""
+    server = build_server(model_dir, params)
+    cfg = params.serve
+    log.info("serving %s on http://%s:%d (page at /, OpenAI API at %s)", model_dir, cfg.host, cfg.port, API_PATH)
+    server.run(host=cfg.host, port=cfg.port, num_api_servers=cfg.api_servers, generate_client_file=False)

@@ -1,0 +1,132 @@
+"""The server's inference side: a LitServe API whose worker answers batches of questions with an `Answerer`.
+
+LitServe runs `setup` once per worker (one or more per device) and then, for every batch it collects
+(`serve.max_batch_size` requests or `serve.batch_timeout_s`, whichever comes first): `decode_request` for each,
+`batch`, `predict`, `unbatch` and `encode_response`. Requests reach the worker already validated, with the page at
+the model's input size as PNG (see `http.py`), so nothing here fails on one request's input.
+
+Hot swap: a thread checks the model directory every `serve.reload_interval_s`; when a new model is in place (a
+promotion renames a complete copy into place) it loads it beside the current one and swaps the reference between
+batches. A batch in flight finishes on the model it started with; a load that fails or races a further swap leaves
+the current model serving and is retried on the next check.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Annotated, Any
+
+import litserve as ls
+import torch
+from fastapi import Depends, HTTPException
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from florence_ops.config import Params
+from florence_ops.data.validation import resize_for_model
+from florence_ops.serving.answering import Answerer, load_answerer
+from florence_ops.serving.model_dir import version_of
+from florence_ops.serving.pages import open_png
+
+log = logging.getLogger(__name__)
+API_PATH = "/v1/chat/completions"
+bearer = HTTPBearer(auto_error=False)
+
+
+class DocVQAAPI(ls.LitAPI):
+    """Answers page questions in batches; lifecycle: setup, decode_request, batch, predict, unbatch, encode_response."""
+
+    def __init__(self, model_dir: Path, params: Params, token: str | None, spec: ls.specs.base.LitSpec):
+        cfg = params.serve
+        super().__init__(max_batch_size=cfg.max_batch_size, batch_timeout=cfg.batch_timeout_s, spec=spec)
+        self.model_dir, self.params, self.token = Path(model_dir), params, token
+        self.answerer: Answerer | None = None
+
+    def setup(self, device: str) -> None:
+        """Load the model on `device` and start watching its directory for a newly promoted model."""
+        if not logging.getLogger().handlers:  # a spawned worker: log swaps as the CLI process does
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        threads = self.params.serve.preprocess_threads or os.cpu_count() or 1
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="pixels")
+        self.torch_device = torch.device(device)  # LitServe sets `device` to the string afterwards
+        self.answerer = self._load()
+        if self.params.serve.reload_interval_s > 0:
+            threading.Thread(target=self._watch, name="model-reload", daemon=True).start()
+
+    def _load(self) -> Answerer:
+        return load_answerer(self.model_dir, self.params, self.max_batch_size, self.torch_device, pool=self.pool)
+
+    def decode_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The validated request (question, image_id, png) as a row with its page decoded later, in threads."""
+        return request
+
+    def batch(self, inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A batch is the list of rows."""
+        return list(inputs)
+
+    def predict(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Answer a batch with the model in place when it starts: answer text, token counts and model version."""
+        answerer = self.answerer
+        distinct = {row["image_id"]: row["png"] for row in rows}
+        decoded = dict(zip(distinct, self.pool.map(open_png, distinct.values())))
+        size = answerer.input_size
+        for image_id, image in decoded.items():
+            if image.size != (size[1], size[0]):  # only while the HTTP side still resizes for a swapped-out model
+                decoded[image_id] = resize_for_model(image, size)
+        answers = answerer.answer([{"question": r["question"], "image_id": r["image_id"]} for r in rows], decoded)
+        return [self._result(answerer, row["question"], text, len(rows)) for row, text in zip(rows, answers)]
+
+    @staticmethod
+    def _result(answerer: Answerer, question: str, text: str, batch_size: int) -> dict[str, Any]:
+        completion = answerer.answer_tokens(text)
+        return {
+            "batch_size": batch_size,
+            "answer": text,
+            "prompt_tokens": answerer.prompt_tokens(question),
+            "completion_tokens": completion,
+            "truncated": completion >= answerer.decoding.max_new_tokens,
+            "version": answerer.version,
+        }
+
+    def unbatch(self, output: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One result per request, in order."""
+        return list(output)
+
+    def encode_response(self, output: dict[str, Any]) -> dict[str, Any]:
+        """The result as is; the HTTP side wraps it in the OpenAI response."""
+        return output
+
+    def authorize(self, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+        """Require `Authorization: Bearer <token>` when a token is set (`serve.api_token_env`)."""
+        if not self.token:
+            return
+        given = credentials.credentials if credentials else ""
+        if not secrets.compare_digest(given.encode(), self.token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+
+    def _watch(self) -> None:
+        """Swap in a new model whenever the directory's version changes (runs in a daemon thread)."""
+        interval = self.params.serve.reload_interval_s
+        while True:
+            time.sleep(interval)
+            version = version_of(self.model_dir)
+            if version is None or version == self.answerer.version:
+                continue  # unchanged, or missing for the instant between a promotion's two renames
+            try:
+                fresh = self._load()
+            except Exception as error:  # a promotion in progress or a broken model: keep serving the current one
+                log.warning("new model in %s not loaded (%s); serving version %s", self.model_dir, error,
+                            self.answerer.version)  # fmt: skip
+                continue
+            if fresh.version != version_of(self.model_dir):
+                continue  # replaced again while loading: load the newest on the next check
+            previous, self.answerer = self.answerer, fresh
+            log.info("swapped in model version %s (was %s)", fresh.version, previous.version)
+            del previous
+            if self.torch_device.type == "cuda":
+                torch.cuda.empty_cache()

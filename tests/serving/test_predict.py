@@ -1,0 +1,105 @@
+"""`florence-ops predict`: the answers evaluation gives, for one page, a JSONL file (with per-line errors) and the
+DocVQA submission of an unlabeled split."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from florence_ops.cli import main
+from tests.serving.conftest import evaluation_answers, raw_pages, write_params
+
+
+@pytest.fixture(scope="module")
+def expected(served) -> dict[str, str]:
+    return evaluation_answers(served, served / "models/export", "validation")
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(["predict", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_one_page_answer_is_the_evaluation_answer(served, expected, capsys, tmp_path):
+    record = raw_pages(served, "validation")[0]
+    page = tmp_path / "page.png"
+    page.write_bytes(record["image"]["bytes"])  # the original page: predict resizes it as preprocess did
+    params = str(served / "params.yaml")
+    code, out, _ = run_cli(capsys, "--params", params, "--image", str(page), "--question", record["question"])
+    assert code == 0
+    assert out.rstrip("\n") == expected[record["questionId"]] and out.strip()
+
+
+def test_bad_single_page_is_a_one_line_error(served, capsys, tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    params = str(served / "params.yaml")
+    code, _, err = run_cli(capsys, "--params", params, "--image", str(tmp_path / "notes.txt"), "--question", "Why?")
+    assert code == 2 and err.splitlines()[-1] == "error: not_an_image: not a known image format (12 bytes)"
+    code, _, err = run_cli(capsys, "--params", params, "--image", str(tmp_path / "notes.txt"))
+    assert code == 2 and err.splitlines()[-1] == "error: --image needs --question"
+
+
+def test_jsonl_answers_every_line_and_records_errors(served, expected, capsys, tmp_path):
+    from PIL import Image
+
+    records = raw_pages(served, "validation")[:6]
+    (tmp_path / "scans").mkdir()
+    lines = []
+    for record in records:
+        name = f"scans/{record['docId']}.png"
+        (tmp_path / name).write_bytes(record["image"]["bytes"])
+        lines.append({"question_id": record["questionId"], "question": record["question"], "image": name})
+    Image.open(tmp_path / lines[0]["image"]).save(tmp_path / "scans/doc.pdf")  # a one-page PDF of the first page
+    lines += [
+        {"question_id": "pdf", "question": "What is this document?", "image": "scans/doc.pdf", "page": 1},
+        {"question_id": "pdf-p2", "question": "What is this document?", "image": "scans/doc.pdf", "page": 2},
+        {"question_id": "missing", "question": "Who?", "image": "scans/nowhere.png"},
+        {"question_id": "blank", "question": "  ", "image": lines[0]["image"]},
+    ]
+    text = "".join(json.dumps(line) + "\n" for line in lines) + "{not json\n"
+    (tmp_path / "questions.jsonl").write_text(text)
+    output = tmp_path / "out/answers.jsonl"
+    params = str(served / "params.yaml")
+    code, out, _ = run_cli(
+        capsys, "--params", params, "--input", str(tmp_path / "questions.jsonl"), "--output", str(output)
+    )
+    assert code == 0
+    assert out.startswith("answered 7 of 11 questions (4 errors, recorded in the output)")
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert len(rows) == 11
+    assert [row["answer"] for row in rows[:6]] == [expected[r["questionId"]] for r in records]
+    assert isinstance(rows[6]["answer"], str) and rows[6]["answer"]
+    errors = {row.get("question_id", row.get("line")): (row["error"], row["detail"]) for row in rows[7:]}
+    assert errors == {
+        "pdf-p2": ("page_missing", "page 2 asked, the PDF has 1 page(s)"),
+        "missing": ("image_missing", "scans/nowhere.png cannot be read"),
+        "blank": ("question_empty", "question is empty or whitespace"),
+        11: ("malformed_json", "Expecting property name enclosed in double quotes at column 2"),
+    }
+
+
+def test_submission_for_an_unlabeled_split(served, capsys, tmp_path):
+    """A processed split whose answers are empty (as preprocess keeps DocVQA's test split) becomes the leaderboard
+    file: every questionId once, as an integer, with the answer evaluation's engine gives."""
+    from datasets import Dataset
+
+    from florence_ops.data.processed import QUESTION_FEATURES, read_questions
+
+    processed = tmp_path / "processed"
+    shutil.copytree(served / "data/processed", processed)
+    rows = read_questions(processed, "validation").to_list()
+    unlabeled = [{**row, "questionId": str(57000 + i), "answers": []} for i, row in enumerate(rows)]
+    Dataset.from_list(unlabeled, features=QUESTION_FEATURES).to_parquet(processed / "test.parquet")
+    params = write_params(tmp_path, **{"paths.processed": str(processed)})
+    submission = tmp_path / "submission.json"
+    code, out, _ = run_cli(capsys, "--params", str(params), "--model", str(served / "models/export"),
+                           "--submission", str(submission))  # fmt: skip
+    assert code == 0 and out.startswith(f"answered {len(rows)} test questions")
+    expected = evaluation_answers(served, served / "models/export", "test", processed)
+    written = json.loads(submission.read_text())
+    assert [item["questionId"] for item in written] == [57000 + i for i in range(len(rows))]
+    assert {str(item["questionId"]): item["answer"] for item in written} == expected
+    assert all(set(item) == {"questionId", "answer"} for item in written)
