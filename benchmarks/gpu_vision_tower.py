@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
     image_processor = processor.image_processor
     gen = torch.Generator().manual_seed(0)
 
-    check_pages = torch.randint(0, 256, (args.check_pages, 3, 768, 768), generator=gen, dtype=torch.uint8).to(device)
+    check_pages = torch.randint(0, 256, (args.check_pages, 768, 768, 3), generator=gen, dtype=torch.uint8).to(device)
     reference_tower = copy.deepcopy(cpu_tower).to(device)
     check_source = DevicePages(check_pages, image_processor)
     with torch.no_grad():
@@ -104,7 +104,7 @@ def main(argv=None) -> dict:
             error = ((out - reference).norm() / reference.norm()).item()
             spread = ((out - reference).abs().max() / (reference.max() - reference.min())).item()
             for batch in args.batches:
-                pages = torch.randint(0, 256, (batch, 3, 768, 768), generator=gen, dtype=torch.uint8).to(device)
+                pages = torch.randint(0, 256, (batch, 768, 768, 3), generator=gen, dtype=torch.uint8).to(device)
                 first, median_ms = time_calls(encode, pages, args.repeats)
                 rate = batch / (median_ms / 1e3)
                 results.append({

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UserError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    logging.getLogger("florence_ops.cli").info("stage %s finished in %.1f s", args.stage, time.perf_counter() - start)
+    logging.getLogger("florence_ops.cli").info("stage %s finished in %.1f s", args.command, time.perf_counter() - start)
     if isinstance(result, dict):
         print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict | list)}, default=str))
     return 0

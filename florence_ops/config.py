@@ -239,7 +239,7 @@ class ServeConfig:
     devices: int | None = None  # GPUs used (null: all visible)
     workers_per_device: int = 1  # model copies per device; 2 overlaps one's CPU work with the other's GPU work
     api_servers: int = 1  # HTTP server processes that parse, validate and decode requests
-    preprocess_threads: int = 0  # threads per worker turning page images into pixels (0: one per CPU core)
+    preprocess_threads: int = 0  # threads per worker decoding page images (0: one per CPU core)
     request_timeout_s: float = 60.0  # a request still queued after this long gets 504
     max_body_bytes: int = 25_000_000  # larger request bodies get 413
     max_image_pixels: int = 50_000_000  # larger images get 400 (decompression bombs)

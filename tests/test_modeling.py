@@ -130,3 +130,15 @@ def test_train_mode_keeps_a_frozen_tower_in_eval_mode(tiny, parts, tower_trainin
     train_mode(DocVQAObjective(model))
     assert model.training and model.model.language_model.training
     assert model.model.vision_tower.training is tower_training
+
+
+def test_pixels_normalised_on_the_device_equal_the_image_processor(tiny):
+    """Pages travel as uint8 and are normalised where the model runs, with the image processor's exact arithmetic."""
+    processor, _, _ = tiny
+    gen = torch.Generator().manual_seed(0)
+    pages = {f"p{i}": Image.fromarray(torch.randint(0, 256, (64, 64, 3), generator=gen, dtype=torch.uint8).numpy())
+             for i in range(3)}  # fmt: skip
+    source = PixelSource(pages, processor.image_processor)
+    ours = source.prepare(source.load(list(pages)), torch.device("cpu"))
+    theirs = processor.image_processor(list(pages.values()), do_resize=False, return_tensors="pt")["pixel_values"]
+    assert ours.is_contiguous() and torch.equal(ours, theirs)

@@ -25,7 +25,6 @@ from florence_ops.modeling import load_pretrained
 from florence_ops.serving.model_dir import AskSettings, read_settings, version_of
 
 log = logging.getLogger(__name__)
-PIXEL_CHUNK = 4  # images per image-processor call in a thread
 
 
 def default_device() -> torch.device:
@@ -39,22 +38,6 @@ def input_size(processor) -> tuple[int, int]:
     if "height" not in size or "width" not in size:
         raise UserError(f"the model's image processor has no height/width size ({size!r})")
     return int(size["height"]), int(size["width"])
-
-
-class ThreadedPixelSource(PixelSource):
-    """`PixelSource` that runs the image processor on a few images per thread: the same call per image, so the same
-    pixels, with the normalisation of a batch spread over CPU cores."""
-
-    def __init__(self, images: Mapping[str, Image.Image], image_processor, pool: ThreadPoolExecutor):
-        super().__init__(images, image_processor)
-        self.pool = pool
-
-    def pixels(self, image_ids: Sequence[str], device: torch.device) -> torch.Tensor:
-        """Normalised pixel tensor (B, 3, H, W) of already model-size images."""
-        chunks = [list(image_ids[i : i + PIXEL_CHUNK]) for i in range(0, len(image_ids), PIXEL_CHUNK)]
-        cpu = torch.device("cpu")
-        parts = list(self.pool.map(lambda chunk: super(ThreadedPixelSource, self).pixels(chunk, cpu), chunks))
-        return torch.cat(parts).to(device, non_blocking=True)
 
 
 @dataclass
@@ -78,7 +61,7 @@ class Answerer:
 
     def answer(self, rows: Sequence[dict], images: Mapping[str, Image.Image]) -> list[str]:
         """Answers to `rows` (dicts with question and image_id), in order; `images[image_id]` is a model-size page."""
-        source = ThreadedPixelSource(images, self.processor.image_processor, self.pool)
+        source = PixelSource(images, self.processor.image_processor)  # normalised on the device
         return answer(self.model, rows, self.collator, source, self.decoding, self.device)
 
     def prompt_tokens(self, question: str) -> int:
@@ -102,7 +85,7 @@ def load_answerer(
 ) -> Answerer:
     """Load `model_dir` (any Hugging Face layout directory) for answering in batches of `batch_size`.
 
-    `pool` runs the image processor (and predict's page decoding); by default one thread per CPU core.
+    `pool` decodes pages (predict's files, the server's requests); by default one thread per CPU core.
     """
     model_dir = Path(model_dir)
     check_model_dir(model_dir)
