@@ -15,21 +15,15 @@ def _losses(root):
         return [float(row["loss"]) for row in csv.DictReader(stream, delimiter="\t")]
 
 
-def test_two_processes_match_one(prepared, tmp_path, monkeypatch):
-    import yaml
-
-    from florence_ops.config import to_dict
+def test_two_processes_match_one(prepared, tmp_path):
+    """The stage launches the processes itself, passing them exactly the params it was called with."""
     from florence_ops.stages.train import train
 
     curves = {}
     for processes in (1, 2):
         root = tmp_path / f"p{processes}"
         shutil.copytree(prepared, root)
-        params = tiny_params(root, **{"train.num_processes": processes, "train.eval_every_epoch": False})
-        params_file = root / "params.yaml"
-        params_file.write_text(yaml.safe_dump(to_dict(params)))
-        monkeypatch.setenv("FLORENCE_OPS_PARAMS", str(params_file))
-        train(params)
+        train(tiny_params(root, **{"train.num_processes": processes, "train.eval_every_epoch": False}))
         curves[processes] = _losses(root)
     assert len(curves[1]) == len(curves[2]) == 2 * 6
     largest = max(abs(a - b) for a, b in zip(curves[1], curves[2]))
@@ -37,12 +31,9 @@ def test_two_processes_match_one(prepared, tmp_path, monkeypatch):
     assert largest < 1e-4, (curves[1], curves[2])
 
 
-def test_evaluation_shared_by_two_processes_matches_one(prepared, tmp_path, monkeypatch):
+def test_evaluation_shared_by_two_processes_matches_one(prepared, tmp_path):
     import json
 
-    import yaml
-
-    from florence_ops.config import to_dict
     from florence_ops.stages.evaluate import evaluate
     from florence_ops.stages.train import train
 
@@ -51,11 +42,7 @@ def test_evaluation_shared_by_two_processes_matches_one(prepared, tmp_path, monk
     train(tiny_params(root, epochs=1, **{"train.eval_every_epoch": False}))
     predictions = {}
     for processes in (1, 2):
-        params = tiny_params(root, epochs=1, **{"evaluate.num_processes": processes})
-        params_file = root / f"params{processes}.yaml"
-        params_file.write_text(yaml.safe_dump(to_dict(params)))
-        monkeypatch.setenv("FLORENCE_OPS_PARAMS", str(params_file))
-        metrics = evaluate(params)
+        metrics = evaluate(tiny_params(root, epochs=1, **{"evaluate.num_processes": processes}))
         lines = (root / "reports/predictions.jsonl").read_text().splitlines()
         predictions[processes] = [json.loads(line) for line in lines]
         assert metrics["n_questions"] == 16
