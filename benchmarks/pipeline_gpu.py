@@ -29,6 +29,10 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from florence_ops.config import read_yaml  # noqa: E402
+
 STAGES = ("download", "preprocess", "train", "evaluate", "export")
 # What a user with one GPU sets in params.yaml (README: "One GPU"); the scale keys come from the command line.
 GPU_PROFILE = {
@@ -65,7 +69,7 @@ def workspace(root: Path, reference: Path, overrides: dict) -> Path:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, root / name)
     shutil.copytree(reference, root / "reference")
-    params = yaml.safe_load((root / "params.yaml").read_text())
+    params = read_yaml(root / "params.yaml")  # YAML 1.2 floats, as the stages read them
     for key, value in {**overrides, "model.reference_files": "reference"}.items():
         node = params
         *parents, leaf = key.split(".")

@@ -37,13 +37,11 @@ class CacheDamaged(Exception):
     """A cache folder whose files do not match its index (truncated, overwritten, or half written)."""
 
 
-def cache_key(
-    vision_tower: torch.nn.Module, image_processor_config: dict, image_ids: list[str], computed_with: dict
-) -> str:
+def cache_key(vision_tower: torch.nn.Module, image_processor_config: dict, image_ids: list[str], recipe: dict) -> str:
     """A digest of the tower's weights, the preprocessing config, the image contents (ids are content hashes) and how
-    the features are computed (`computed_with`: device type, precision, compilation), which moves them within bf16
-    rounding."""
-    digest = hashlib.sha256(json.dumps(computed_with, sort_keys=True).encode())
+    the features are computed (`recipe`, from `computed_with`: device type, precision, compilation), which moves them
+    within bf16 rounding."""
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode())
     for name, tensor in sorted(vision_tower.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
