@@ -13,7 +13,6 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -27,6 +26,7 @@ from transformers.models.florence2.modeling_florence2 import shift_tokens_right
 
 from florence_ops.batching import IGNORE_INDEX, Collator, LengthGroupedBatches, TextBatch, embed_inputs, project_vision
 from florence_ops.config import Params
+from florence_ops.data.parallel import batched
 from florence_ops.errors import UserError
 from florence_ops.generation import Decoding, answer_across_processes
 from florence_ops.modeling import ModelWrapper, train_mode, unwrap
@@ -126,18 +126,6 @@ def lr_scheduler(optimizer, params: Params, steps_per_epoch: int):
     name = "constant_with_warmup" if params.train.schedule == "constant" else params.train.schedule
     warmup = math.ceil(total * params.train.warmup_ratio)
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total), total
-
-
-def windows(batches: Iterable[TextBatch], size: int) -> Iterator[list[TextBatch]]:
-    """Consecutive micro-batches in groups of `size` (the last group may be shorter): one group per optimizer step."""
-    window = []
-    for batch in batches:
-        window.append(batch)
-        if len(window) == size:
-            yield window
-            window = []
-    if window:
-        yield window
 
 
 def accumulate_gradients(accelerator, objective, window: list[TextBatch], source) -> torch.Tensor:
@@ -257,7 +245,7 @@ def fit(run: Run) -> tuple[Progress, torch.nn.Module]:
         for epoch in range(progress.epoch, params.epochs):
             set_epoch(loader, epoch)
             batches = acc.skip_first_batches(loader, progress.batches_done) if progress.batches_done else loader
-            for window in windows(batches, accum):
+            for window in batched(batches, accum):  # one optimizer step's micro-batches
                 loss = train_window(acc, objective, optimizer, scheduler, window, run.source, clip)
                 if not math.isfinite(loss):
                     raise TrainingDiverged(

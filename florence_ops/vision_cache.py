@@ -209,7 +209,7 @@ class _FeatureWriter:
     """Writes bf16 feature rows to an .npy file in order, hashing them as they go."""
 
     def __init__(self, path: Path, rows: int):
-        self.path, self.rows, self.written = path, rows, 0
+        self.path, self.rows = path, rows
         self.stream = None
         self.digest = ChunkedDigest()
         self.shape: tuple[int, ...] | None = None
@@ -227,7 +227,6 @@ class _FeatureWriter:
         data = memoryview(host.view(torch.uint16).numpy()).cast("B")
         self.stream.write(data)
         self.digest.update(data)
-        self.written += host.shape[0]
 
     def close(self) -> dict:
         """Flush and fsync the file; the index fields that describe it."""

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from florence_ops.config import Params
 from florence_ops.data import validation as checks
+from florence_ops.data.parallel import batched
 from florence_ops.errors import UserError
 from florence_ops.reports import write_text_atomic
 from florence_ops.serving.answering import Answerer
@@ -51,7 +52,7 @@ def predict_jsonl(answerer: Answerer, input_path: Path, output_path: Path, param
     chunk_size = answerer.decoding.batch_size * CHUNK_BATCHES
     out, n_errors = [], 0
     with tqdm(total=n_lines, unit="q", desc="answering", disable=None) as progress:
-        for chunk in _chunks(_read_lines(input_path), chunk_size):
+        for chunk in batched(_read_lines(input_path), chunk_size):
             answered = _answer_chunk(answerer, chunk, input_path.parent, params)
             n_errors += sum("error" in row for row in answered)
             out += [json.dumps(row, ensure_ascii=False) + "\n" for row in answered]
@@ -92,17 +93,6 @@ def _parse_line(raw: bytes, number: int) -> dict[str, Any]:
 
 def _failed(record: dict[str, Any], reason: str, detail: str) -> dict[str, Any]:
     return {**record, "error": reason, "detail": detail}
-
-
-def _chunks(records: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
-    chunk: list[dict[str, Any]] = []
-    for record in records:
-        chunk.append(record)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def _answer_chunk(answerer: Answerer, chunk: list[dict[str, Any]], folder: Path, params: Params) -> list[dict]:
