@@ -291,7 +291,8 @@ def run_engine(name, model, shapes, source, pool, batch, args, device, accelerat
         return text_batch(texts[i % len(texts)], [str(j) for j in range(start, start + batch)])
 
     def step(i):
-        return train_window(accelerator, objective, optimizer, scheduler, [make_batch(i).to(device)], source, 1.0)
+        window = [make_batch(i).to(device)]
+        return train_window(accelerator, objective, optimizer, scheduler, window, source, 1.0).value()
 
     if loader_workers:
         loader = DataLoader(range(10_000), batch_size=None, collate_fn=WithVision(make_batch, source),
@@ -301,7 +302,7 @@ def run_engine(name, model, shapes, source, pool, batch, args, device, accelerat
 
         def step(i):  # noqa: F811 - the DataLoader variant of the step above
             window = [next(batches).to(device)]
-            return train_window(accelerator, objective, optimizer, scheduler, window, source, 1.0)
+            return train_window(accelerator, objective, optimizer, scheduler, window, source, 1.0).value()
 
     try:
         times, loss = time_steps(step, args.warmup, args.steps, device)

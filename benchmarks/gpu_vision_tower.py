@@ -1,8 +1,9 @@
 """Vision-tower throughput on the GPU: Florence-2-base's DaViT (depths 1,1,9,1, 90.4M parameters, 768x768 pages)
 as the vision-feature cache build and the pixel paths run it (`florence_ops.vision_inputs.tower_encoder`).
 
-Variants: eager or `torch.compile`, NCHW or channels-last, at the batch sizes given; every variant starts from
-uint8 pages on the GPU (normalised inside, as in the pipeline) and runs under bf16 autocast. Correctness: each variant's
+Variants: eager or compiled (regional, static shapes), under bf16 autocast or as a bf16 copy of the tower (what the
+cache build runs), at the batch sizes given; every variant starts from uint8 pages on the GPU (normalised inside, as
+in the pipeline). Correctness: each variant's
 output on fresh random pages is compared with the fp32 eager tower (relative error ||out - ref|| / ||ref||, and the
 largest difference over the output's range). Timing: CUDA events around each call after warm-up (compilation
 included in the warm-up and reported separately), median of `--repeats`.
@@ -71,6 +72,17 @@ def time_calls(encode, pages: torch.Tensor, repeats: int) -> tuple[float, float]
     return first, statistics.median(times)
 
 
+def print_kernels(encode, pages: torch.Tensor, rows: int = 15) -> None:
+    """The kernels that take the most CUDA time in two calls (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            encode(pages)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70), flush=True)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reference", default=str(REPO.parent / "shared" / "reference" / "florence-2-base-ft"))
@@ -80,6 +92,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--compile", choices=["both", "no", "yes"], default="both")
     parser.add_argument("--check-pages", type=int, default=8)
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of the last variant")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     processor = build_reference_processor(args.reference)
@@ -95,31 +108,35 @@ def main(argv=None) -> dict:
     del reference_tower
 
     results = []
-    for compiled in {"both": (False, True), "no": (False,), "yes": (True,)}[args.compile]:
-        for channels_last in (False, True):
-            tower = copy.deepcopy(cpu_tower).to(device)
-            encode = tower_encoder(tower, check_source, device, compile=compiled, channels_last=channels_last)
-            name = f"{'compiled' if compiled else 'eager'}{'_channels_last' if channels_last else ''}"
-            out = encode(check_pages).float()
-            error = ((out - reference).norm() / reference.norm()).item()
-            spread = ((out - reference).abs().max() / (reference.max() - reference.min())).item()
-            for batch in args.batches:
-                pages = torch.randint(0, 256, (batch, 768, 768, 3), generator=gen, dtype=torch.uint8).to(device)
-                first, median_ms = time_calls(encode, pages, args.repeats)
-                rate = batch / (median_ms / 1e3)
-                results.append({
-                    "variant": name, "batch": batch, "pages_per_s": round(rate, 1),
-                    "call_ms_median": round(median_ms, 2), "first_call_s": round(first, 2),
-                    "tflops": round(rate * TOWER_GFLOP / 1e3, 1),
-                    "relative_error_vs_fp32": round(error, 5), "max_diff_over_range": round(spread, 5),
-                    "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
-                })  # fmt: skip
-                print(results[-1], flush=True)
-                del pages
-            del tower, encode
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
+    variants = [(compiled, cast) for compiled in {"both": (False, True), "no": (False,), "yes": (True,)}[args.compile]
+                for cast in (False, True)]  # fmt: skip
+    for compiled, cast in variants:
+        tower = copy.deepcopy(cpu_tower).to(device)
+        encode = tower_encoder(tower, check_source, device, compile=compiled, cast=cast)
+        name = f"{'compiled' if compiled else 'eager'}_{'bf16_weights' if cast else 'autocast'}"
+        out = encode(check_pages).float()
+        error = ((out - reference).norm() / reference.norm()).item()
+        spread = ((out - reference).abs().max() / (reference.max() - reference.min())).item()
+        for batch in args.batches:
+            pages = torch.randint(0, 256, (batch, 768, 768, 3), generator=gen, dtype=torch.uint8).to(device)
+            first, median_ms = time_calls(encode, pages, args.repeats)
+            rate = batch / (median_ms / 1e3)
+            results.append({
+                "variant": name, "batch": batch, "pages_per_s": round(rate, 1),
+                "call_ms_median": round(median_ms, 2), "first_call_s": round(first, 2),
+                "tflops": round(rate * TOWER_GFLOP / 1e3, 1),
+                "relative_error_vs_fp32": round(error, 5), "max_diff_over_range": round(spread, 5),
+                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+            })  # fmt: skip
+            print(results[-1], flush=True)
+            if args.profile and pages.is_cuda and (compiled, cast) == variants[-1] and batch == args.batches[-1]:
+                print_kernels(encode, pages)
+            del pages
+        del tower, encode
+        torch.compiler.reset()  # the next variant compiles its own graphs (the code objects are shared)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     slug = name.lower().replace(" ", "-")
@@ -128,7 +145,7 @@ def main(argv=None) -> dict:
         "device": name,
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         "model": "Florence-2-base vision tower (DaViT depths 1,1,9,1, 90.4M parameters), random weights, 768x768",
-        "conditions": "uint8 pages on the GPU, normalised in the call; bf16 autocast; CUDA-event timing, median",
+        "conditions": "uint8 pages on the GPU, normalised in the call; CUDA-event timing, median",
         "results": results,
     }
     out = Path(args.out)

@@ -148,16 +148,37 @@ def accumulate_gradients(accelerator, objective, window: list[TextBatch], source
     return accelerator.reduce(total, reduction="sum") / global_tokens
 
 
-def train_window(accelerator, objective, optimizer, scheduler, window, source, max_grad_norm: float) -> float:
-    """One optimizer step over `window`; returns its loss. A non-finite loss returns before the weights change."""
-    loss = accumulate_gradients(accelerator, objective, window, source).item()
-    if math.isfinite(loss):
-        if max_grad_norm > 0:
-            accelerator.clip_grad_norm_(objective.parameters(), max_grad_norm)
-        optimizer.step()
-        scheduler.step()
+def train_window(accelerator, objective, optimizer, scheduler, window, source, max_grad_norm: float) -> StepLoss:
+    """One optimizer step over `window`, queued on the device; returns its loss, to be read later (`StepLoss`)."""
+    loss = accumulate_gradients(accelerator, objective, window, source)
+    if max_grad_norm > 0:
+        accelerator.clip_grad_norm_(objective.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss
+    return StepLoss(loss)
+
+
+class StepLoss:
+    """A step's loss on its way to the host: the copy is queued behind the step, and `value()` waits for it alone.
+
+    The loop reads each step's loss after queueing the next step, so the host never waits for the device to drain
+    (which would leave the device idle while the host sets up the next step); a non-finite loss is still caught
+    before anything is saved, one step later.
+    """
+
+    def __init__(self, loss: torch.Tensor):
+        self.loss, self.ready = loss.detach(), None
+        if self.loss.is_cuda:
+            self.loss = self.loss.to("cpu", non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+
+    def value(self) -> float:
+        """The loss, once the step has computed it."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.loss.item()
 
 
 def full_parameters(accelerator, model):
@@ -239,31 +260,57 @@ def fit(run: Run) -> tuple[Progress, torch.nn.Module]:
         log.info("resuming from %s: epoch %d, step %d", latest, progress.epoch, progress.step)
     # Per-epoch validation decodes as far as training teaches: the answer-token budget.
     decoding = Decoding(params.evaluate.batch_size, 1, params.train.max_answer_tokens)
-    meter, clip = Throughput(), params.train.max_grad_norm
+    clip = params.train.max_grad_norm
     train_mode(objective)
     with _progress_bar(acc, total_steps, progress.step) as bar:
+        steps = StepLog(run, bar, acc)
         for epoch in range(progress.epoch, params.epochs):
             set_epoch(loader, epoch)
             batches = acc.skip_first_batches(loader, progress.batches_done) if progress.batches_done else loader
             for window in batched(batches, accum):  # one optimizer step's micro-batches
                 loss = train_window(acc, objective, optimizer, scheduler, window, run.source, clip)
-                if not math.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"training loss is {loss} at epoch {epoch + 1}, step {progress.step + 1}: stopped; the last "
-                        f"good checkpoint stays in {run.checkpoints.folder} (lower lr, or check the data)"
-                    )
                 progress.batches_done += len(window)
                 progress.step += 1
-                meter.add(sum(len(batch.image_ids) for batch in window) * acc.num_processes)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", epoch=epoch)
-                _log_step(run.live, loss, scheduler.get_last_lr()[0], meter.read(acc.device))
+                samples = sum(len(batch.image_ids) for batch in window) * acc.num_processes
+                steps.queued(loss, epoch, progress.step, samples, scheduler.get_last_lr()[0])
                 if progress.step % params.train.checkpoint_every == 0:
+                    steps.flush()
                     run.checkpoints.save(acc, asdict(progress))
+            steps.flush()
             progress.epoch, progress.batches_done = epoch + 1, 0
             if _end_of_epoch(run, objective, progress, decoding):
                 break
     return progress, objective
+
+
+class StepLog:
+    """Reads, checks and logs each step's loss one step late (see `StepLoss`); `flush` reads the last one, before
+    anything is saved or validated. A non-finite loss raises `TrainingDiverged`."""
+
+    def __init__(self, run: Run, bar, accelerator):
+        self.run, self.bar, self.accelerator = run, bar, accelerator
+        self.meter, self.pending = Throughput(), None
+
+    def queued(self, loss: StepLoss, epoch: int, step: int, samples: int, lr: float) -> None:
+        """Record a step just queued, and read the one before it."""
+        self.flush()
+        self.pending = (loss, epoch, step, samples, lr)
+
+    def flush(self) -> None:
+        """Read, check and log the step not yet read, if any."""
+        if self.pending is None:
+            return
+        (loss, epoch, step, samples, lr), self.pending = self.pending, None
+        value = loss.value()
+        if not math.isfinite(value):
+            raise TrainingDiverged(
+                f"training loss is {value} at epoch {epoch + 1}, step {step}: stopped; the last good checkpoint "
+                f"stays in {self.run.checkpoints.folder} (lower lr, or check the data)"
+            )
+        self.meter.add(samples)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{value:.3f}", epoch=epoch)
+        _log_step(self.run.live, value, lr, self.meter.read(self.accelerator.device))
 
 
 def _end_of_epoch(run: Run, objective, progress: Progress, decoding: Decoding) -> bool:

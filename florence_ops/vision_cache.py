@@ -6,9 +6,11 @@ image). The cache is a bf16 array on disk (memory-mapped: it may exceed RAM) in 
 those three inputs; a change to any of them selects a new folder, so a stale entry is never read.
 
 A cache is never trusted blindly: `index.json` records its shape and a SHA-256 per 64 MiB chunk of the array, hashed
-as the array is written (no extra pass). Every open checks the file's size and shape; `verify` (run once when the
-train stage starts) re-hashes the chunks in parallel threads. A damaged cache is deleted and rebuilt, never read.
-Files are flushed and fsynced before the folder is renamed into place.
+in parallel threads as the array is written (no extra pass). Every open checks the file's size and shape; `verify`
+(when the train and evaluate stages open it) re-hashes the chunks in parallel threads. A damaged cache is deleted and
+rebuilt, never read. The index is fsynced before the folder is renamed into place; the features file is not: waiting
+for the disk to take gigabytes would bound the build by its write speed, and a file torn by a crash fails the
+checksums before anything reads it.
 """
 
 from __future__ import annotations
@@ -51,23 +53,27 @@ def cache_key(vision_tower: torch.nn.Module, image_processor_config: dict, image
 
 
 def computed_with(device: torch.device, precision: str, compiled: bool) -> dict:
-    """How the features are computed (part of the cache key): device type, autocast precision, compilation."""
+    """How `vision_inputs.tower_encoder` computes the features (part of the cache key): device type, precision (a
+    bf16 copy of the tower on CUDA, fp32 elsewhere), compilation (regional, static shapes)."""
     bf16 = device.type == "cuda" and precision in ("auto", "bf16")
-    return {"device": device.type, "precision": "bf16" if bf16 else "fp32", "compile": compiled}
+    return {"device": device.type, "precision": "bf16 weights" if bf16 else "fp32", "compile": compiled and "regional"}
 
 
 class ChunkedDigest:
-    """SHA-256 of each `CHUNK_BYTES` piece of a byte stream, fed in arbitrary pieces."""
+    """SHA-256 of each `CHUNK_BYTES` piece of a byte stream, fed in arbitrary pieces; each complete chunk is hashed in
+    one of `pool`'s threads (hashlib releases the GIL), so hashing keeps pace with a GPU. The fed buffers are held
+    until their chunk is hashed."""
 
-    def __init__(self) -> None:
-        self.digests: list[str] = []
-        self._current, self._filled = hashlib.sha256(), 0
+    def __init__(self, pool: ThreadPoolExecutor) -> None:
+        self.pool, self.digests = pool, []
+        self._pieces: list[memoryview] = []
+        self._filled = 0
 
     def update(self, data: memoryview) -> None:
         """Feed the next bytes of the stream."""
         while len(data):
             take = min(len(data), CHUNK_BYTES - self._filled)
-            self._current.update(data[:take])
+            self._pieces.append(data[:take])
             self._filled += take
             data = data[take:]
             if self._filled == CHUNK_BYTES:
@@ -77,11 +83,18 @@ class ChunkedDigest:
         """The chunk digests of the whole stream."""
         if self._filled:
             self._close_chunk()
-        return self.digests
+        return [digest.result() for digest in self.digests]
 
     def _close_chunk(self) -> None:
-        self.digests.append(self._current.hexdigest())
-        self._current, self._filled = hashlib.sha256(), 0
+        self.digests.append(self.pool.submit(_sha256, self._pieces))
+        self._pieces, self._filled = [], 0
+
+
+def _sha256(pieces: list[memoryview]) -> str:
+    digest = hashlib.sha256()
+    for piece in pieces:
+        digest.update(piece)
+    return digest.hexdigest()
 
 
 class VisionFeatureCache:
@@ -158,18 +171,22 @@ def build_cache(
 
     `batches` yields (image ids, loaded pages) in the order of `image_ids` (DataLoader workers decode the pages);
     `encode` runs the tower on the device and returns bf16 features still on the device. The device computes batch k
-    while a writer thread copies, hashes and writes batch k-1.
+    while a writer thread copies and writes batch k-1, and hashing threads take each complete chunk.
     """
     root.mkdir(parents=True, exist_ok=True)
     for leftover in root.glob(f".{key}.tmp-*"):  # a build that was killed
         shutil.rmtree(leftover, ignore_errors=True)
     tmp = root / f".{key}.tmp-{os.getpid()}"
     tmp.mkdir(parents=True)
-    writer = _FeatureWriter(tmp / FEATURES, len(image_ids))
+    hashing = ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="cache-sha256")
+    writer = _FeatureWriter(tmp / FEATURES, len(image_ids), ChunkedDigest(hashing))
     done, start, first_batch = 0, time.perf_counter(), None
-    with ThreadPoolExecutor(1) as pool:
-        pending = None
+    waited = {"pages": 0.0, "writer": 0.0}  # steady-state seconds the device loop spent waiting on either side
+    with hashing, ThreadPoolExecutor(1) as pool:
+        pending, pages_ready = None, time.perf_counter()
         for ids, pages in batches:
+            if first_batch is not None:
+                waited["pages"] += time.perf_counter() - pages_ready
             if ids != image_ids[done : done + len(ids)]:
                 raise RuntimeError("vision cache pages arrived out of order")
             done += len(ids)
@@ -177,7 +194,9 @@ def build_cache(
             host = torch.empty(features.shape, dtype=torch.bfloat16, pin_memory=features.is_cuda)
             host.copy_(features, non_blocking=True)
             if pending is not None:
+                before = time.perf_counter()
                 pending.result()
+                waited["writer"] += time.perf_counter() - before
             ready = torch.cuda.Event() if features.is_cuda else None
             if ready is not None:
                 ready.record()
@@ -185,11 +204,13 @@ def build_cache(
             if first_batch is None:  # the first call compiles and warms up: timed apart from the steady rate
                 pending.result()
                 first_batch = (time.perf_counter() - start, len(ids))
+            pages_ready = time.perf_counter()
         if pending is not None:
             pending.result()
-    if done != len(image_ids):
-        raise RuntimeError(f"vision cache got {done} of {len(image_ids)} pages")
-    meta = writer.close()
+        looped = time.perf_counter() - start
+        if done != len(image_ids):
+            raise RuntimeError(f"vision cache got {done} of {len(image_ids)} pages")
+        meta = writer.close()
     _write_durably(tmp / INDEX, json.dumps({"ids": image_ids, **meta}).encode())
     _fsync_dir(tmp)
     _drop_stale(root, keep=key)
@@ -200,18 +221,19 @@ def build_cache(
     seconds = time.perf_counter() - start
     warm_seconds, warm_pages = first_batch
     log.info("vision cache built: %d images in %.1f s (first batch of %d, compile and warm-up: %.1f s; then %.1f "
-             "pages/s) -> %s", len(image_ids), seconds, warm_pages, warm_seconds,
-             (len(image_ids) - warm_pages) / max(seconds - warm_seconds, 1e-9), folder)  # fmt: skip
+             "pages/s, %.1f s of it waiting for pages and %.1f s for the writer; closing %.1f s) -> %s",
+             len(image_ids), seconds, warm_pages, warm_seconds,
+             (len(image_ids) - warm_pages) / max(looped - warm_seconds, 1e-9), waited["pages"], waited["writer"],
+             seconds - looped, folder)  # fmt: skip
     return VisionFeatureCache(folder)
 
 
 class _FeatureWriter:
     """Writes bf16 feature rows to an .npy file in order, hashing them as they go."""
 
-    def __init__(self, path: Path, rows: int):
-        self.path, self.rows = path, rows
+    def __init__(self, path: Path, rows: int, digest: ChunkedDigest):
+        self.path, self.rows, self.digest = path, rows, digest
         self.stream = None
-        self.digest = ChunkedDigest()
         self.shape: tuple[int, ...] | None = None
 
     def write(self, host: torch.Tensor, ready) -> None:
@@ -229,11 +251,9 @@ class _FeatureWriter:
         self.digest.update(data)
 
     def close(self) -> dict:
-        """Flush and fsync the file; the index fields that describe it."""
+        """Close the file (not fsynced: see the module's docstring); the index fields that describe it."""
         if self.stream is None:
             raise RuntimeError("no vision features were written")
-        self.stream.flush()
-        os.fsync(self.stream.fileno())
         self.stream.close()
         return {"shape": list(self.shape), "dtype": "bfloat16", "data_offset": self.offset,
                 "chunk_bytes": CHUNK_BYTES, "chunk_sha256": self.digest.finish()}  # fmt: skip

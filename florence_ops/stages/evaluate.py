@@ -91,7 +91,7 @@ def vision_source(params: Params, base, tuned, images: ImageTable, rows: list[di
         return pixels
     recipe = computed_with(device, params.train.precision, params.model.vision_compile)
     key = cache_key(tower, processor.image_processor.to_dict(), images.ids, recipe)
-    cache = open_cache(Path(params.paths.vision_cache), key)
+    cache = open_cache(Path(params.paths.vision_cache), key, verify=True)
     if cache is None:
         return pixels
     log.info("answering from the cached vision features in %s", cache.folder)

@@ -119,7 +119,7 @@ def vision_source(params: Params, model, processor, images: ImageTable, acc):
         cache = open_cache(root, key, verify=acc.is_main_process)
         if cache is None:
             batches = page_loader(pixels, images.ids, params.model.vision_batch_size, params.train.num_workers)
-            encode = tower_encoder(tower, pixels, acc.device, params.model.vision_compile)
+            encode = tower_encoder(tower, pixels, acc.device, params.model.vision_compile, params.train.precision)
             cache = build_cache(root, key, images.ids, batches, encode)
     return cached_source(cache, images.ids, acc.device)
 
