@@ -3,6 +3,8 @@ answering one request at a time.
 
 - **one_at_a_time**: in this process, each question answered alone (`Answerer.answer` on one row, batch 1), page
   decoding and resizing included, as a server without batching would answer;
+- **engine_batched** (inside one_at_a_time): the same questions through `answer` in one batch of
+  `serve.max_batch_size`, pages decoded beforehand: the model's ceiling, without HTTP, queues or page decoding;
 - **server_c{1,8,64}**: `florence-ops serve` in a subprocess, `c` clients each sending its next request as soon as
   the last is answered (closed loop), over keep-alive HTTP, the page as a base64 PNG data URL.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import datetime
 import gc
 import http.client
@@ -52,7 +55,7 @@ from florence_ops.serving.answering import default_device, load_answerer  # noqa
 from florence_ops.serving.pages import model_page, page_id  # noqa: E402
 
 START_TIMEOUT_S = 300
-SERVE_KEYS = ("max_batch_size", "batch_timeout_s", "workers_per_device", "api_servers", "preprocess_threads")
+SERVE_KEYS = ("max_batch_size", "batch_timeout_s", "workers_per_device", "api_servers")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -120,11 +123,29 @@ def one_at_a_time(model_dir: str, params, questions: list[dict], device: torch.d
         "num_beams": answerer.decoding.num_beams,
         "max_new_tokens": answerer.decoding.max_new_tokens,
     }
+    result["engine_batched"] = engine_batched(answerer, params, questions, device)
     answerer.model = None  # free the weights before the server loads its copy
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def engine_batched(answerer, params, questions: list[dict], device: torch.device) -> dict:
+    """The model's ceiling: all questions through `answer` in batches of `serve.max_batch_size`, pages decoded and
+    resized beforehand (no HTTP, no queues, no page decoding): what the server's workers could reach at most."""
+    answerer.decoding = dataclasses.replace(answerer.decoding, batch_size=params.serve.max_batch_size)
+    images = {page_id(item["png"]): model_page(item["png"], answerer.input_size, params.serve.max_image_pixels)
+              for item in questions}  # fmt: skip
+    rows = [{"question": item["question"], "image_id": page_id(item["png"])} for item in questions]
+    answerer.answer(rows[: params.serve.max_batch_size], images)  # warm-up at the full batch size
+    _sync(device)
+    start = time.perf_counter()
+    answerer.answer(rows, images)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    return {"questions": len(rows), "batch_size": params.serve.max_batch_size, "seconds": round(seconds, 3),
+            "questions_per_s": round(len(rows) / seconds, 2)}  # fmt: skip
 
 
 def _sync(device: torch.device) -> None:
@@ -258,6 +279,9 @@ def print_table(report: dict, clients: list[int]) -> None:
     settings = ", ".join(f"{key} {value}" for key, value in report["serve"].items())
     print(f"\nserve_load on {report['device']} ({settings})")
     print(f"{'run':<16}{'q/s':>10}{'p50 ms':>10}{'p95 ms':>10}{'batch':>8}{'x one-at-a-time':>18}{'errors':>8}")
+    engine = report["one_at_a_time"]["engine_batched"]
+    print(f"engine ceiling (batches of {engine['batch_size']}, pages decoded beforehand): "
+          f"{engine['questions_per_s']} q/s")  # fmt: skip
     rows = [("one_at_a_time", report["one_at_a_time"], 1, 1.0, 0)]
     for c in clients:
         row = report[f"server_c{c}"]

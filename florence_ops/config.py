@@ -239,7 +239,6 @@ class ServeConfig:
     devices: int | None = None  # GPUs used (null: all visible)
     workers_per_device: int = 1  # model copies per device; 2 overlaps one's CPU work with the other's GPU work
     api_servers: int = 1  # HTTP server processes that parse, validate and decode requests
-    preprocess_threads: int = 0  # threads per worker decoding page images (0: one per CPU core)
     request_timeout_s: float = 60.0  # a request still queued after this long gets 504
     max_body_bytes: int = 25_000_000  # larger request bodies get 413
     max_image_pixels: int = 50_000_000  # larger images get 400 (decompression bombs)
@@ -254,8 +253,8 @@ class ServeConfig:
             raise ConfigError(f"serve.port: expected 1024..65535, got {self.port}")
         if min(self.max_batch_size, self.workers_per_device, self.api_servers, self.max_body_bytes) < 1:
             raise ConfigError("serve: max_batch_size, workers_per_device, api_servers, max_body_bytes must be >= 1")
-        if min(self.batch_timeout_s, self.reload_interval_s, self.preprocess_threads) < 0:
-            raise ConfigError("serve: batch_timeout_s, reload_interval_s and preprocess_threads must be >= 0")
+        if min(self.batch_timeout_s, self.reload_interval_s) < 0:
+            raise ConfigError("serve: batch_timeout_s and reload_interval_s must be >= 0")
         if self.batch_timeout_s >= self.request_timeout_s:
             raise ConfigError("serve.batch_timeout_s must be less than serve.request_timeout_s")
 

@@ -7,6 +7,7 @@ evaluation used for this model (`model_dir.read_settings`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -60,9 +61,15 @@ class Answerer:
         return input_size(self.processor)
 
     def answer(self, rows: Sequence[dict], images: Mapping[str, Image.Image]) -> list[str]:
-        """Answers to `rows` (dicts with question and image_id), in order; `images[image_id]` is a model-size page."""
+        """Answers to `rows` (dicts with question and image_id), in order; `images[image_id]` is a model-size page.
+
+        cuDNN is left out (convolutions and attention run on PyTorch's own kernels): it builds an execution plan for
+        every new input shape, which on a GPU costs more than the answer itself when, as in serving, nearly every
+        batch brings a new batch size or question length.
+        """
         source = PixelSource(images, self.processor.image_processor)  # normalised on the device
-        return answer(self.model, rows, self.collator, source, self.decoding, self.device)
+        with without_cudnn():
+            return answer(self.model, rows, self.collator, source, self.decoding, self.device)
 
     def prompt_tokens(self, question: str) -> int:
         """Encoder tokens of one question: the image's tokens plus the prompt and question as the collator cuts them."""
@@ -74,6 +81,16 @@ class Answerer:
     def answer_tokens(self, text: str) -> int:
         """Tokens of an answer, without special tokens."""
         return len(self.collator.tokenizer(text, add_special_tokens=False).input_ids)
+
+
+@contextlib.contextmanager
+def without_cudnn():
+    """Convolutions and scaled dot-product attention without cuDNN, for the duration of the block."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with torch.backends.cudnn.flags(enabled=False), sdpa_kernel(backends):
+        yield
 
 
 def load_answerer(

@@ -8,7 +8,6 @@ are rendered with pypdfium2 (PDFium, the renderer of Chromium) at `predict.pdf_d
 from __future__ import annotations
 
 import hashlib
-import io
 from pathlib import Path
 
 from PIL import Image
@@ -17,7 +16,6 @@ from florence_ops.data.validation import (
     IMAGE_TOO_LARGE,
     InvalidImage,
     decode_image,
-    encode_model_image,
     resize_for_model,
 )
 
@@ -47,16 +45,19 @@ def model_page(
     return resize_for_model(decode_image(data, max_pixels), size)
 
 
-def model_page_png(data: bytes, size: tuple[int, int], max_pixels: int) -> bytes:
-    """An image's pixels at the model's input size as PNG, exactly as preprocess stores them (lossless)."""
-    return encode_model_image(decode_image(data, max_pixels), size)
+def model_page_pixels(data: bytes, size: tuple[int, int], max_pixels: int) -> bytes:
+    """An image's RGB pixels at the model's input `size` (height, width), raw: the pixels preprocess would store.
+
+    Raw, not PNG: encoding a page costs more than the whole answer on a GPU, and the bytes only cross to a local
+    process (`open_pixels` reads them back).
+    """
+    return resize_for_model(decode_image(data, max_pixels), size).tobytes()
 
 
-def open_png(data: bytes) -> Image.Image:
-    """Decode a PNG written by `model_page_png` into RGB."""
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image if image.mode == "RGB" else image.convert("RGB")
+def open_pixels(pixels: bytes, size: tuple[int, int]) -> Image.Image:
+    """The RGB image of raw pixels written by `model_page_pixels` for `size` (height, width)."""
+    height, width = size
+    return Image.frombytes("RGB", (width, height), pixels)
 
 
 def render_pdf_page(data: bytes, page: int, dpi: int, max_pixels: int) -> Image.Image:

@@ -43,7 +43,7 @@ from florence_ops.serving.openai_api import (
     question_and_image,
 )
 from florence_ops.serving.page import PAGE_HTML
-from florence_ops.serving.pages import model_page_png, page_id
+from florence_ops.serving.pages import model_page_pixels, page_id
 from florence_ops.serving.worker import API_PATH, DocVQAAPI
 
 log = logging.getLogger(__name__)
@@ -80,14 +80,14 @@ class ChatCompletionsSpec(LitSpec):
         data = await self._image_bytes(url)
         size = await self._model_size()
         try:
-            png = await asyncio.to_thread(model_page_png, data, size, self.params.serve.max_image_pixels)
+            pixels = await asyncio.to_thread(model_page_pixels, data, size, self.params.serve.max_image_pixels)
         except InvalidImage as error:
             problem = error.problem
             raise BadRequest(f"{problem.reason}: {problem.detail}", problem.reason, "image_url") from None
         if self._handler is None:
             self._handler = RegularRequestHandler(self.lit_api, self._server)
-        result = await self._handler.handle_request({"question": question, "image_id": page_id(data), "png": png},
-                                                    dict)  # fmt: skip
+        row = {"question": question, "image_id": page_id(data), "pixels": pixels, "size": size}
+        result = await self._handler.handle_request(row, dict)
         response.headers["X-Batch-Size"] = str(result["batch_size"])
         usage = Usage(prompt_tokens=result["prompt_tokens"], completion_tokens=result["completion_tokens"],
                       total_tokens=result["prompt_tokens"] + result["completion_tokens"])  # fmt: skip
@@ -181,6 +181,7 @@ def build_server(model_dir: str | Path, params: Params) -> ls.LitServer:
         workers_per_device=cfg.workers_per_device,
         timeout=cfg.request_timeout_s,
         middlewares=[(BodyLimit, {"max_bytes": cfg.max_body_bytes})],
+        fast_queue=True,  # responses over ZeroMQ: LitServe's transport for hundreds of requests per second
     )
     add_routes(server, model_dir, api)
     return server

@@ -3,7 +3,7 @@
 LitServe runs `setup` once per worker (one or more per device) and then, for every batch it collects
 (`serve.max_batch_size` requests or `serve.batch_timeout_s`, whichever comes first): `decode_request` for each,
 `batch`, `predict`, `unbatch` and `encode_response`. Requests reach the worker already validated, with the page at
-the model's input size as PNG (see `http.py`), so nothing here fails on one request's input.
+the model's input size as raw pixels (see `server.py`), so nothing here fails on one request's input.
 
 Hot swap: a thread checks the model directory every `serve.reload_interval_s`; when a new model is in place (a
 promotion renames a complete copy into place) it loads it beside the current one and swaps the reference between
@@ -14,11 +14,9 @@ the current model serving and is retried on the next check.
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,7 +29,7 @@ from florence_ops.config import Params
 from florence_ops.data.validation import resize_for_model
 from florence_ops.serving.answering import Answerer, load_answerer
 from florence_ops.serving.model_dir import version_of
-from florence_ops.serving.pages import open_png
+from florence_ops.serving.pages import open_pixels
 
 log = logging.getLogger(__name__)
 API_PATH = "/v1/chat/completions"
@@ -51,18 +49,16 @@ class DocVQAAPI(ls.LitAPI):
         """Load the model on `device` and start watching its directory for a newly promoted model."""
         if not logging.getLogger().handlers:  # a spawned worker: log swaps as the CLI process does
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        threads = self.params.serve.preprocess_threads or os.cpu_count() or 1
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="pixels")
         self.torch_device = torch.device(device)  # LitServe sets `device` to the string afterwards
         self.answerer = self._load()
         if self.params.serve.reload_interval_s > 0:
             threading.Thread(target=self._watch, name="model-reload", daemon=True).start()
 
     def _load(self) -> Answerer:
-        return load_answerer(self.model_dir, self.params, self.max_batch_size, self.torch_device, pool=self.pool)
+        return load_answerer(self.model_dir, self.params, self.max_batch_size, self.torch_device)
 
     def decode_request(self, request: dict[str, Any]) -> dict[str, Any]:
-        """The validated request (question, image_id, png) as a row with its page decoded later, in threads."""
+        """The validated request (question, image_id, the page's raw pixels and their size) as a row."""
         return request
 
     def batch(self, inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -72,12 +68,13 @@ class DocVQAAPI(ls.LitAPI):
     def predict(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Answer a batch with the model in place when it starts: answer text, token counts and model version."""
         answerer = self.answerer
-        distinct = {row["image_id"]: row["png"] for row in rows}
-        decoded = dict(zip(distinct, self.pool.map(open_png, distinct.values())))
         size = answerer.input_size
-        for image_id, image in decoded.items():
-            if image.size != (size[1], size[0]):  # only while the HTTP side still resizes for a swapped-out model
-                decoded[image_id] = resize_for_model(image, size)
+        decoded = {}
+        for row in rows:
+            image = open_pixels(row["pixels"], row["size"])
+            if tuple(row["size"]) != size:  # only while the HTTP side still resizes for a swapped-out model
+                image = resize_for_model(image, size)
+            decoded[row["image_id"]] = image
         answers = answerer.answer([{"question": r["question"], "image_id": r["image_id"]} for r in rows], decoded)
         return [self._result(answerer, row["question"], text, len(rows)) for row, text in zip(rows, answers)]
 
