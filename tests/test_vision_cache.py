@@ -50,6 +50,27 @@ def test_damaged_cache_is_rebuilt_and_training_is_unchanged(prepared, tmp_path, 
     VisionFeatureCache(again.parent).verify()  # the rebuilt cache is whole
 
 
+def test_evaluate_does_not_answer_from_a_damaged_cache(prepared, tmp_path, caplog):
+    """The features file is not fsynced (a crash can tear it): evaluation verifies the checksums before reading it,
+    and answers from the pages when they fail."""
+    from florence_ops.stages.evaluate import evaluate
+    from florence_ops.stages.train import train
+
+    root = tmp_path / "ws"
+    shutil.copytree(prepared, root)
+    params = tiny_params(root, **NO_VALIDATION)
+    train(params)
+    (features,) = (root / ".cache/vision_features").glob("*/features.npy")
+    _overwrite(features)
+
+    with caplog.at_level(logging.INFO):
+        evaluate(params)
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("is damaged" in message for message in messages), "the damage must be found before reading"
+    assert not any("answering from the cached vision features" in message for message in messages)
+    assert not features.parent.exists(), "the damaged cache is deleted"
+
+
 def test_open_checks_size_and_verify_checks_every_chunk(tmp_path):
     import torch
 
