@@ -142,3 +142,23 @@ def test_pixels_normalised_on_the_device_equal_the_image_processor(tiny):
     ours = source.prepare(source.load(list(pages)), torch.device("cpu"))
     theirs = processor.image_processor(list(pages.values()), do_resize=False, return_tensors="pt")["pixel_values"]
     assert ours.is_contiguous() and torch.equal(ours, theirs)
+
+
+def test_compiled_tower_gives_the_eager_output_and_leaves_the_model_as_it_was(tiny):
+    """The cache build compiles a copy of the frozen tower by regions (static shapes, a short last batch padded to the
+    first batch's size); the model's own tower, which is saved with the model, keeps its modules and weights."""
+    from florence_ops.vision_inputs import tower_encoder
+
+    processor, images, _ = tiny
+    tower = _model(tiny).model.vision_tower.eval()
+    modules = {name: type(module) for name, module in tower.named_modules()}
+    weights = {name: tensor.clone() for name, tensor in tower.state_dict().items()}
+    source = PixelSource(images, processor.image_processor)
+    pages = source.load(["white", "grey"])
+    eager = tower_encoder(tower, source, torch.device("cpu"))(pages)
+    encode = tower_encoder(tower, source, torch.device("cpu"), compile=True)
+    torch.testing.assert_close(encode(pages), eager, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(encode(pages[:1]), eager[:1], rtol=1e-4, atol=1e-5)  # padded to 2, then cut
+    assert {name: type(module) for name, module in tower.named_modules()} == modules
+    assert tower.state_dict().keys() == weights.keys()
+    assert all(torch.equal(tower.state_dict()[name], tensor) for name, tensor in weights.items())
