@@ -27,16 +27,12 @@ from transformers.models.florence2.modeling_florence2 import shift_tokens_right
 from florence_ops.batching import IGNORE_INDEX, Collator, LengthGroupedBatches, TextBatch, embed_inputs, project_vision
 from florence_ops.config import Params
 from florence_ops.data.parallel import batched
-from florence_ops.errors import UserError
 from florence_ops.generation import Decoding, answer_across_processes
 from florence_ops.modeling import ModelWrapper, train_mode, unwrap
+from florence_ops.step_log import StepLog, StepLoss
 from florence_ops.vision_inputs import WithVision, tower_output
 
 log = logging.getLogger(__name__)
-
-
-class TrainingDiverged(UserError):
-    """The training loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
 
 
 class DocVQAObjective(ModelWrapper):
@@ -159,28 +155,6 @@ def train_window(accelerator, objective, optimizer, scheduler, window, source, m
     return StepLoss(loss)
 
 
-class StepLoss:
-    """A step's loss on its way to the host: the copy is queued behind the step, and `value()` waits for it alone.
-
-    The loop reads each step's loss after queueing the next step, so the host never waits for the device to drain
-    (which would leave the device idle while the host sets up the next step); a non-finite loss is still caught
-    before anything is saved, one step later.
-    """
-
-    def __init__(self, loss: torch.Tensor):
-        self.loss, self.ready = loss.detach(), None
-        if self.loss.is_cuda:
-            self.loss = self.loss.to("cpu", non_blocking=True)
-            self.ready = torch.cuda.Event()
-            self.ready.record()
-
-    def value(self) -> float:
-        """The loss, once the step has computed it."""
-        if self.ready is not None:
-            self.ready.synchronize()
-        return self.loss.item()
-
-
 def full_parameters(accelerator, model):
     """Gather FSDP's sharded parameters for work outside its forward (generation); a no-op otherwise."""
     if accelerator.distributed_type != DistributedType.FSDP:
@@ -199,27 +173,6 @@ def validation_score(accelerator, model, rows, collator, source, decoding: Decod
     scores = [anls(p, row["answers"]) for p, row in zip(predictions, rows)]
     train_mode(model)
     return sum(scores) / max(1, len(scores))
-
-
-class Throughput:
-    """Samples per second and peak GPU memory between two log points."""
-
-    def __init__(self):
-        self.start, self.samples = time.perf_counter(), 0
-
-    def add(self, samples: int) -> None:
-        """Count samples processed since the last reading."""
-        self.samples += samples
-
-    def read(self, device: torch.device) -> dict[str, float]:
-        """Rate since the last reading, and peak memory so far; restarts the clock."""
-        now = time.perf_counter()
-        rate = self.samples / max(now - self.start, 1e-9)
-        self.start, self.samples = now, 0
-        out = {"samples_per_s": rate}
-        if device.type == "cuda":
-            out["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        return out
 
 
 @dataclass
@@ -263,7 +216,7 @@ def fit(run: Run) -> tuple[Progress, torch.nn.Module]:
     clip = params.train.max_grad_norm
     train_mode(objective)
     with _progress_bar(acc, total_steps, progress.step) as bar:
-        steps = StepLog(run, bar, acc)
+        steps = StepLog(run.live, bar, acc.device, run.checkpoints.folder)
         for epoch in range(progress.epoch, params.epochs):
             set_epoch(loader, epoch)
             batches = acc.skip_first_batches(loader, progress.batches_done) if progress.batches_done else loader
@@ -281,36 +234,6 @@ def fit(run: Run) -> tuple[Progress, torch.nn.Module]:
             if _end_of_epoch(run, objective, progress, decoding):
                 break
     return progress, objective
-
-
-class StepLog:
-    """Reads, checks and logs each step's loss one step late (see `StepLoss`); `flush` reads the last one, before
-    anything is saved or validated. A non-finite loss raises `TrainingDiverged`."""
-
-    def __init__(self, run: Run, bar, accelerator):
-        self.run, self.bar, self.accelerator = run, bar, accelerator
-        self.meter, self.pending = Throughput(), None
-
-    def queued(self, loss: StepLoss, epoch: int, step: int, samples: int, lr: float) -> None:
-        """Record a step just queued, and read the one before it."""
-        self.flush()
-        self.pending = (loss, epoch, step, samples, lr)
-
-    def flush(self) -> None:
-        """Read, check and log the step not yet read, if any."""
-        if self.pending is None:
-            return
-        (loss, epoch, step, samples, lr), self.pending = self.pending, None
-        value = loss.value()
-        if not math.isfinite(value):
-            raise TrainingDiverged(
-                f"training loss is {value} at epoch {epoch + 1}, step {step}: stopped; the last good checkpoint "
-                f"stays in {self.run.checkpoints.folder} (lower lr, or check the data)"
-            )
-        self.meter.add(samples)
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{value:.3f}", epoch=epoch)
-        _log_step(self.run.live, value, lr, self.meter.read(self.accelerator.device))
 
 
 def _end_of_epoch(run: Run, objective, progress: Progress, decoding: Decoding) -> bool:
@@ -350,16 +273,6 @@ def set_epoch(loader, epoch: int) -> None:
     while not isinstance(sampler, LengthGroupedBatches):
         sampler = sampler.batch_sampler
     sampler.set_epoch(epoch)
-
-
-def _log_step(live, loss: float, lr: float, rates: dict[str, float]) -> None:
-    if live is None:
-        return
-    live.log_metric("train/loss", loss)
-    live.log_metric("train/lr", lr)
-    for name, value in rates.items():
-        live.log_metric(f"train/{name}", value)
-    live.next_step()
 
 
 def _progress_bar(accelerator, total: int, initial: int):
