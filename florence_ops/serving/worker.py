@@ -70,11 +70,11 @@ class DocVQAAPI(ls.LitAPI):
         answerer = self.answerer
         size = answerer.input_size
         decoded = {}
-        for row in rows:
+        for image_id, row in {row["image_id"]: row for row in rows}.items():  # a page asked about twice: once
             image = open_pixels(row["pixels"], row["size"])
             if tuple(row["size"]) != size:  # only while the HTTP side still resizes for a swapped-out model
                 image = resize_for_model(image, size)
-            decoded[row["image_id"]] = image
+            decoded[image_id] = image
         answers = answerer.answer([{"question": r["question"], "image_id": r["image_id"]} for r in rows], decoded)
         return [self._result(answerer, row["question"], text, len(rows)) for row, text in zip(rows, answers)]
 
