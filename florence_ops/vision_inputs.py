@@ -55,6 +55,26 @@ class PixelSource:
         return ((rescaled - self.mean.to(device)) / self.std.to(device)).contiguous()
 
 
+class PageRows(PixelSource):
+    """Pages already in one uint8 tensor (N, H, W, 3), on the device or pinned for it: batches carry row numbers,
+    and the rows are gathered and normalised on the device (no host copy per batch). The server's worker reads its
+    requests' pages straight into such a tensor."""
+
+    def __init__(self, pages: torch.Tensor, image_ids: Sequence[str], image_processor):
+        super().__init__({}, image_processor)
+        self.pages = pages
+        self.row = {image_id: i for i, image_id in enumerate(image_ids)}
+
+    def load(self, image_ids: Sequence[str]) -> torch.Tensor:
+        """Row numbers of these pages (what a batch carries)."""
+        return torch.tensor([self.row[i] for i in image_ids])
+
+    def prepare(self, loaded: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Normalised float32 pixels (N, 3, H, W) of those rows on `device`."""
+        pages = self.pages.to(device, non_blocking=True)
+        return super().prepare(pages[loaded.to(device)], device)
+
+
 class CachedSource:
     """Vision tower outputs read from a `VisionFeatureCache` (valid only while the tower is frozen)."""
 

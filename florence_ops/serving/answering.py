@@ -60,14 +60,15 @@ class Answerer:
         """(height, width) that pages are resized to."""
         return input_size(self.processor)
 
-    def answer(self, rows: Sequence[dict], images: Mapping[str, Image.Image]) -> list[str]:
-        """Answers to `rows` (dicts with question and image_id), in order; `images[image_id]` is a model-size page.
+    def answer(self, rows: Sequence[dict], images: Mapping[str, Image.Image] | PixelSource) -> list[str]:
+        """Answers to `rows` (dicts with question and image_id), in order; `images[image_id]` is a model-size page,
+        or `images` is a source of such pages (the server's `PageRows`).
 
         cuDNN is left out (convolutions and attention run on PyTorch's own kernels): it builds an execution plan for
         every new input shape, which on a GPU costs more than the answer itself when, as in serving, nearly every
         batch brings a new batch size or question length.
         """
-        source = PixelSource(images, self.processor.image_processor)  # normalised on the device
+        source = images if isinstance(images, PixelSource) else PixelSource(images, self.processor.image_processor)
         with without_cudnn():
             return answer(self.model, rows, self.collator, source, self.decoding, self.device)
 

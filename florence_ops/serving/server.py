@@ -4,7 +4,8 @@ LitServe gives the batching of concurrent requests (`serve.max_batch_size`, `ser
 device and across GPUs, the request queue and the bearer-token dependency; `worker.py` holds the
 model. This module adds the OpenAI chat-completions endpoint as a LitServe spec, which validates each request and
 prepares its page in the HTTP process (threads) before any model work, so a bad request gets its own 4xx and never
-fails the batch it would have joined; `GET /healthz`; and the page at `/`.
+fails the batch it would have joined (the page then crosses to the worker through shared memory, `handoff.py`);
+`GET /healthz`; and the page at `/`.
 
 Routes: `POST /v1/chat/completions`, `GET /healthz`, `GET /` (page), plus LitServe's `/health`, `/info` and `/docs`.
 """
@@ -12,8 +13,10 @@ Routes: `POST /v1/chat/completions`, `GET /healthz`, `GET /` (page), plus LitSer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ from transformers import AutoProcessor
 from florence_ops.config import Params
 from florence_ops.data.validation import InvalidImage
 from florence_ops.serving.answering import check_model_dir, input_size
+from florence_ops.serving.handoff import PageHandoff
 from florence_ops.serving.model_dir import model_metrics, version_of
 from florence_ops.serving.openai_api import (
     AssistantMessage,
@@ -55,10 +59,10 @@ STATUS_CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allow
 class ChatCompletionsSpec(LitSpec):
     """`POST /v1/chat/completions`: validate, prepare the page, queue it for a worker's batch, answer as OpenAI does."""
 
-    def __init__(self, model_dir: Path, params: Params):
+    def __init__(self, model_dir: Path, params: Params, pages: PageHandoff):
         super().__init__()
         self.api_path = API_PATH
-        self.model_dir, self.params = model_dir, params
+        self.model_dir, self.params, self.pages = model_dir, params, pages
         self.model_name = model_dir.name
         self._size: tuple[str | None, tuple[int, int]] = (version_of(model_dir), model_size(model_dir, params))
         self._handler: RegularRequestHandler | None = None
@@ -80,14 +84,17 @@ class ChatCompletionsSpec(LitSpec):
         data = await self._image_bytes(url)
         size = await self._model_size()
         try:
-            pixels = await asyncio.to_thread(model_page_pixels, data, size, self.params.serve.max_image_pixels)
+            page = await asyncio.to_thread(self._hand_off, data, size)
         except InvalidImage as error:
             problem = error.problem
             raise BadRequest(f"{problem.reason}: {problem.detail}", problem.reason, "image_url") from None
         if self._handler is None:
             self._handler = RegularRequestHandler(self.lit_api, self._server)
-        row = {"question": question, "image_id": page_id(data), "pixels": pixels, "size": size}
-        result = await self._handler.handle_request(row, dict)
+        row = {"question": question, "image_id": page_id(data), "pixels": page, "size": size}
+        try:
+            result = await self._handler.handle_request(row, dict)
+        finally:  # answered, failed, or abandoned by its client: the worker is done with the page or never reads it
+            self.pages.discard(page)
         response.headers["X-Batch-Size"] = str(result["batch_size"])
         usage = Usage(prompt_tokens=result["prompt_tokens"], completion_tokens=result["completion_tokens"],
                       total_tokens=result["prompt_tokens"] + result["completion_tokens"])  # fmt: skip
@@ -95,6 +102,10 @@ class ChatCompletionsSpec(LitSpec):
                         finish_reason="length" if result["truncated"] else "stop")  # fmt: skip
         return ChatCompletionResponse(model=self.model_name, system_fingerprint=result["version"], choices=[choice],
                                       usage=usage)  # fmt: skip
+
+    def _hand_off(self, data: bytes, size: tuple[int, int]) -> str | bytes:
+        """Decode and resize the page, and hand its pixels to the workers (InvalidImage when it is no image)."""
+        return self.pages.put(model_page_pixels(data, size, self.params.serve.max_image_pixels))
 
     async def _image_bytes(self, url: str) -> bytes:
         if url.startswith("data:"):
@@ -168,12 +179,13 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
-def build_server(model_dir: str | Path, params: Params) -> ls.LitServer:
-    """A LitServer for `model_dir` configured by `params.serve`, with the OpenAI endpoint, /healthz and the page."""
+def build_server(model_dir: str | Path, params: Params, pages: PageHandoff) -> ls.LitServer:
+    """A LitServer for `model_dir` configured by `params.serve`, with the OpenAI endpoint, /healthz and the page;
+    request pages cross to the workers through `pages`."""
     model_dir, cfg = Path(model_dir), params.serve
     check_model_dir(model_dir)
     token = os.environ.get(cfg.api_token_env) or None
-    api = DocVQAAPI(model_dir, params, token, ChatCompletionsSpec(model_dir, params))
+    api = DocVQAAPI(model_dir, params, token, ChatCompletionsSpec(model_dir, params, pages))
     server = ls.LitServer(
         api,
         accelerator=cfg.accelerator,
@@ -247,8 +259,28 @@ def error_response(error: BadRequest) -> JSONResponse:
 
 
 def serve(model_dir: str | Path, params: Params) -> None:
-    """Run the server on `serve.host`:`serve.port` until interrupted."""
-    server = build_server(model_dir, params)
+    """Run the server on `serve.host`:`serve.port` until interrupted (Ctrl+C, or SIGTERM as from Docker)."""
     cfg = params.serve
-    log.info("serving %s on http://%s:%d (page at /, OpenAI API at %s)", model_dir, cfg.host, cfg.port, API_PATH)
-    server.run(host=cfg.host, port=cfg.port, num_api_servers=cfg.api_servers, generate_client_file=False)
+    pages = PageHandoff.create()
+    try:
+        server = build_server(model_dir, params, pages)
+        log.info("serving %s on http://%s:%d (page at /, OpenAI API at %s)", model_dir, cfg.host, cfg.port, API_PATH)
+        with terminate_as_interrupt():
+            server.run(host=cfg.host, port=cfg.port, num_api_servers=cfg.api_servers, generate_client_file=False)
+    finally:
+        pages.close()
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """SIGTERM handled as Ctrl+C for the duration of the block: LitServe then shuts down gracefully (it handles
+    KeyboardInterrupt only), and what the server made is cleaned up."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

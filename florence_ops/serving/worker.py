@@ -3,7 +3,8 @@
 LitServe runs `setup` once per worker (one or more per device) and then, for every batch it collects
 (`serve.max_batch_size` requests or `serve.batch_timeout_s`, whichever comes first): `decode_request` for each,
 `batch`, `predict`, `unbatch` and `encode_response`. Requests reach the worker already validated, with the page at
-the model's input size as raw pixels (see `server.py`), so nothing here fails on one request's input.
+the model's input size as raw pixels in shared memory (see `server.py`, `handoff.py`), so nothing here fails on one
+request's input.
 
 Hot swap: a thread checks the model directory every `serve.reload_interval_s`; when a new model is in place (a
 promotion renames a complete copy into place) it loads it beside the current one and swaps the reference between
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import litserve as ls
+import numpy as np
 import torch
 from fastapi import Depends, HTTPException
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -28,12 +30,27 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from florence_ops.config import Params
 from florence_ops.data.validation import resize_for_model
 from florence_ops.serving.answering import Answerer, load_answerer
+from florence_ops.serving.handoff import PageHandoff
 from florence_ops.serving.model_dir import version_of
 from florence_ops.serving.pages import open_pixels
+from florence_ops.vision_inputs import PageRows
 
 log = logging.getLogger(__name__)
 API_PATH = "/v1/chat/completions"
 bearer = HTTPBearer(auto_error=False)
+
+
+def read_page(row: dict[str, Any], slot: torch.Tensor, size: tuple[int, int]) -> bool:
+    """Read the page of `row` into `slot` (uint8, `size` x 3); False when it is gone. A page prepared for a model of
+    another input size (just before a swap) is resized here."""
+    if tuple(row["size"]) == tuple(size):
+        return PageHandoff.read_into(row["pixels"], slot.numpy())
+    pixels = bytearray(row["size"][0] * row["size"][1] * 3)
+    if not PageHandoff.read_into(row["pixels"], pixels):
+        return False
+    image = resize_for_model(open_pixels(bytes(pixels), row["size"]), size)
+    slot.copy_(torch.from_numpy(np.asarray(image)))
+    return True
 
 
 class DocVQAAPI(ls.LitAPI):
@@ -44,6 +61,7 @@ class DocVQAAPI(ls.LitAPI):
         super().__init__(max_batch_size=cfg.max_batch_size, batch_timeout=cfg.batch_timeout_s, spec=spec)
         self.model_dir, self.params, self.token = Path(model_dir), params, token
         self.answerer: Answerer | None = None
+        self._pages: torch.Tensor | None = None
 
     def setup(self, device: str) -> None:
         """Load the model on `device` and start watching its directory for a newly promoted model."""
@@ -58,7 +76,7 @@ class DocVQAAPI(ls.LitAPI):
         return load_answerer(self.model_dir, self.params, self.max_batch_size, self.torch_device)
 
     def decode_request(self, request: dict[str, Any]) -> dict[str, Any]:
-        """The validated request (question, image_id, the page's raw pixels and their size) as a row."""
+        """The validated request (question, image_id, its page as handed off, and the page size) as a row."""
         return request
 
     def batch(self, inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -66,17 +84,30 @@ class DocVQAAPI(ls.LitAPI):
         return list(inputs)
 
     def predict(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Answer a batch with the model in place when it starts: answer text, token counts and model version."""
+        """Answer a batch with the model in place when it starts: answer text, token counts and model version.
+
+        Each distinct page is read from shared memory straight into a pinned buffer and crosses to the device in one
+        copy. A request abandoned by its client before its batch started has no page any more; it is answered about
+        a blank page, for nobody, so that the rest of the batch is answered."""
         answerer = self.answerer
         size = answerer.input_size
-        decoded = {}
-        for image_id, row in {row["image_id"]: row for row in rows}.items():  # a page asked about twice: once
-            image = open_pixels(row["pixels"], row["size"])
-            if tuple(row["size"]) != size:  # only while the HTTP side still resizes for a swapped-out model
-                image = resize_for_model(image, size)
-            decoded[image_id] = image
-        answers = answerer.answer([{"question": r["question"], "image_id": r["image_id"]} for r in rows], decoded)
+        image_ids = list(dict.fromkeys(row["image_id"] for row in rows))  # a page asked about twice: read once
+        pages = self._page_buffer(len(image_ids), size)
+        for slot, image_id in zip(pages, image_ids):
+            if not any(read_page(row, slot, size) for row in rows if row["image_id"] == image_id):
+                slot.zero_()
+        source = PageRows(pages.to(self.torch_device, non_blocking=True), image_ids,
+                          answerer.processor.image_processor)  # fmt: skip
+        answers = answerer.answer([{"question": r["question"], "image_id": r["image_id"]} for r in rows], source)
         return [self._result(answerer, row["question"], text, len(rows)) for row, text in zip(rows, answers)]
+
+    def _page_buffer(self, count: int, size: tuple[int, int]) -> torch.Tensor:
+        """`count` page slots (uint8, height x width x 3) of a buffer kept across batches, pinned for CUDA. The
+        batch's copy to the device has finished before the next batch writes it: answering waits for the device."""
+        shape = (max(count, self.max_batch_size), *size, 3)
+        if self._pages is None or self._pages.shape[1:] != shape[1:] or self._pages.shape[0] < count:
+            self._pages = torch.empty(shape, dtype=torch.uint8, pin_memory=self.torch_device.type == "cuda")
+        return self._pages[:count]
 
     @staticmethod
     def _result(answerer: Answerer, question: str, text: str, batch_size: int) -> dict[str, Any]:

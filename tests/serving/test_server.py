@@ -4,6 +4,7 @@ answers `predict` and evaluation give, 32 concurrent requests, /healthz, bad inp
 from __future__ import annotations
 
 import json
+import tempfile
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
+from florence_ops.serving.handoff import PREFIX, SHARED_MEMORY
 from tests.serving.conftest import (
     METRICS,
     Server,
@@ -77,6 +79,30 @@ def test_32_concurrent_requests_are_all_answered_as_predict_answers(served, clie
     answers = [reply.choices[0].message.content for reply in replies]
     assert answers == [expected[r["questionId"]] for r in records]
     assert len(set(answers)) > 5  # the answers depend on page and question: the comparison compares something
+
+
+def handoff_dirs(server: Server) -> list[Path]:
+    """The directories a running server hands pages to its workers through (`serving/handoff.py`)."""
+    pattern = f"{PREFIX}{server.process.pid}-*"
+    return [path for base in (SHARED_MEMORY, Path(tempfile.gettempdir())) for path in base.glob(pattern)]
+
+
+def test_pages_cross_in_shared_memory_and_none_is_left_behind(served, server, client):
+    (directory,) = handoff_dirs(server)
+    assert directory.parent == SHARED_MEMORY
+    records = raw_pages(served, "train")[:16]
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(lambda r: ask(client, r["question"], r["image"]["bytes"]), records))
+    assert len(replies) == 16 and list(directory.iterdir()) == []
+    assert "request queue" not in server.log.read_text()  # no page fell back to the slower path
+
+
+def test_sigterm_stops_the_server_and_frees_its_shared_memory(served, tmp_path):
+    running = Server(served / "models/export", write_params(tmp_path), free_port())
+    (directory,) = handoff_dirs(running)
+    running.stop()  # SIGTERM to the process group, as `docker stop` and Kubernetes send
+    assert running.process.returncode == 0, running.log.read_text()[-2000:]
+    assert not directory.exists()
 
 
 def test_healthz_names_model_metrics_and_device(served, server):
