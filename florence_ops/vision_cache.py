@@ -54,9 +54,10 @@ def cache_key(vision_tower: torch.nn.Module, image_processor_config: dict, image
 
 def computed_with(device: torch.device, precision: str, compiled: bool) -> dict:
     """How `vision_inputs.tower_encoder` computes the features (part of the cache key): device type, precision (a
-    bf16 copy of the tower on CUDA, fp32 elsewhere), compilation (regional, static shapes)."""
+    bf16 copy of the tower with `fuse_kernels` on CUDA, fp32 elsewhere), compilation (regional, static shapes)."""
     bf16 = device.type == "cuda" and precision in ("auto", "bf16")
-    return {"device": device.type, "precision": "bf16 weights" if bf16 else "fp32", "compile": compiled and "regional"}
+    return {"device": device.type, "precision": "bf16 weights, fused kernels" if bf16 else "fp32",
+            "compile": compiled and "regional"}  # fmt: skip
 
 
 class ChunkedDigest:

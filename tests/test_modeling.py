@@ -162,3 +162,21 @@ def test_compiled_tower_gives_the_eager_output_and_leaves_the_model_as_it_was(ti
     assert {name: type(module) for name, module in tower.named_modules()} == modules
     assert tower.state_dict().keys() == weights.keys()
     assert all(torch.equal(tower.state_dict()[name], tensor) for name, tensor in weights.items())
+
+
+def test_tower_with_fused_kernels_gives_the_towers_output(tiny):
+    """The cache build's bf16 copy runs channel attention as plain matmuls and fc1 + GELU as one matmul; in fp32 on
+    the CPU (where the GELU epilogue is exact) the output is the tower's own."""
+    import copy
+
+    from florence_ops.vision_inputs import GeluMatmulMLP, fuse_kernels
+
+    processor, images, _ = tiny
+    tower = _model(tiny).model.vision_tower.eval()
+    source = PixelSource(images, processor.image_processor)
+    pixels = source.prepare(source.load(["white", "grey"]), torch.device("cpu"))
+    fused = fuse_kernels(copy.deepcopy(tower))
+    assert sum(isinstance(module, GeluMatmulMLP) for module in fused.modules()) == 2 * sum(tower.config.depths)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(pixels).last_hidden_state, tower(pixels).last_hidden_state)
+    assert tower.config._attn_implementation != "eager"  # the model's own tower is untouched
