@@ -172,7 +172,8 @@ def build_cache(
 
     `batches` yields (image ids, loaded pages) in the order of `image_ids` (DataLoader workers decode the pages);
     `encode` runs the tower on the device and returns bf16 features still on the device. The device computes batch k
-    while a writer thread copies and writes batch k-1, and hashing threads take each complete chunk.
+    while batch k-1's features come back to the host on a CUDA stream of their own and a writer thread writes them;
+    hashing threads take each complete chunk.
     """
     root.mkdir(parents=True, exist_ok=True)
     for leftover in root.glob(f".{key}.tmp-*"):  # a build that was killed
@@ -183,6 +184,7 @@ def build_cache(
     writer = _FeatureWriter(tmp / FEATURES, len(image_ids), ChunkedDigest(hashing))
     done, start, first_batch = 0, time.perf_counter(), None
     waited = {"pages": 0.0, "writer": 0.0}  # steady-state seconds the device loop spent waiting on either side
+    downloads = None  # the CUDA stream that brings features back, made with the first batch's device
     with hashing, ThreadPoolExecutor(1) as pool:
         pending, pages_ready = None, time.perf_counter()
         for ids, pages in batches:
@@ -193,14 +195,21 @@ def build_cache(
             done += len(ids)
             features = encode(pages).to(torch.bfloat16)
             host = torch.empty(features.shape, dtype=torch.bfloat16, pin_memory=features.is_cuda)
-            host.copy_(features, non_blocking=True)
+            ready = None
+            if features.is_cuda:
+                downloads = downloads or torch.cuda.Stream(features.device)
+                downloads.wait_stream(torch.cuda.current_stream(features.device))
+                with torch.cuda.stream(downloads):
+                    host.copy_(features, non_blocking=True)
+                    ready = torch.cuda.Event()
+                    ready.record()
+                features.record_stream(downloads)  # its memory is reused only once the copy has read it
+            else:
+                host.copy_(features)
             if pending is not None:
                 before = time.perf_counter()
                 pending.result()
                 waited["writer"] += time.perf_counter() - before
-            ready = torch.cuda.Event() if features.is_cuda else None
-            if ready is not None:
-                ready.record()
             pending = pool.submit(writer.write, host, ready)
             if first_batch is None:  # the first call compiles and warms up: timed apart from the steady rate
                 pending.result()

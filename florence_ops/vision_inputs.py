@@ -198,7 +198,8 @@ def tower_encoder(
     compilation, accelerate's `compile_regions`): the nine blocks of stage 3 share one graph, so compiling costs a
     fraction of compiling the whole tower, for about the same speed. A smaller last batch is padded to the first
     batch's size so that it reuses the graphs. Convolutions use cuDNN's fastest algorithms for these fixed shapes
-    (`cudnn.benchmark`, set during the calls only).
+    (`cudnn.benchmark`, set during the calls only). On CUDA the pages go to the device on a stream of their own
+    (`copy_on`), so a batch's upload overlaps the tower's work on the batch before.
     """
     from florence_ops.generation import autocast
 
@@ -211,9 +212,12 @@ def tower_encoder(
     if compile:
         tower = compile_regions(tower)
     size = []  # the compiled batch size, fixed by the first call
+    uploads = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def encode(pages: torch.Tensor) -> torch.Tensor:
         count = pages.shape[0]
+        if uploads is not None:
+            pages = copy_on(uploads, pages, device)
         if compile:
             size[:] = size or [count]
             if count < size[0]:
@@ -228,6 +232,17 @@ def tower_encoder(
             torch.backends.cudnn.benchmark = benchmark
 
     return encode
+
+
+def copy_on(stream: torch.cuda.Stream, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` copied to `device` on `stream` (from pinned memory: asynchronously), overlapping the work already
+    queued on the current stream, which waits for the copy before any work queued after this call."""
+    with torch.cuda.stream(stream):
+        moved = tensor.to(device, non_blocking=True)
+    current = torch.cuda.current_stream(device)
+    current.wait_stream(stream)
+    moved.record_stream(current)  # freed on the current stream's timeline, not the copy stream's
+    return moved
 
 
 def compile_regions(tower: torch.nn.Module) -> torch.nn.Module:
