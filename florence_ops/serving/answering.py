@@ -103,7 +103,7 @@ def load_answerer(
 ) -> Answerer:
     """Load `model_dir` (any Hugging Face layout directory) for answering in batches of `batch_size`.
 
-    `pool` decodes pages (predict's files, the server's requests); by default one thread per CPU core.
+    `pool` decodes predict's page files; by default one thread per CPU core (threads start on first use).
     """
     model_dir = Path(model_dir)
     check_model_dir(model_dir)

@@ -24,7 +24,8 @@ PREFIX = "florence-ops-pages-"
 
 
 class PageHandoff:
-    """A directory that pages cross through; `put` in the HTTP process, `take` in the worker, `discard`, `close`."""
+    """A directory that pages cross through: `put` and `discard` in the HTTP process, `read_into` in the worker,
+    `close` when the server stops."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
