@@ -1,0 +1,212 @@
+"""The pipeline's training step under variants: what dropout, compilation and mask handling cost or save.
+
+The model is Florence-2-base's shape built from the real checkpoint's config (`--reference`), so its dropouts are the
+checkpoint's (0.1 on attention probabilities, activations and residuals; `gpu_train_step.py` builds BART with the
+config defaults, which have no attention or activation dropout). Inputs are shaped like the synthetic pipeline's:
+cached vision features already on the device (bf16, 1024x24x24), question batches padded to 17-19 tokens and answer
+batches to 7-9 (the longest in a batch of 256 synthetic questions with the real tokenizer), so the shapes change from
+step to step as they do in training. Each variant trains a fresh copy of the same model with the engine's own step
+(`florence_ops.training.train_window`: bf16 autocast, fused AdamW, clipping at 1.0) for `--steps` steps; the rate is
+the median step after the first 12, `first_s` the time the first 12 took beyond 12 median steps (compilation and
+recompilation).
+
+Variants:
+- eager: the pipeline's step as it is.
+- eager_no_dropout: every dropout probability set to 0 (what the dropouts cost; not a training setting).
+- compile_forward: `model.forward = torch.compile(model.forward)`, what `train.compile: true` does.
+- compile_layers: accelerate's `compile_regions` on the BART encoder and decoder layer lists (diagnostic: the
+  compiled layers' state_dict keys gain `_orig_mod`, so a model trained so would not save under its own names).
+- compile_inplace / compile_inplace_dynamic: `Module.compile()` (keys unchanged) on each BART layer, with automatic
+  dynamic shapes / `dynamic=True`.
+- no_decoder_syncs: the encoder run apart, the decoder given a ready 4-D cross-attention mask and no padding mask of
+  its own (causal only; right padding cannot reach a real token), which removes transformers' host reads of the
+  decoder's masks.
+
+    PYTHONPATH=. python benchmarks/train_step_variants.py --reference ../shared/reference/florence-2-base-ft \\
+        [--variants eager compile_inplace ...] [--batch 256] [--steps 30] [--out reports/benchmarks]
+
+Writes <out>/train_variants_<device-slug>.json. Run `eager` first: `no_decoder_syncs` replaces the objective's
+forward for the rest of the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from transformers import get_scheduler  # noqa: E402
+from transformers.models.bart.modeling_bart import shift_tokens_right  # noqa: E402
+
+from florence_ops.base_models import build_reference_model, build_reference_processor  # noqa: E402
+from florence_ops.batching import IGNORE_INDEX, TextBatch, embed_inputs, project_vision  # noqa: E402
+from florence_ops.modeling import freeze, train_mode, unwrap  # noqa: E402
+from florence_ops.training import DocVQAObjective, make_optimizer, train_window  # noqa: E402
+from florence_ops.vision_inputs import tower_output  # noqa: E402
+
+WARM_STEPS = 12
+
+
+class DeviceFeatures:
+    """Cached tower outputs already on the device; batches name rows of `pool`."""
+
+    cached = True
+
+    def __init__(self, pool: torch.Tensor):
+        self.pool = pool
+
+    def load(self, image_ids):
+        return self.pool[torch.tensor([int(i) for i in image_ids], device=self.pool.device)]
+
+    def prepare(self, loaded, device):
+        return loaded
+
+
+def text_batch(i: int, size: int, pool: int, device) -> TextBatch:
+    """Batch `i`: questions padded to 17-19 tokens and answers to 7-9, as the synthetic pipeline's batches are."""
+    gen = torch.Generator().manual_seed(i)
+    q_max, a_max = 17 + i % 3, 7 + (i // 3) % 3
+    q_len = torch.randint(13, q_max + 1, (size,), generator=gen)
+    a_len = torch.randint(3, a_max + 1, (size,), generator=gen)
+    q_len[0], a_len[0] = q_max, a_max
+    ids, q_mask = torch.ones((size, q_max), dtype=torch.long), torch.zeros((size, q_max), dtype=torch.long)
+    labels, a_mask = torch.full((size, a_max), IGNORE_INDEX), torch.zeros((size, a_max), dtype=torch.long)
+    for row in range(size):
+        n, m = int(q_len[row]), int(a_len[row])
+        ids[row, :n], q_mask[row, :n] = torch.randint(4, 50000, (n,), generator=gen), 1
+        labels[row, :m], a_mask[row, :m] = torch.randint(4, 50000, (m,), generator=gen), 1
+    start = (i * 37) % (pool - size + 1)
+    return TextBatch(ids, q_mask, [str(start + j) for j in range(size)], labels, a_mask).to(device)
+
+
+def no_dropout(model):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("dropout", "activation_dropout", "attention_dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+
+
+def compile_forward(model):
+    model.forward = torch.compile(model.forward)
+
+
+def compile_layers(model):
+    from accelerate.utils import compile_regions
+
+    torch._dynamo.config.recompile_limit = 64  # encoder and decoder layers share transformers' layer-call code
+    lm = model.model.language_model
+    lm.encoder.layers, lm.decoder.layers = compile_regions(lm.encoder.layers), compile_regions(lm.decoder.layers)
+
+
+def compile_inplace(model, **kwargs):
+    lm = model.model.language_model
+    for layer in [*lm.encoder.layers, *lm.decoder.layers]:
+        layer.compile(**kwargs)
+
+
+def no_decoder_syncs(model):
+    def forward(self, batch, source):
+        base = unwrap(self.model)
+        features = project_vision(base, tower_output(base, source, batch, batch.input_ids.device))
+        embeds, mask = embed_inputs(base, features, batch)
+        text = base.config.text_config
+        decoder_ids = shift_tokens_right(batch.labels, text.pad_token_id, text.decoder_start_token_id)
+        encoded = base.get_encoder()(inputs_embeds=embeds, attention_mask=mask)
+        cross = mask.bool()[:, None, None, :].expand(len(mask), 1, decoder_ids.shape[1], mask.shape[1]).contiguous()
+        logits = self.model(encoder_outputs=encoded, attention_mask=cross, decoder_input_ids=decoder_ids).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum")  # fmt: skip
+
+    DocVQAObjective.forward = forward
+
+
+VARIANTS = {
+    "eager": lambda model: None,
+    "eager_no_dropout": no_dropout,
+    "compile_forward": compile_forward,
+    "compile_layers": compile_layers,
+    "compile_inplace": compile_inplace,
+    "compile_inplace_dynamic": lambda model: compile_inplace(model, dynamic=True),
+    "no_decoder_syncs": no_decoder_syncs,
+}
+
+
+def run(name: str, base, batches: list[TextBatch], source, steps: int, device) -> dict:
+    from accelerate import Accelerator
+
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    model = copy.deepcopy(base).to(device)
+    freeze(model, ["vision_tower"])
+    VARIANTS[name](model)
+    accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no", cpu=device.type == "cpu")
+    objective = DocVQAObjective(model)
+    train_mode(objective)
+    optimizer = make_optimizer(objective, 1e-4, 0.01, device)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=5, num_training_steps=1000)
+    times = []
+    for i in range(steps):
+        _sync(device)
+        start = time.perf_counter()
+        loss = train_window(accelerator, objective, optimizer, scheduler, [batches[i % len(batches)]], source, 1.0)
+        loss = loss.value()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    warm = min(WARM_STEPS, len(times) // 2)
+    step = statistics.median(times[warm:])
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return {"variant": name, "batch": len(batches[0].image_ids), "step_ms": round(1000 * step, 1),
+            "samples_per_s": round(len(batches[0].image_ids) / step, 1),
+            "first_s": round(sum(times[:warm]) - warm * step, 1), "first_steps_s": [round(t, 2) for t in times[:6]],
+            "loss": round(loss, 4), "peak_gib": peak and round(peak, 1)}  # fmt: skip
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reference", default=str(REPO.parent / "shared" / "reference" / "florence-2-base-ft"))
+    parser.add_argument("--variants", nargs="+", default=["eager", "eager_no_dropout", "compile_inplace"],
+                        choices=list(VARIANTS))  # fmt: skip
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=str(REPO / "reports" / "benchmarks"))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    processor = build_reference_processor(args.reference)
+    base = build_reference_model("base-shape", args.reference, processor, 1234)
+    pool = max(512, 2 * args.batch)
+    features = torch.randn(pool, 1024, 24, 24, generator=torch.Generator().manual_seed(0))
+    source = DeviceFeatures(features.to(device, torch.bfloat16))
+    batches = [text_batch(i, args.batch, pool, device) for i in range(12)]
+    results = []
+    for name in args.variants:
+        results.append(run(name, base, batches, source, args.steps, device))
+        print(json.dumps(results[-1]), flush=True)
+    slug = (torch.cuda.get_device_name() if device.type == "cuda" else "cpu").lower().replace(" ", "-")
+    report = {"benchmark": "train_step_variants", "device": slug, "torch": torch.__version__, "results": results}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    Path(args.out, f"train_variants_{slug}.json").write_text(json.dumps(report, indent=1) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
