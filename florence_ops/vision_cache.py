@@ -128,6 +128,14 @@ class VisionFeatureCache:
         block[order] = self.array[rows[order]]
         return torch.from_numpy(block).view(torch.bfloat16)
 
+    def read_into(self, image_ids: list[str], out: torch.Tensor) -> torch.Tensor:
+        """Cached features of these images, in order, copied once from the mapped file into the first rows of `out`
+        (a bf16 CPU tensor, pinned or not); returns those rows."""
+        rows = np.asarray([self.row[i] for i in image_ids], dtype=np.int64)
+        filled = out[: len(rows)]
+        np.take(self.array, rows, axis=0, out=filled.view(torch.int16).numpy().view(np.uint16))
+        return filled
+
     def verify(self) -> None:
         """Re-hash the features chunk by chunk (in parallel threads) against the index; CacheDamaged if any differs."""
         expected = self.meta["chunk_sha256"]

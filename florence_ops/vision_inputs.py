@@ -99,12 +99,15 @@ class ResidentSource:
     cached = True
 
     def __init__(self, cache, image_ids: Sequence[str], device: torch.device, chunk: int = 256):
-        ids = sorted(set(image_ids), key=cache.row.__getitem__)
+        ids = sorted(set(image_ids), key=cache.row.__getitem__)  # the file's order: sequential reads
         self.row = {image_id: i for i, image_id in enumerate(ids)}
-        self.features = torch.empty((len(ids), *cache.array.shape[1:]), dtype=torch.bfloat16, device=device)
+        shape = cache.array.shape[1:]
+        self.features = torch.empty((len(ids), *shape), dtype=torch.bfloat16, device=device)
+        # One copy from the mapped file into a reused (on CUDA, pinned) buffer, then one to the device, by chunks.
+        staging = torch.empty((min(chunk, len(ids)), *shape), dtype=torch.bfloat16, pin_memory=device.type == "cuda")
         for start in range(0, len(ids), chunk):
-            block = cache.features(ids[start : start + chunk])
-            self.features[start : start + len(block)] = block.pin_memory() if device.type == "cuda" else block
+            block = cache.read_into(ids[start : start + chunk], staging)
+            self.features[start : start + len(block)].copy_(block)
 
     def load(self, image_ids: Sequence[str]) -> torch.Tensor:
         """Row numbers of these pages (what a batch carries)."""

@@ -93,7 +93,8 @@ def test_open_checks_size_and_verify_checks_every_chunk(tmp_path):
 
 
 def test_resident_features_equal_the_mapped_ones(tmp_path):
-    """Features held in device memory (here the CPU's) are the cache's, row for row, gathered by page id."""
+    """Features held in device memory (here the CPU's) are the cache's, row for row, gathered by page id; they are
+    read in chunks (here of two pages: a full chunk and a short one)."""
     import torch
 
     from florence_ops.vision_cache import build_cache
@@ -103,7 +104,7 @@ def test_resident_features_equal_the_mapped_ones(tmp_path):
     pages = [(ids[i : i + 3], torch.randn(len(ids[i : i + 3]), 4, 2, 2)) for i in range(0, 7, 3)]
     cache = build_cache(tmp_path, "key", ids, pages, lambda rows: rows)
     asked = ["page5", "page1", "page5", "page6"]
-    resident = ResidentSource(cache, ["page6", "page1", "page5"], torch.device("cpu"))
+    resident = ResidentSource(cache, ["page6", "page1", "page5"], torch.device("cpu"), chunk=2)
     mapped = CachedSource(cache)
     cpu = torch.device("cpu")
     assert torch.equal(resident.prepare(resident.load(asked), cpu), mapped.prepare(mapped.load(asked), cpu))
