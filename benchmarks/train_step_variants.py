@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO))
 from transformers import get_scheduler  # noqa: E402
 from transformers.models.bart.modeling_bart import shift_tokens_right  # noqa: E402
 
+from benchmarks.gpu_train_step import DeviceFeatures  # noqa: E402
 from florence_ops.base_models import build_reference_model, build_reference_processor  # noqa: E402
 from florence_ops.batching import IGNORE_INDEX, TextBatch, embed_inputs, project_vision  # noqa: E402
 from florence_ops.modeling import freeze, train_mode, unwrap  # noqa: E402
@@ -55,21 +56,6 @@ from florence_ops.training import DocVQAObjective, make_optimizer, train_window 
 from florence_ops.vision_inputs import tower_output  # noqa: E402
 
 WARM_STEPS = 12
-
-
-class DeviceFeatures:
-    """Cached tower outputs already on the device; batches name rows of `pool`."""
-
-    cached = True
-
-    def __init__(self, pool: torch.Tensor):
-        self.pool = pool
-
-    def load(self, image_ids):
-        return self.pool[torch.tensor([int(i) for i in image_ids], device=self.pool.device)]
-
-    def prepare(self, loaded, device):
-        return loaded
 
 
 def text_batch(i: int, size: int, pool: int, device) -> TextBatch:
