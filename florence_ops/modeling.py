@@ -6,6 +6,7 @@ default and the real shapes with random weights) come from `florence_ops.base_mo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -37,18 +38,31 @@ def load_pretrained(
     local = Path(source).is_dir()
     if not local and revision is None:
         log.warning("model %s has no pinned revision: runs are not reproducible (set model.revision)", source)
-    kwargs = {"revision": revision, "trust_remote_code": cfg.trust_remote_code}
+    with _fetch_errors(source, cfg, revision):
+        processor = AutoProcessor.from_pretrained(source, revision=revision, trust_remote_code=cfg.trust_remote_code)
+    return load_model(source, cfg, revision), processor
+
+
+def load_model(source: str | Path, cfg: ModelConfig, revision: str | None = None) -> Florence2ForConditionalGeneration:
+    """The model alone, as `load_pretrained` loads it, for callers that already hold its processor: loading a
+    processor costs about as much as loading the model's weights (transformers renders it as text on every load)."""
+    with _fetch_errors(source, cfg, revision):
+        return AutoModelForImageTextToText.from_pretrained(
+            source, attn_implementation=cfg.attn_implementation, dtype=torch.float32, revision=revision,
+            trust_remote_code=cfg.trust_remote_code,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _fetch_errors(source: str | Path, cfg: ModelConfig, revision: str | None):
     try:
-        processor = AutoProcessor.from_pretrained(source, **kwargs)
-        model = AutoModelForImageTextToText.from_pretrained(
-            source, attn_implementation=cfg.attn_implementation, dtype=torch.float32, **kwargs
-        )
+        yield
     except OSError as error:  # only `model.name` is named in the message: other sources are the pipeline's own dirs
+        local = Path(source).is_dir()
         problem = model_fetch_error(error, cfg.name, revision) if str(source) == cfg.name and not local else None
         if problem is None:
             raise
         raise problem from error
-    return model, processor
 
 
 def save_processor(processor: Florence2Processor, folder: str | Path) -> None:
@@ -150,7 +164,7 @@ def load_trained(folder: str | Path, base_model: str | Path, cfg: ModelConfig):
     if (folder / "adapter_config.json").exists():
         from peft import PeftModel
 
-        base, _ = load_pretrained(base_model, cfg)
+        base = load_model(base_model, cfg)
         return merge_lora(PeftModel.from_pretrained(base, folder)), load_processor(folder, cfg)
     return load_pretrained(folder, cfg)
 

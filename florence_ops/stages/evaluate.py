@@ -21,7 +21,7 @@ from florence_ops.errors import UserError
 from florence_ops.generation import Decoding, answer_across_processes
 from florence_ops.launch import launch, needs_launch
 from florence_ops.metrics import aggregate, score_predictions
-from florence_ops.modeling import load_trained
+from florence_ops.modeling import load_model, load_trained
 from florence_ops.reports import write_html_report, write_json, write_predictions, write_type_plot_data
 from florence_ops.vision_cache import cache_key, computed_with, open_cache
 from florence_ops.vision_inputs import PixelSource, cached_source
@@ -47,8 +47,9 @@ def evaluate(params: Params) -> dict:
     rows = read_questions(processed, params.evaluate.split).select_columns(COLUMNS).to_list()
     rows = labeled_rows(rows, params.evaluate.split)[: params.evaluate.max_questions]
     images = ImageTable(processed)
-    base = load_trained(params.paths.base_model, params.paths.base_model, params.model)
     tuned = load_trained(Path(params.paths.train) / "model", params.paths.base_model, params.model)
+    # The train stage saved the base model's processor beside the fine-tuned model: both passes use that one.
+    base = load_model(params.paths.base_model, params.model), tuned[1]
     source = vision_source(params, base, tuned, images, rows, accelerator.device)
     before = predict(accelerator, base, rows, source, params)
     after = predict(accelerator, tuned, rows, source, params)
