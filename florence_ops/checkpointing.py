@@ -1,10 +1,15 @@
 """Resumable training state, kept apart from the exported model.
 
 A checkpoint is accelerate's state (model, optimizer, scheduler, RNG of every process) plus `progress.json` (epoch,
-batches done in it, step, best score, history). It lives under `paths.checkpoints/<fingerprint>/last`, where the
-fingerprint covers everything that makes two runs the same run (training params, data, base model): a run resumes
-only its own state, never one left by a run with another learning rate. Writes go to a temporary folder that is
-renamed into place, so a run killed mid-write leaves the previous checkpoint whole.
+batches done in it, step, best score, history) and a copy of DVCLive's folder as it was then: `dvc repro` deletes the
+train stage's metrics and plots before running it again, and a killed run logs steps past its last checkpoint, so the
+run that resumes restores DVCLive's history from the checkpoint (the best model stays where it is: dvc.yaml
+persists the train stage's output folder).
+
+A checkpoint lives under `paths.checkpoints/<fingerprint>/last`, where the fingerprint covers everything that makes
+two runs the same run (training params, data, base model): a run resumes only its own state, never one left by a run
+with another learning rate. Writes go to a temporary folder that is renamed into place, so a run killed mid-write
+leaves the previous checkpoint whole.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from florence_ops.config import Params, pick
+
+LIVE = "dvclive"  # DVCLive's folder inside a checkpoint
 
 
 def run_fingerprint(params: Params, keys: tuple[str, ...]) -> str:
@@ -36,10 +43,11 @@ def run_fingerprint(params: Params, keys: tuple[str, ...]) -> str:
 class CheckpointStore:
     """The `last` checkpoint of one run: save atomically, find, load, and delete once the run is done."""
 
-    def __init__(self, root: str | Path, fingerprint: str):
+    def __init__(self, root: str | Path, fingerprint: str, live: str | Path | None = None):
         self.folder = Path(root) / fingerprint
         self.last = self.folder / "last"
         self.previous = self.folder / "last.previous"
+        self.live = None if live is None else Path(live)  # DVCLive's folder, saved with each checkpoint
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint, if any (a rename interrupted halfway leaves `last.previous`)."""
@@ -56,6 +64,8 @@ class CheckpointStore:
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
+            if self.live is not None and self.live.is_dir():
+                shutil.copytree(self.live, tmp / LIVE)
             (tmp / "progress.json").write_text(json.dumps(progress, indent=2))
             if self.last.exists():
                 shutil.rmtree(self.previous, ignore_errors=True)
@@ -64,6 +74,14 @@ class CheckpointStore:
             shutil.rmtree(self.previous, ignore_errors=True)
         accelerator.wait_for_everyone()
         return self.last
+
+    def restore_live(self, checkpoint: Path) -> None:
+        """Put DVCLive's folder back as `checkpoint` saved it (main process; before DVCLive opens it to resume)."""
+        saved = checkpoint / LIVE
+        if self.live is None or not saved.is_dir():
+            return
+        shutil.rmtree(self.live, ignore_errors=True)
+        shutil.copytree(saved, self.live)
 
     def load(self, accelerator, checkpoint: Path) -> dict[str, Any]:
         """Restore accelerate's state from `checkpoint` and return its progress record."""

@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from florence_ops.config import to_dict
-from tests.conftest import tiny_params
+from tests.conftest import REPO, TINY_OVERRIDES, tiny_params
 
 pytestmark = pytest.mark.slow
 # 48 questions in batches of 8: 6 steps an epoch; checkpoints at steps 4, 6 (epoch end), 8, 12, 16, 18.
@@ -78,3 +78,77 @@ def test_checkpoint_of_another_run_is_not_resumed(prepared, tmp_path):
 
     assert run_fingerprint(tiny_params(root), PARAMS_READ) != run_fingerprint(tiny_params(root, lr=1e-6), PARAMS_READ)
     assert run_fingerprint(tiny_params(root), PARAMS_READ) == run_fingerprint(tiny_params(root), PARAMS_READ)
+
+
+def _dvc(root, *args, **popen):
+    """`dvc <args>` in `root` (this interpreter's dvc, no analytics, no user git config)."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_CONFIG_GLOBAL": os.devnull}
+    env.update({f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER")
+                for what, value in (("NAME", "test"), ("EMAIL", "test@example.com"))})  # fmt: skip
+    command = [sys.executable, "-m", "dvc", *args] if args[0] != "git" else list(args)
+    if popen:
+        return subprocess.Popen(command, cwd=root, env=env, **popen)
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{' '.join(args)}:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+
+
+def _dvc_workspace(root, overrides: dict):
+    """A git + DVC repository with this project's dvc.yaml, the package its stages list as deps, and params.yaml with
+    `overrides` (dotted keys) applied."""
+    shutil.copytree(REPO / "florence_ops", root / "florence_ops", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for key, value in overrides.items():
+        node = params
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _dvc(root, "git", "init", "-q")
+    _dvc(root, "init", "-q")
+    _dvc(root, "git", "add", "-A")
+    _dvc(root, "git", "commit", "-qm", "workspace")
+
+
+@pytest.mark.skipif(shutil.which("git") is None or shutil.which("florence-ops") is None, reason="needs git and the CLI")
+def test_dvc_repro_after_a_kill_ends_with_the_unbroken_runs_model_and_plots(tmp_path):
+    """`dvc repro` of a train stage killed in its second epoch, then `dvc repro` again, as a user recovers: the second
+    run resumes from the checkpoint, and the stage's outputs are the unbroken run's, the best model (saved in epoch 1,
+    before the kill) and DVCLive's history, step for step. DVC deletes a stage's outputs before running it again.
+
+    lr is so small that no weight moves in float32: every epoch scores the same, so the best model is epoch 1's."""
+    overrides = {**TINY_OVERRIDES, "epochs": 3, "lr": 1e-30}
+    unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
+    for root in (unbroken, broken):
+        root.mkdir()
+        _dvc_workspace(root, overrides)
+        _dvc(root, "repro", "-q", "preprocess")
+    _dvc(unbroken, "repro", "-q", "train")
+
+    process = _dvc(broken, "repro", "-q", "train", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while True:
+        assert process.poll() is None, "training ended before a checkpoint inside the second epoch"
+        assert time.monotonic() < deadline
+        found = list((broken / "checkpoints").glob("*/last/progress.json"))
+        try:
+            progress = json.loads(found[0].read_text()) if found else {}
+        except (OSError, json.JSONDecodeError):  # being replaced right now
+            progress = {}
+        if progress.get("epoch") == 1 and progress.get("batches_done"):
+            os.killpg(process.pid, signal.SIGKILL)  # dvc and the stage it runs
+            process.wait()
+            break
+        time.sleep(0.005)
+    assert progress["best_epoch"] == 1, progress  # epochs count from 1
+    _dvc(broken, "repro", "-q", "train")
+
+    summary = json.loads((broken / "models/train/summary.json").read_text())
+    assert summary["best_epoch"] == 1 and summary["steps"] == 18, summary
+    model = "models/train/model/model.safetensors"
+    assert (broken / model).read_bytes() == (unbroken / model).read_bytes(), "the resumed stage's model differs"
+    for plot in ("train/loss.tsv", "train/lr.tsv", "val/anls.tsv"):
+        rows = [(root / "reports/train/plots/metrics" / plot).read_text().splitlines() for root in (unbroken, broken)]
+        assert rows[1] == rows[0], f"{plot}: {len(rows[1])} rows after resuming, {len(rows[0])} in the unbroken run"

@@ -62,8 +62,11 @@ def train(params: Params) -> dict:
     images = ImageTable(processed)
     source = vision_source(params, model, processor, images, acc)
     out = Path(params.paths.train)
-    checkpoints = CheckpointStore(params.paths.checkpoints, run_fingerprint(params, PARAMS_READ))
-    live = _live(params, acc, resume=checkpoints.latest() is not None)
+    checkpoints = CheckpointStore(params.paths.checkpoints, run_fingerprint(params, PARAMS_READ), params.paths.live)
+    latest = checkpoints.latest()
+    if latest is not None and acc.is_main_process:
+        checkpoints.restore_live(latest)
+    live = _live(params, acc, resume=latest is not None)
     run = Run(
         params=params,
         accelerator=acc,
