@@ -21,12 +21,9 @@ pytestmark = pytest.mark.slow
 OVERRIDES = {"epochs": 3, "train.checkpoint_every": 4, "train.eval_every_epoch": False}
 
 
-def _kill_in_second_epoch(root, params_file) -> dict:
-    """Start `florence-ops train`, SIGKILL it as soon as a checkpoint from the middle of epoch 2 exists."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "florence_ops.cli", "train", "--params", str(params_file)],
-        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+def _kill_in_second_epoch(root, process: subprocess.Popen, group: bool = False) -> dict:
+    """SIGKILL `process` (with `group`, its process group: dvc and the stage it runs) as soon as a checkpoint from the
+    middle of epoch 2 exists under `root`; return that checkpoint's progress."""
     deadline = time.monotonic() + 300
     while True:
         assert process.poll() is None, "training ended before a checkpoint inside the second epoch"
@@ -37,7 +34,7 @@ def _kill_in_second_epoch(root, params_file) -> dict:
         except (OSError, json.JSONDecodeError):  # being replaced right now
             progress = {}
         if progress.get("epoch") == 1 and progress.get("batches_done"):
-            os.kill(process.pid, signal.SIGKILL)
+            (os.killpg if group else os.kill)(process.pid, signal.SIGKILL)
             process.wait()
             return json.loads(next((root / "checkpoints").glob("*/last/progress.json")).read_text())
         time.sleep(0.005)
@@ -54,7 +51,11 @@ def test_killed_run_resumes_and_ends_with_the_same_last_weights(prepared, tmp_pa
     broken = tiny_params(broken_root, **OVERRIDES)
     params_file = broken_root / "params.yaml"
     params_file.write_text(yaml.safe_dump(to_dict(broken)))
-    progress = _kill_in_second_epoch(broken_root, params_file)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "florence_ops.cli", "train", "--params", str(params_file)],
+        cwd=broken_root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    progress = _kill_in_second_epoch(broken_root, process)
     assert progress["epoch"] == 1 and 0 < progress["batches_done"] < 6, progress
     assert not (broken_root / "models/train/summary.json").exists()
 
@@ -128,20 +129,7 @@ def test_dvc_repro_after_a_kill_ends_with_the_unbroken_runs_model_and_plots(tmp_
 
     process = _dvc(broken, "repro", "-q", "train", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                    start_new_session=True)  # fmt: skip
-    deadline = time.monotonic() + 300
-    while True:
-        assert process.poll() is None, "training ended before a checkpoint inside the second epoch"
-        assert time.monotonic() < deadline
-        found = list((broken / "checkpoints").glob("*/last/progress.json"))
-        try:
-            progress = json.loads(found[0].read_text()) if found else {}
-        except (OSError, json.JSONDecodeError):  # being replaced right now
-            progress = {}
-        if progress.get("epoch") == 1 and progress.get("batches_done"):
-            os.killpg(process.pid, signal.SIGKILL)  # dvc and the stage it runs
-            process.wait()
-            break
-        time.sleep(0.005)
+    progress = _kill_in_second_epoch(broken, process, group=True)
     assert progress["best_epoch"] == 1, progress  # epochs count from 1
     _dvc(broken, "repro", "-q", "train")
 
