@@ -3,8 +3,8 @@
 A checkpoint is accelerate's state (model, optimizer, scheduler, RNG of every process) plus `progress.json` (epoch,
 batches done in it, step, best score, history) and a copy of DVCLive's folder as it was then: `dvc repro` deletes the
 train stage's metrics and plots before running it again, and a killed run logs steps past its last checkpoint, so the
-run that resumes restores DVCLive's history from the checkpoint (the best model stays where it is: dvc.yaml
-persists the train stage's output folder).
+run that resumes restores DVCLive's history from the checkpoint. For the same reason the best model so far is kept
+beside the checkpoint (`best`) and moved into the stage's output when the run ends.
 
 A checkpoint lives under `paths.checkpoints/<fingerprint>/last`, where the fingerprint covers everything that makes
 two runs the same run (training params, data, base model): a run resumes only its own state, never one left by a run
@@ -48,6 +48,7 @@ class CheckpointStore:
         self.last = self.folder / "last"
         self.previous = self.folder / "last.previous"
         self.live = None if live is None else Path(live)  # DVCLive's folder, saved with each checkpoint
+        self.best = self.folder / "best"  # the run's best model so far (written by the train stage)
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint, if any (a rename interrupted halfway leaves `last.previous`)."""

@@ -2,7 +2,9 @@
 
 Writes `paths.train/model` (the best model by validation ANLS, or the last one without validation: Hugging Face
 layout, or LoRA adapters plus the trained projector) and `paths.train/summary.json`; DVCLive metrics and plots go to
-`paths.live`. With `train.num_processes > 1` (or FSDP) the stage starts itself through `accelerate launch`.
+`paths.live`. Until the run ends, the best model so far is kept beside the run's checkpoint, where a rerun that
+resumes finds it (DVC deletes the stage's outputs before running it). With `train.num_processes > 1` (or FSDP) the
+stage starts itself through `accelerate launch`.
 """
 
 from __future__ import annotations
@@ -77,12 +79,14 @@ def train(params: Params) -> dict:
         eval_collator=_collator(processor, params, train=False),
         source=source,
         checkpoints=checkpoints,
-        save_best=lambda objective: save_trained(acc, objective, processor, out / "model"),
+        save_best=lambda objective: save_trained(acc, objective, processor, checkpoints.best),
         live=live,
     )
     progress, objective = fit(run)
     if progress.best_epoch < 0:  # no validation: the last weights are the result
         save_trained(acc, objective, processor, out / "model")
+    elif acc.is_main_process:
+        move_into_place(checkpoints.best, out / "model")
     if acc.is_main_process:
         summary = {
             "steps": progress.step,
@@ -145,6 +149,16 @@ def save_model(model, processor, target: Path, state_dict: dict | None = None) -
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, state_dict=state_dict)
     save_processor(processor, tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
+def move_into_place(source: Path, target: Path) -> None:
+    """Move a saved model folder to `target`, replacing it (a rename within one file system)."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(source, tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
 
