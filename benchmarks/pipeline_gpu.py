@@ -31,7 +31,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from florence_ops.config import read_yaml  # noqa: E402
+from florence_ops.config import parse_value, read_yaml  # noqa: E402
 
 STAGES = ("download", "preprocess", "train", "evaluate", "export")
 # What a user with one GPU sets in params.yaml (README: "One GPU"); the scale keys come from the command line.
@@ -131,7 +131,7 @@ def main(argv=None) -> dict:
     scale = {"data.synthetic.train_documents": args.train_documents,
              "data.synthetic.validation_documents": args.validation_documents,
              "data.synthetic.test_documents": 0, "epochs": args.epochs}  # fmt: skip
-    extra = {key: yaml.safe_load(value) for key, _, value in (pair.partition("=") for pair in args.set)}
+    extra = {key: parse_value(value) for key, _, value in (pair.partition("=") for pair in args.set)}
     root = workspace(Path(args.workdir), Path(args.reference), {**GPU_PROFILE, **scale, **extra})
     log_dir = Path(args.out) / "pipeline_logs"
     log_dir.mkdir(parents=True, exist_ok=True)

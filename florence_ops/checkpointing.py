@@ -87,6 +87,11 @@ class CheckpointStore:
     def load(self, accelerator, checkpoint: Path) -> dict[str, Any]:
         """Restore accelerate's state from `checkpoint` and return its progress record."""
         accelerator.load_state(str(checkpoint))
+        return self.progress(checkpoint)
+
+    @staticmethod
+    def progress(checkpoint: Path) -> dict[str, Any]:
+        """The progress record of `checkpoint` (epoch, batches done, step, best score, history)."""
         return json.loads((checkpoint / "progress.json").read_text())
 
     def clear(self) -> None:

@@ -211,10 +211,6 @@ def fit(run: Run) -> tuple[Progress, torch.nn.Module]:
     if latest is not None:
         progress = Progress(**run.checkpoints.load(acc, latest))
         log.info("resuming from %s: epoch %d, step %d", latest, progress.epoch, progress.step)
-        if run.live is not None:
-            # DVCLive reads its step back from the restored metrics.json, except after a single step (it starts
-            # again at 0): the next training step's DVCLive step is the number of steps done.
-            run.live.step = progress.step
     # Per-epoch validation decodes as far as training teaches: the answer-token budget.
     decoding = Decoding(params.evaluate.batch_size, 1, params.train.max_answer_tokens)
     clip = params.train.max_grad_norm

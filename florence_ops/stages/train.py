@@ -65,10 +65,7 @@ def train(params: Params) -> dict:
     source = vision_source(params, model, processor, images, acc)
     out = Path(params.paths.train)
     checkpoints = CheckpointStore(params.paths.checkpoints, run_fingerprint(params, PARAMS_READ), params.paths.live)
-    latest = checkpoints.latest()
-    if latest is not None and acc.is_main_process:
-        checkpoints.restore_live(latest)
-    live = _live(params, acc, resume=latest is not None)
+    live = _live(params, acc, checkpoints)
     run = Run(
         params=params,
         accelerator=acc,
@@ -172,10 +169,17 @@ def _collator(processor, params: Params, train: bool) -> Collator:
     return Collator(processor.tokenizer, cfg.prompt, cfg.max_question_tokens, cfg.max_answer_tokens, train)
 
 
-def _live(params: Params, acc, resume: bool):
-    """DVCLive on the main process; it continues its step count when the run resumes. dvc.yaml declares its files."""
+def _live(params: Params, acc, checkpoints: CheckpointStore):
+    """DVCLive on the main process; dvc.yaml declares its files. A run that resumes continues, step for step, the
+    history its checkpoint holds (`dvc repro` deletes the stage's plots before running it again)."""
     if not acc.is_main_process:
         return None
     from dvclive import Live
 
-    return Live(params.paths.live, resume=resume, dvcyaml=None, save_dvc_exp=False, report=None)
+    latest = checkpoints.latest()
+    if latest is not None:
+        checkpoints.restore_live(latest)
+    live = Live(params.paths.live, resume=latest is not None, dvcyaml=None, save_dvc_exp=False, report=None)
+    if latest is not None:  # DVCLive reads its step back from metrics.json, except after one step (it restarts at 0)
+        live.step = checkpoints.progress(latest)["step"]
+    return live
