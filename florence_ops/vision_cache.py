@@ -174,14 +174,15 @@ def open_cache(root: Path, key: str, verify: bool = False) -> VisionFeatureCache
 @torch.no_grad()
 def build_cache(
     root: Path, key: str, image_ids: list[str], batches: Iterable[tuple[list[str], torch.Tensor]],
-    encode: Callable[[torch.Tensor], torch.Tensor],
+    encode: Callable[[torch.Tensor], torch.Tensor], warm_up: Callable[[], object] | None = None,
 ) -> VisionFeatureCache:  # fmt: skip
     """Compute and write the cache for `key` under `root`; return it opened.
 
     `batches` yields (image ids, loaded pages) in the order of `image_ids` (DataLoader workers decode the pages);
     `encode` runs the tower on the device and returns bf16 features still on the device. The device computes batch k
     while batch k-1's features come back to the host on a CUDA stream of their own and a writer thread writes them;
-    hashing threads take each complete chunk.
+    hashing threads take each complete chunk. `warm_up` (a compiling tower's first call) runs once the workers have
+    started on the first batches, so that both happen at once; its time counts as the first batch's.
     """
     root.mkdir(parents=True, exist_ok=True)
     for leftover in root.glob(f".{key}.tmp-*"):  # a build that was killed
@@ -194,6 +195,9 @@ def build_cache(
     waited = {"pages": 0.0, "writer": 0.0}  # steady-state seconds the device loop spent waiting on either side
     downloads = None  # the CUDA stream that brings features back, made with the first batch's device
     with hashing, ThreadPoolExecutor(1) as pool:
+        batches = iter(batches)  # a DataLoader's workers start decoding here
+        if warm_up is not None:
+            warm_up()
         pending, pages_ready = None, time.perf_counter()
         for ids, pages in batches:
             if first_batch is not None:

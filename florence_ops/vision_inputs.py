@@ -237,6 +237,14 @@ def tower_encoder(
     return encode
 
 
+def warm_up(encode, source: PixelSource, image_ids: Sequence[str], batch_size: int, device: torch.device) -> None:
+    """Call `encode` (from `tower_encoder`) once on the first page repeated to a full batch (`batch_size`, or fewer
+    when there are fewer pages): a compiled tower compiles for that batch size, and cuDNN picks its algorithms,
+    without waiting for the DataLoader's first batch."""
+    page = source.load(image_ids[:1]).to(device)
+    encode(page.expand(min(batch_size, len(image_ids)), *page.shape[1:]).contiguous())
+
+
 def copy_on(stream: torch.cuda.Stream, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`tensor` copied to `device` on `stream` (from pinned memory: asynchronously), overlapping the work already
     queued on the current stream, which waits for the copy before any work queued after this call."""

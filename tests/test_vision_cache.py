@@ -108,3 +108,64 @@ def test_resident_features_equal_the_mapped_ones(tmp_path):
     mapped = CachedSource(cache)
     cpu = torch.device("cpu")
     assert torch.equal(resident.prepare(resident.load(asked), cpu), mapped.prepare(mapped.load(asked), cpu))
+
+
+class _MarkingPages:
+    """A DataLoader collate function that marks, in a file, that a worker has started on the pages."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __call__(self, ids):
+        import torch
+
+        self.marker.touch()
+        return list(ids), torch.tensor([float(i[4:]) for i in ids])
+
+
+def test_the_warm_up_runs_while_the_workers_decode_the_first_pages(tmp_path):
+    """A compiling tower's first call (the warm-up) starts once the DataLoader's workers are decoding pages, so the
+    two happen at once; the cache holds the same features as one built without it."""
+    import time
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from florence_ops.vision_cache import build_cache
+
+    ids = [f"page{i}" for i in range(6)]
+    marker = tmp_path / "worker-started"
+    encode = lambda rows: rows.view(-1, 1, 1).expand(-1, 3, 2) / 5  # noqa: E731 - a stand-in tower
+    seen = []
+
+    def warm_up():
+        deadline = time.monotonic() + 10
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        seen.append(marker.exists())
+
+    loader = DataLoader(ids, batch_size=4, num_workers=1, collate_fn=_MarkingPages(marker))
+    cache = build_cache(tmp_path / "warm", "key", ids, loader, encode, warm_up=warm_up)
+    assert seen == [True], "the warm-up ran before any worker had started on the pages"
+    plain = build_cache(tmp_path / "plain", "key", ids, [(ids[:4], torch.arange(4.0)), (ids[4:], torch.arange(4.0, 6))],
+                        encode)  # fmt: skip
+    assert torch.equal(cache.features(ids), plain.features(ids))
+
+
+def test_warm_up_encodes_one_full_batch_of_the_first_page():
+    """The warm-up calls the encoder once, with the batch size it will be compiled for (or all pages, if fewer)."""
+    from types import SimpleNamespace
+
+    import torch
+    from PIL import Image
+
+    from florence_ops.vision_inputs import PixelSource, warm_up
+
+    colours = {"a": (10, 20, 30), "b": (40, 50, 60), "c": (70, 80, 90)}
+    images = {name: Image.new("RGB", (5, 4), colour) for name, colour in colours.items()}
+    source = PixelSource(images, SimpleNamespace(rescale_factor=1 / 255, image_mean=[0.5] * 3, image_std=[0.5] * 3))
+    for batch_size, expected in ((2, 2), (8, 3)):
+        calls = []
+        warm_up(calls.append, source, ["a", "b", "c"], batch_size, torch.device("cpu"))
+        assert len(calls) == 1 and calls[0].shape == (expected, 4, 5, 3)
+        assert torch.equal(calls[0], source.load(["a"]).expand(expected, 4, 5, 3))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,7 +28,7 @@ from florence_ops.launch import launch, needs_launch
 from florence_ops.modeling import apply_lora, freeze, load_pretrained, save_processor, unwrap
 from florence_ops.training import Run, fit, make_accelerator
 from florence_ops.vision_cache import build_cache, cache_key, computed_with, open_cache
-from florence_ops.vision_inputs import PixelSource, cached_source, page_loader, tower_encoder
+from florence_ops.vision_inputs import PixelSource, cached_source, page_loader, tower_encoder, warm_up
 
 log = logging.getLogger(__name__)
 COLUMNS = ["questionId", "question", "answers", "image_id", "question_types"]
@@ -122,22 +124,25 @@ def vision_source(params: Params, model, processor, images: ImageTable, acc):
     with acc.main_process_first():
         cache = open_cache(root, key, verify=acc.is_main_process)
         if cache is None:
-            batches = page_loader(pixels, images.ids, params.model.vision_batch_size, params.train.num_workers)
-            encode = tower_encoder(tower, pixels, acc.device, params.model.vision_compile, params.train.precision)
-            cache = build_cache(root, key, images.ids, batches, encode)
+            size, compiled = params.model.vision_batch_size, params.model.vision_compile
+            batches = page_loader(pixels, images.ids, size, params.train.num_workers)
+            encode = tower_encoder(tower, pixels, acc.device, compiled, params.train.precision)
+            ahead = partial(warm_up, encode, pixels, images.ids, size, acc.device) if compiled else None
+            cache = build_cache(root, key, images.ids, batches, encode, warm_up=ahead)
     return cached_source(cache, images.ids, acc.device)
 
 
 def save_trained(acc, objective, processor, target: Path) -> None:
     """Save the model being trained (full weights, or LoRA adapters with the trained projector); call on every
     process: under FSDP the full state dict is gathered from all of them first."""
-    state = None
+    start, state = time.perf_counter(), None
     if acc.distributed_type == DistributedType.FSDP:
         prefix = "model."
         state = {k[len(prefix) :]: v for k, v in acc.get_state_dict(objective).items() if k.startswith(prefix)}
     if acc.is_main_process:
         save_model(acc.unwrap_model(objective).model, processor, target, state)
     acc.wait_for_everyone()
+    log.info("model saved to %s in %.1f s", target, time.perf_counter() - start)
 
 
 def save_model(model, processor, target: Path, state_dict: dict | None = None) -> None:
