@@ -39,7 +39,7 @@ GPU_PROFILE = {
     "model.name": "base-shape",  # or a hub checkpoint, e.g. florence-community/Florence-2-base-ft
     "model.vision_batch_size": 256,
     "model.vision_compile": True,
-    "batch_size": 256,
+    "batch_size": 512,  # an H200 (141 GB); 256 on 80 GB GPUs (README: "One GPU")
     "lr": 1e-4,
     "train.num_workers": 12,
     "train.max_eval_questions": 512,
@@ -58,6 +58,7 @@ PATTERNS = {
     r"closing ([\d.]+) s\)",
     "validation": r"validation ANLS [\d.]+ \(best [\d.]+\) on (\d+) questions in ([\d.]+) s",
     "stage": r"stage (\w+) finished in ([\d.]+) s",
+    "save": r"(?:checkpoint of step \d+|model) saved (?:to \S+ )?in ([\d.]+) s",
 }
 
 
@@ -165,14 +166,17 @@ def summarise(root: Path, stages: dict, outputs: dict, args, torch) -> dict:
     validations = [tuple(map(float, m)) for m in re.findall(PATTERNS["validation"], outputs["train"])]
     tsv = (root / "reports/train/plots/metrics/train/samples_per_s.tsv").read_text().splitlines()[1:]
     samples_per_s = statistics.median(float(line.split("\t")[1]) for line in tsv)
+    peak = root / "reports/train/plots/metrics/train/peak_gpu_mem_gib.tsv"
+    peak_gib = max(float(line.split("\t")[1]) for line in peak.read_text().splitlines()[1:]) if peak.exists() else None
     metrics = json.loads((root / "reports/metrics.json").read_text())
     answered = 2 * metrics["n_questions"]
     evaluate_rate = answered / stages["evaluate"]["seconds"]
-    validation_rate = sum(q for q, _ in validations) / sum(s for _, s in validations)
+    validation_rate = sum(q for q, _ in validations) / max(sum(s for _, s in validations), 0.05)  # logged to 0.1 s
     summary = json.loads((root / "models/train/summary.json").read_text())
     train_questions = json.loads((root / "reports/data_quality.json").read_text())["n_ok_by_split"]["train"]
     steps_s = train_questions * args.epochs / samples_per_s
-    train_fixed = stages["train"]["seconds"] - cache_s - steps_s - sum(s for _, s in validations)
+    saves_s = sum(map(float, re.findall(PATTERNS["save"], outputs["train"])))  # each epoch's best model, checkpoint
+    train_fixed = stages["train"]["seconds"] - cache_s - steps_s - sum(s for _, s in validations) - saves_s
     d = DOCVQA
     pages_all = d["train_pages"] + d["validation_pages"]
     terms = {
@@ -180,6 +184,7 @@ def summarise(root: Path, stages: dict, outputs: dict, args, torch) -> dict:
         "vision_cache": warm_s + pages_all / cache_rate + closing_s * pages_all / cache_pages,
         "train_steps": d["train_questions"] * d["epochs"] / samples_per_s,
         "validation": d["epochs"] * GPU_PROFILE["train.max_eval_questions"] / validation_rate,
+        "train_saves": d["epochs"] * saves_s / args.epochs,
         "train_fixed": train_fixed,
         "evaluate": 2 * d["validation_questions"] / evaluate_rate,
     }
@@ -188,6 +193,7 @@ def summarise(root: Path, stages: dict, outputs: dict, args, torch) -> dict:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "cpu_cores": os.cpu_count(),
         "versions": _versions(),
+        "python_bytecode": _bytecode(torch),
         "scale": {
             "train_pages": args.train_documents,
             "validation_pages": args.validation_documents,
@@ -209,6 +215,7 @@ def summarise(root: Path, stages: dict, outputs: dict, args, torch) -> dict:
             "vision_cache_seconds_waiting_for_writer": wait_writer,
             "vision_cache_closing_seconds": closing_s,
             "train_samples_per_s": round(samples_per_s, 1),
+            "train_peak_gpu_memory_gib": peak_gib and round(peak_gib, 1),
             "validation_questions_per_s": round(validation_rate, 1),
             "evaluate_questions_per_s": round(evaluate_rate, 1),
         },
@@ -217,6 +224,7 @@ def summarise(root: Path, stages: dict, outputs: dict, args, torch) -> dict:
             "preprocess_pages_per_s": "distinct pages / seconds of the preprocess stage's work (its log)",
             "vision_cache_pages_per_s": "pages after the first batch / seconds after it (the first batch compiles)",
             "train_samples_per_s": "median over all optimizer steps of DVCLive train/samples_per_s",
+            "train_peak_gpu_memory_gib": "largest DVCLive train/peak_gpu_mem_gib (torch.cuda.max_memory_allocated)",
             "evaluate_questions_per_s": "2 x questions (before and after passes) / evaluate stage wall (dvc repro)",
         },
         "sizes_gib": {
@@ -241,9 +249,10 @@ def summarise(root: Path, stages: dict, outputs: dict, args, torch) -> dict:
             "terms_seconds": {k: round(v, 1) for k, v in terms.items()},
             "formula": "preprocess = pages / preprocess rate + its fixed cost; vision_cache = warm-up + pages / cache "
             "rate + closing (hashes, index) scaled by pages; train_steps = train questions x 7 / train rate; "
-            "validation = 7 x max_eval_questions / validation rate; train_fixed = measured train wall - cache - "
-            "steps - validation (start-up, saving, DVC); evaluate = 2 x validation questions / evaluate rate "
-            "(stage wall rate: start-up included)",
+            "validation = 7 x max_eval_questions / validation rate; train_saves = 7 x the measured saves (best "
+            "model, checkpoint) per epoch; train_fixed = measured train wall - cache - steps - validation - saves "
+            "(start-up, DVC); evaluate = 2 x validation questions / evaluate rate (stage wall rate: start-up "
+            "included)",
             "recipe_seconds": 1.9 * 3600,
             "speedup_vs_recipe": round(1.9 * 3600 / sum(terms.values()), 1),
         },
@@ -262,11 +271,22 @@ def _versions() -> dict:
     return versions
 
 
+def _bytecode(torch) -> dict:
+    """Whether Python finds torch's modules compiled (a pip install compiles them; without, every stage's process
+    compiles what it imports again) and may write what it compiles."""
+    import importlib.util
+
+    return {
+        "torch_modules_compiled": Path(importlib.util.cache_from_source(torch.__file__)).exists(),
+        "dont_write_bytecode": bool(sys.flags.dont_write_bytecode),
+    }
+
+
 def print_table(report: dict) -> None:
     for stage, row in report["stages"].items():
         print(f"{stage:<12}{row['seconds']:>8.1f} s   (stage process {row['stage_process_seconds']} s)")
     for name, value in report["rates"].items():
-        print(f"{name:<44}{value:>10}")
+        print(f"{name:<44}{value!s:>10}")
     projection = report["projection"]
     print(f"projection, DocVQA 7 epochs: {projection['docvqa_7_epochs_seconds']} s "
           f"({projection['speedup_vs_recipe']}x faster than the recipe's 1.9 h)")  # fmt: skip

@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 from florence_ops.config import Params, pick
+
+log = logging.getLogger(__name__)
 
 LIVE = "dvclive"  # DVCLive's folder inside a checkpoint
 
@@ -59,6 +63,7 @@ class CheckpointStore:
 
     def save(self, accelerator, progress: dict[str, Any]) -> Path:
         """Write accelerate's state and `progress` to `last`, replacing the previous checkpoint atomically."""
+        start = time.perf_counter()
         tmp = self.folder / f".tmp-{progress['step']}"
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -74,6 +79,7 @@ class CheckpointStore:
             os.replace(tmp, self.last)
             shutil.rmtree(self.previous, ignore_errors=True)
         accelerator.wait_for_everyone()
+        log.info("checkpoint of step %d saved in %.1f s", progress["step"], time.perf_counter() - start)
         return self.last
 
     def restore_live(self, checkpoint: Path) -> None:
