@@ -79,7 +79,8 @@ class CheckpointStore:
             os.replace(tmp, self.last)
             shutil.rmtree(self.previous, ignore_errors=True)
         accelerator.wait_for_everyone()
-        log.info("checkpoint of step %d saved in %.1f s", progress["step"], time.perf_counter() - start)
+        if accelerator.is_main_process:
+            log.info("checkpoint of step %d saved in %.1f s", progress["step"], time.perf_counter() - start)
         return self.last
 
     def restore_live(self, checkpoint: Path) -> None:

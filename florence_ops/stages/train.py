@@ -141,8 +141,8 @@ def save_trained(acc, objective, processor, target: Path) -> None:
         state = {k[len(prefix) :]: v for k, v in acc.get_state_dict(objective).items() if k.startswith(prefix)}
     if acc.is_main_process:
         save_model(acc.unwrap_model(objective).model, processor, target, state)
+        log.info("model saved to %s in %.1f s", target, time.perf_counter() - start)
     acc.wait_for_everyone()
-    log.info("model saved to %s in %.1f s", target, time.perf_counter() - start)
 
 
 def save_model(model, processor, target: Path, state_dict: dict | None = None) -> None:
