@@ -31,7 +31,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from florence_ops.config import parse_value, read_yaml  # noqa: E402
+from florence_ops.config import apply_overrides, parse_value, read_yaml  # noqa: E402
 
 STAGES = ("download", "preprocess", "train", "evaluate", "export")
 # What a user with one GPU sets in params.yaml (README: "One GPU"); the scale keys come from the command line.
@@ -72,12 +72,7 @@ def workspace(root: Path, reference: Path, overrides: dict) -> Path:
         shutil.copy2(REPO / name, root / name)
     shutil.copytree(reference, root / "reference")
     params = read_yaml(root / "params.yaml")  # YAML 1.2 floats, as the stages read them
-    for key, value in {**overrides, "model.reference_files": "reference"}.items():
-        node = params
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+    apply_overrides(params, {**overrides, "model.reference_files": "reference"})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     bin_dir = root / ".bin"
     bin_dir.mkdir()

@@ -330,14 +330,18 @@ def parse_value(text: str) -> Any:
 
 def load_params(path: str | Path = PARAMS_FILE, overrides: dict[str, Any] | None = None) -> Params:
     """Load and validate params.yaml (plus dotted-key overrides) into `Params`."""
-    raw = read_yaml(path) or {}
-    for dotted, value in (overrides or {}).items():
+    return from_dict(Params, apply_overrides(read_yaml(path) or {}, overrides or {}))
+
+
+def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
+    """`raw` (params as read from YAML) with each dotted key of `overrides` set in place; returns `raw`."""
+    for dotted, value in overrides.items():
         node = raw
         *parents, leaf = dotted.split(".")
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
-    return from_dict(Params, raw)
+    return raw
 
 
 def from_dict(cls: type, data: Any, prefix: str = "") -> Any:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from florence_ops.config import read_yaml, to_dict
+from florence_ops.config import apply_overrides, read_yaml, to_dict
 from tests.conftest import REPO, TINY_OVERRIDES, tiny_params
 
 pytestmark = pytest.mark.slow
@@ -98,13 +98,7 @@ def _dvc_workspace(root, overrides: dict):
     `overrides` (dotted keys) applied."""
     shutil.copytree(REPO / "florence_ops", root / "florence_ops", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    params = read_yaml(REPO / "params.yaml")  # YAML 1.2 floats, as the stages read them
-    for key, value in overrides.items():
-        node = params
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+    params = apply_overrides(read_yaml(REPO / "params.yaml"), overrides)  # YAML 1.2 floats, as the stages read them
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _dvc(root, "git", "init", "-q")
     _dvc(root, "init", "-q")
