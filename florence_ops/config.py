@@ -245,6 +245,9 @@ class ServeConfig:
     allow_remote_images: bool = False  # fetch http(s) image URLs (off: only data: URLs)
     api_token_env: str = "FLORENCE_OPS_API_TOKEN"  # env variable holding the bearer token; unset or empty: no token
     reload_interval_s: float = 2.0  # seconds between checks of the model directory for a new model (0: never)
+    header_timeout_s: float = 10.0  # a client that has not sent a request's headers after this long gets 408
+    body_timeout_s: float = 60.0  # a request whose body has not arrived whole after this long gets 408
+    max_connections: int = 1000  # open connections per HTTP process; more are answered 503 and closed
 
     def __post_init__(self) -> None:
         if self.host not in SERVE_HOSTS:
@@ -255,6 +258,8 @@ class ServeConfig:
             raise ConfigError("serve: max_batch_size, workers_per_device, api_servers, max_body_bytes must be >= 1")
         if min(self.batch_timeout_s, self.reload_interval_s) < 0:
             raise ConfigError("serve: batch_timeout_s and reload_interval_s must be >= 0")
+        if min(self.header_timeout_s, self.body_timeout_s) <= 0 or self.max_connections < 1:
+            raise ConfigError("serve: header_timeout_s and body_timeout_s must be > 0, max_connections >= 1")
         if self.batch_timeout_s >= self.request_timeout_s:
             raise ConfigError("serve.batch_timeout_s must be less than serve.request_timeout_s")
 

@@ -80,7 +80,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Run the server until interrupted."""
-    from florence_ops.serving.server import serve
+    from florence_ops.serving.server import ServerFailed, serve
 
     overrides = {"serve.host": args.host, "serve.port": args.port, "serve.max_batch_size": args.max_batch_size,
                  "serve.batch_timeout_s": args.batch_timeout}  # fmt: skip
@@ -91,7 +91,11 @@ def run_serve(args: argparse.Namespace) -> int:
             f"{'' if _token_set(params) else ' (no token set: ' + params.serve.api_token_env + ')'}",
             file=sys.stderr,
         )
-    serve(Path(args.model or params.paths.export), params)
+    try:
+        serve(Path(args.model or params.paths.export), params)
+    except ServerFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

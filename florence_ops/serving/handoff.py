@@ -18,6 +18,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from florence_ops.serving.supervision import process_alive
+
 log = logging.getLogger(__name__)
 SHARED_MEMORY = Path("/dev/shm")
 PREFIX = "florence-ops-pages-"
@@ -36,6 +38,15 @@ class PageHandoff:
         """A new private directory (mode 0700) on /dev/shm, or in the temp folder where there is no /dev/shm."""
         base = SHARED_MEMORY if SHARED_MEMORY.is_dir() and os.access(SHARED_MEMORY, os.W_OK) else None
         return cls(Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=base)))
+
+    @staticmethod
+    def remove_stale() -> None:
+        """Remove the directories of servers that were killed before they could remove their own."""
+        base = SHARED_MEMORY if SHARED_MEMORY.is_dir() else Path(tempfile.gettempdir())
+        for folder in base.glob(f"{PREFIX}*-*"):
+            pid = folder.name.removeprefix(PREFIX).split("-", 1)[0]
+            if pid.isdigit() and not process_alive(int(pid)):
+                shutil.rmtree(folder, ignore_errors=True)
 
     def put(self, pixels: bytes) -> str | bytes:
         """What to queue for `pixels`: the path of the file they were written to, or the pixels themselves when

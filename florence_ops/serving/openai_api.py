@@ -89,6 +89,9 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+UNAUTHORIZED = "missing or wrong bearer token (Authorization: Bearer <token>)"
+
+
 class BadRequest(Exception):
     """A request the server refuses; becomes an OpenAI error body with `status`."""
 

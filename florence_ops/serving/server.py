@@ -35,7 +35,8 @@ from florence_ops.config import Params
 from florence_ops.data.validation import InvalidImage
 from florence_ops.serving.answering import check_model_dir, input_size
 from florence_ops.serving.handoff import PageHandoff
-from florence_ops.serving.model_dir import model_metrics, version_of
+from florence_ops.serving.health import InFlightGuard, health
+from florence_ops.serving.model_dir import version_of
 from florence_ops.serving.openai_api import (
     AssistantMessage,
     BadRequest,
@@ -48,12 +49,18 @@ from florence_ops.serving.openai_api import (
 )
 from florence_ops.serving.page import PAGE_HTML
 from florence_ops.serving.pages import model_page_pixels, page_id
+from florence_ops.serving.protection import BodyLimits, DocsNeedToken, http_protocol, raise_open_files_limit
+from florence_ops.serving.supervision import SupervisedServer, children_die_with_this_process
 from florence_ops.serving.worker import API_PATH, DocVQAAPI
 
 log = logging.getLogger(__name__)
 REMOTE_TIMEOUT_S = 10  # fetching an http(s) image, where serve.allow_remote_images is on
-STATUS_CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
-                504: "timeout"}  # fmt: skip
+STATUS_CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
+                413: "body_too_large", 503: "unavailable", 504: "timeout"}  # fmt: skip
+
+
+class ServerFailed(RuntimeError):
+    """One of the server's processes died and brought the server down (its exit status is 1, for the supervisor)."""
 
 
 class ChatCompletionsSpec(LitSpec):
@@ -66,6 +73,7 @@ class ChatCompletionsSpec(LitSpec):
         self.model_name = model_dir.name
         self._size: tuple[str | None, tuple[int, int]] = (version_of(model_dir), model_size(model_dir, params))
         self._handler: RegularRequestHandler | None = None
+        self._guard: InFlightGuard | None = None
         self.add_endpoint(API_PATH, self.chat_completions, ["POST"])
 
     def pre_setup(self, lit_api: ls.LitAPI) -> None:
@@ -74,7 +82,7 @@ class ChatCompletionsSpec(LitSpec):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state["_handler"] = None
+        state["_handler"] = state["_guard"] = None
         return state
 
     async def chat_completions(self, request: ChatCompletionRequest, response: Response) -> ChatCompletionResponse:
@@ -90,6 +98,8 @@ class ChatCompletionsSpec(LitSpec):
             raise BadRequest(f"{problem.reason}: {problem.detail}", problem.reason, "image_url") from None
         if self._handler is None:
             self._handler = RegularRequestHandler(self.lit_api, self._server)
+            self._guard = InFlightGuard(self.pages.root, self._server.response_buffer)
+            self._guard.start()
         row = {"question": question, "image_id": page_id(data), "pixels": page, "size": size}
         try:
             result = await self._handler.handle_request(row, dict)
@@ -147,59 +157,30 @@ def fetch_image(url: str, max_bytes: int) -> bytes:
     return data
 
 
-class BodyLimit:
-    """ASGI middleware: a body over `max_bytes` gets 413 once the client has finished sending it.
-
-    LitServe's MaxSizeMiddleware answers as soon as the limit is passed; a client still sending (urllib, requests)
-    then sees the connection reset instead of the answer. Here the rest is read and dropped first (memory stays
-    bounded), up to `DRAIN_FACTOR` times the limit, beyond which the connection is simply closed.
-    """
-
-    DRAIN_FACTOR = 8
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        total = 0
-
-        async def limited():
-            nonlocal total
-            message = await receive()
-            total += len(message.get("body", b""))
-            if total > self.max_bytes:
-                while message.get("more_body") and total <= self.max_bytes * self.DRAIN_FACTOR:
-                    message = await receive()
-                    total += len(message.get("body", b""))
-                raise StarletteHTTPException(413, f"request body over serve.max_body_bytes={self.max_bytes}")
-            return message
-
-        await self.app(scope, limited, send)
-
-
 def build_server(model_dir: str | Path, params: Params, pages: PageHandoff) -> ls.LitServer:
     """A LitServer for `model_dir` configured by `params.serve`, with the OpenAI endpoint, /healthz and the page;
     request pages cross to the workers through `pages`."""
     model_dir, cfg = Path(model_dir), params.serve
     check_model_dir(model_dir)
     token = os.environ.get(cfg.api_token_env) or None
-    api = DocVQAAPI(model_dir, params, token, ChatCompletionsSpec(model_dir, params, pages))
-    server = ls.LitServer(
+    api = DocVQAAPI(model_dir, params, token, ChatCompletionsSpec(model_dir, params, pages), pages.root)
+    middlewares = [(BodyLimits, {"max_bytes": cfg.max_body_bytes, "timeout_s": cfg.body_timeout_s})]
+    if token:
+        middlewares.append((DocsNeedToken, {"token": token}))
+    server = SupervisedServer(
         api,
         accelerator=cfg.accelerator,
         devices=cfg.devices if cfg.devices is not None else "auto",
         workers_per_device=cfg.workers_per_device,
         timeout=cfg.request_timeout_s,
-        middlewares=[(BodyLimit, {"max_bytes": cfg.max_body_bytes})],
+        middlewares=middlewares,
         fast_queue=True,  # responses over ZeroMQ: LitServe's transport for hundreds of requests per second
     )
-    add_routes(server, model_dir, api)
+    add_routes(server, api, pages.root)
     return server
 
 
-def add_routes(server: ls.LitServer, model_dir: Path, api: DocVQAAPI) -> None:
+def add_routes(server: ls.LitServer, api: DocVQAAPI, runtime_dir: Path) -> None:
     """`/healthz`, the page at `/` (in place of LitServe's plain-text index) and OpenAI-shaped errors."""
     app: FastAPI = server.app
     app.router.routes = [route for route in app.router.routes if getattr(route, "path", None) != "/"]
@@ -211,15 +192,19 @@ def add_routes(server: ls.LitServer, model_dir: Path, api: DocVQAAPI) -> None:
 
     @app.get("/healthz", dependencies=[Depends(auth)])
     async def healthz() -> JSONResponse:
-        ready = bool(server.workers_setup_status) and all(
-            status == WorkerSetupStatus.READY for status in server.workers_setup_status.values()
-        )
-        metrics, source = model_metrics(model_dir)
-        body = {"status": "ok" if ready else "starting", "model": str(model_dir.resolve()),
-                "version": version_of(model_dir), "metrics": metrics, "metrics_source": source,
-                "device": [d if isinstance(d, str) else ",".join(d) for d in server.devices],
-                "max_batch_size": api.max_batch_size, "batch_timeout_s": api.batch_timeout}  # fmt: skip
-        return JSONResponse(body, status_code=200 if ready else 503)
+        """200 while every model worker serves a model; 503 (with the reason) whenever the server cannot answer."""
+        try:
+            statuses = dict(server.workers_setup_status)
+            stopping = server._shutdown_event.is_set()
+        except (OSError, EOFError):  # the main process is gone: this process is about to be stopped too
+            statuses, stopping = {}, True
+        ready = bool(statuses) and all(status == WorkerSetupStatus.READY for status in statuses.values())
+        code, body = health(runtime_dir, ready and not stopping, len(server.inference_workers))
+        if stopping:
+            code, body["status"] = 503, "stopping"
+        body.update(device=[d if isinstance(d, str) else ",".join(d) for d in server.devices],
+                    max_batch_size=api.max_batch_size, batch_timeout_s=api.batch_timeout)  # fmt: skip
+        return JSONResponse(body, status_code=code)
 
     add_error_handlers(app)
 
@@ -261,14 +246,24 @@ def error_response(error: BadRequest) -> JSONResponse:
 def serve(model_dir: str | Path, params: Params) -> None:
     """Run the server on `serve.host`:`serve.port` until interrupted (Ctrl+C, or SIGTERM as from Docker)."""
     cfg = params.serve
+    PageHandoff.remove_stale()
     pages = PageHandoff.create()
     try:
         server = build_server(model_dir, params, pages)
+        raise_open_files_limit(cfg.max_connections * cfg.api_servers)
+        children_die_with_this_process()
         log.info("serving %s on http://%s:%d (page at /, OpenAI API at %s)", model_dir, cfg.host, cfg.port, API_PATH)
         with terminate_as_interrupt():
-            server.run(host=cfg.host, port=cfg.port, num_api_servers=cfg.api_servers, generate_client_file=False)
+            try:
+                server.run(host=cfg.host, port=cfg.port, num_api_servers=cfg.api_servers, generate_client_file=False,
+                           http=http_protocol(cfg.header_timeout_s, cfg.max_connections))  # fmt: skip
+            except (EOFError, ConnectionError) as error:  # raised from the main thread's wait on the queue's manager
+                server.failure = server.failure or f"the request queue's manager process died ({error!r})"
+                log.error("%s: the server was shut down", server.failure)
     finally:
         pages.close()
+    if server.failure:
+        raise ServerFailed(f"the server stopped: {server.failure}")
 
 
 @contextlib.contextmanager

@@ -7,23 +7,29 @@ the model's input size as raw pixels in shared memory (see `server.py`, `handoff
 request's input.
 
 Hot swap: a thread checks the model directory every `serve.reload_interval_s`; when a new model is in place (a
-promotion renames a complete copy into place) it loads it beside the current one and swaps the reference between
-batches. A batch in flight finishes on the model it started with; a load that fails or races a further swap leaves
-the current model serving and is retried on the next check.
+promotion switches a complete copy into place) it loads it beside the current one and swaps the reference between
+batches. A batch in flight finishes on the model it started with; a load that races a further swap is retried on the
+next check. A load that fails leaves the current model serving, is reported in `/healthz` (`last_failed_load`) and
+is retried for the same version after a delay that doubles each time, up to `MAX_RETRY_S`.
+
+Each worker dies with the server's main process and reports what it serves through `health.write_worker_status`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import litserve as ls
 import numpy as np
 import torch
+import transformers
 from fastapi import Depends, HTTPException
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
@@ -31,12 +37,16 @@ from florence_ops.config import Params
 from florence_ops.data.validation import resize_for_model
 from florence_ops.serving.answering import Answerer, load_answerer
 from florence_ops.serving.handoff import PageHandoff
-from florence_ops.serving.model_dir import version_of
+from florence_ops.serving.health import write_worker_status
+from florence_ops.serving.model_dir import model_metrics, version_of
+from florence_ops.serving.openai_api import UNAUTHORIZED
 from florence_ops.serving.pages import open_pixels
+from florence_ops.serving.supervision import die_with_parent
 from florence_ops.vision_inputs import PageRows
 
 log = logging.getLogger(__name__)
 API_PATH = "/v1/chat/completions"
+MAX_RETRY_S = 300.0  # longest wait before loading a model that failed to load once more
 bearer = HTTPBearer(auto_error=False)
 
 
@@ -56,24 +66,45 @@ def read_page(row: dict[str, Any], slot: torch.Tensor, size: tuple[int, int]) ->
 class DocVQAAPI(ls.LitAPI):
     """Answers page questions in batches; lifecycle: setup, decode_request, batch, predict, unbatch, encode_response."""
 
-    def __init__(self, model_dir: Path, params: Params, token: str | None, spec: ls.specs.base.LitSpec):
+    def __init__(self, model_dir: Path, params: Params, token: str | None, spec: ls.specs.base.LitSpec,
+                 runtime_dir: Path):  # fmt: skip
         cfg = params.serve
         super().__init__(max_batch_size=cfg.max_batch_size, batch_timeout=cfg.batch_timeout_s, spec=spec)
         self.model_dir, self.params, self.token = Path(model_dir), params, token
+        self.runtime_dir, self.server_pid = Path(runtime_dir), os.getpid()
         self.answerer: Answerer | None = None
+        self.last_failed_load: dict[str, Any] | None = None
         self._pages: torch.Tensor | None = None
 
     def setup(self, device: str) -> None:
         """Load the model on `device` and start watching its directory for a newly promoted model."""
+        die_with_parent(self.server_pid)
         if not logging.getLogger().handlers:  # a spawned worker: log swaps as the CLI process does
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        transformers.utils.logging.disable_progress_bar()  # a log line per load, and no lock left at SIGTERM
+        self.worker_id = os.environ.get("LITSERVE_WORKER_ID", "0")
         self.torch_device = torch.device(device)  # LitServe sets `device` to the string afterwards
-        self.answerer = self._load()
+        self._report()  # alive, no model yet
+        self._serve(self._load())
         if self.params.serve.reload_interval_s > 0:
             threading.Thread(target=self._watch, name="model-reload", daemon=True).start()
 
     def _load(self) -> Answerer:
         return load_answerer(self.model_dir, self.params, self.max_batch_size, self.torch_device)
+
+    def _serve(self, answerer: Answerer) -> None:
+        """Answer with `answerer` from the next batch on, and say so in this worker's status."""
+        metrics, source = model_metrics(answerer.model_dir)  # a further swap is caught by the version check
+        self.answerer, self.last_failed_load = answerer, None
+        self._served = {"version": answerer.version, "metrics": metrics, "metrics_source": source,
+                        "loaded_at": _iso(time.time())}  # fmt: skip
+        self._report()
+
+    def _report(self) -> None:
+        """Write this worker's status for the HTTP processes: the model it serves and the last load that failed."""
+        served = self._served if self.answerer is not None else {"version": None}
+        write_worker_status(self.runtime_dir, self.worker_id, {"model": str(self.model_dir.resolve()), **served,
+                                                                "last_failed_load": self.last_failed_load})  # fmt: skip
 
     def decode_request(self, request: dict[str, Any]) -> dict[str, Any]:
         """The validated request (question, image_id, its page as handed off, and the page size) as a row."""
@@ -135,7 +166,7 @@ class DocVQAAPI(ls.LitAPI):
             return
         given = credentials.credentials if credentials else ""
         if not secrets.compare_digest(given.encode(), self.token.encode()):
-            raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+            raise HTTPException(401, UNAUTHORIZED)
 
     def _watch(self) -> None:
         """Swap in a new model whenever the directory's version changes (runs in a daemon thread)."""
@@ -143,18 +174,38 @@ class DocVQAAPI(ls.LitAPI):
         while True:
             time.sleep(interval)
             version = version_of(self.model_dir)
-            if version is None or version == self.answerer.version:
-                continue  # unchanged, or missing for the instant between a promotion's two renames
+            if version is None or version == self.answerer.version or not self._retry_due(version):
+                continue  # unchanged, missing, or failed to load a moment ago
             try:
                 fresh = self._load()
-            except Exception as error:  # a promotion in progress or a broken model: keep serving the current one
-                log.warning("new model in %s not loaded (%s); serving version %s", self.model_dir, error,
-                            self.answerer.version)  # fmt: skip
+            except Exception as error:  # a broken model: keep serving the current one
+                self._load_failed(version, error)
                 continue
             if fresh.version != version_of(self.model_dir):
                 continue  # replaced again while loading: load the newest on the next check
-            previous, self.answerer = self.answerer, fresh
+            previous = self.answerer
+            self._serve(fresh)
             log.info("swapped in model version %s (was %s)", fresh.version, previous.version)
             del previous
             if self.torch_device.type == "cuda":
                 torch.cuda.empty_cache()
+
+    def _retry_due(self, version: str) -> bool:
+        failed = self.last_failed_load
+        return failed is None or failed["version"] != version or time.time() >= failed["retry_at"]
+
+    def _load_failed(self, version: str, error: Exception) -> None:
+        """Remember the failure (reported in /healthz) and when to try this version again."""
+        failed = self.last_failed_load
+        attempts = failed["attempts"] + 1 if failed and failed["version"] == version else 1
+        delay = min(self.params.serve.reload_interval_s * 2**attempts, MAX_RETRY_S)
+        now = time.time()
+        self.last_failed_load = {"version": version, "error": " ".join(f"{type(error).__name__}: {error}".split()),
+                                 "at": _iso(now), "attempts": attempts, "retry_at": now + delay}  # fmt: skip
+        self._report()
+        log.warning("new model in %s (version %s) not loaded (%s); serving version %s; next try in %.0f s",
+                    self.model_dir, version, self.last_failed_load["error"], self.answerer.version, delay)  # fmt: skip
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")

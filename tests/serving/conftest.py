@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -100,7 +101,8 @@ def png_bytes(image) -> bytes:
 class Server:
     """`florence-ops serve` in a subprocess, stopped by `stop`."""
 
-    def __init__(self, model_dir: Path, params_file: Path, port: int, env: dict | None = None):
+    def __init__(self, model_dir: Path, params_file: Path, port: int, env: dict | None = None,
+                 open_files: int | None = None):  # fmt: skip
         self.port, self.url = port, f"http://127.0.0.1:{port}"
         self.log = params_file.parent / f"serve-{port}.log"
         command = ["florence-ops", "serve", "--params", str(params_file), "--model", str(model_dir)]
@@ -110,6 +112,8 @@ class Server:
         self.process = subprocess.Popen(
             command, cwd=params_file.parent, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})}, start_new_session=True,
+            preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files)))
+            if open_files else None,
         )  # fmt: skip
         self.wait_ready()
 
@@ -133,6 +137,14 @@ class Server:
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())
 
+    def processes(self) -> list:
+        """The server's processes still running (its process group: the main process and every child)."""
+        import psutil
+
+        self.process.poll()  # reap the main process if it has exited
+        return [p for p in psutil.process_iter(["pid", "status"])
+                if p.info["status"] != psutil.STATUS_ZOMBIE and _group_of(p.info["pid"]) == self.process.pid]  # fmt: skip
+
     def stop(self) -> None:
         if self.process.poll() is None:
             os.killpg(self.process.pid, 15)
@@ -141,6 +153,13 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, 9)
                 self.process.wait()
+
+
+def _group_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
 
 
 def raw_pages(root: Path, split: str) -> list[dict]:

@@ -41,7 +41,7 @@ def test_a_batch_with_an_abandoned_request_answers_the_others(served, tmp_path):
     params = tiny_params(served, **{"serve.reload_interval_s": 0})
     model_dir = served / "models/export"
     pages = PageHandoff(tmp_path)
-    api = DocVQAAPI(model_dir, params, None, ChatCompletionsSpec(model_dir, params, pages))
+    api = DocVQAAPI(model_dir, params, None, ChatCompletionsSpec(model_dir, params, pages), pages.root)
     api.setup("cpu")
     size = api.answerer.input_size
     records = raw_pages(served, "validation")

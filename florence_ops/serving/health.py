@@ -1,0 +1,101 @@
+"""What the server's processes know of each other: the model each worker serves, and whether it is alive.
+
+Each model worker writes `worker-<id>.json` into the server's private runtime directory (on /dev/shm, see
+`handoff.py`) whenever it loads a model or fails to: its pid, the version and metrics it serves, and the last load
+that failed. The HTTP processes read these files to answer `/healthz` with what is actually served, and to answer
+503 at once to the requests a worker had taken when it died (`InFlightGuard`) instead of letting them wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from fastapi import HTTPException
+from litserve.utils import LitAPIStatus
+
+from florence_ops.serving.supervision import POLL_S, process_alive
+
+log = logging.getLogger(__name__)
+RETRY_AFTER_S = 5  # what a 503 tells clients to wait: about the time a model worker takes to restart
+
+
+def write_worker_status(root: Path, worker_id: str, status: dict[str, Any]) -> None:
+    """Replace worker `worker_id`'s status file in `root` (atomically: readers never see half of it)."""
+    path = Path(root) / f"worker-{worker_id}.json"
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary.write_text(json.dumps({"worker_id": worker_id, "pid": os.getpid(), **status}))
+    os.replace(temporary, path)
+
+
+def read_worker_statuses(root: Path) -> list[dict[str, Any]]:
+    """Every worker's last status, by worker id, each with `alive` added."""
+    statuses = []
+    for path in sorted(Path(root).glob("worker-*.json")):
+        try:
+            status = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        statuses.append({**status, "alive": process_alive(int(status["pid"]))})
+    return statuses
+
+
+def health(root: Path, workers_ready: bool, expected_workers: int) -> tuple[int, dict[str, Any]]:
+    """The status code and body of `/healthz`: 200 only when every model worker is up and serving a model."""
+    statuses = read_worker_statuses(root)
+    serving = [s for s in statuses if s["alive"] and s.get("version")]
+    if workers_ready and len(serving) == expected_workers:
+        state = "ok"
+    else:
+        state = "starting" if not statuses else "unavailable"
+    versions = sorted({s["version"] for s in serving})
+    first = serving[0] if serving else {}
+    failed = [s["last_failed_load"] for s in statuses if s.get("last_failed_load")]
+    body = {
+        "status": state,
+        "version": versions[0] if len(versions) == 1 else (versions or None),
+        "model": first.get("model"),
+        "metrics": first.get("metrics"),
+        "metrics_source": first.get("metrics_source"),
+        "loaded_at": first.get("loaded_at"),
+        "last_failed_load": max(failed, key=lambda f: f["at"]) if failed else None,
+        "workers": [{key: s.get(key) for key in ("worker_id", "pid", "alive", "version")} for s in statuses],
+    }
+    return (200 if state == "ok" else 503), body
+
+
+class InFlightGuard:
+    """In an HTTP process: fails the requests a model worker had taken when it died, with 503, within `POLL_S`.
+
+    LitServe tells an HTTP process which worker took a request (the worker's start message, sent when workers
+    are restarted) but not that the worker died; requests still in the queue are left for its replacement."""
+
+    def __init__(self, root: Path, response_buffer: dict):
+        self.root, self.response_buffer = Path(root), response_buffer
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Start watching, once per process (from within its event loop)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_S)
+            dead = {str(s["worker_id"]) for s in read_worker_statuses(self.root) if not s["alive"]}
+            if dead:
+                self.fail_requests_of(dead)
+
+    def fail_requests_of(self, dead: set[str]) -> None:
+        """Answer 503 to every unanswered request taken by a worker in `dead`."""
+        error = HTTPException(503, "the model worker answering this request died; retry",
+                              headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
+        for uid, item in list(self.response_buffer.items()):
+            if item.worker_id is not None and str(item.worker_id) in dead and not item.event.is_set():
+                item.response = (error, LitAPIStatus.ERROR)
+                item.event.set()
+                log.warning("request %s failed: its model worker %s died", uid, item.worker_id)
