@@ -37,11 +37,17 @@ def answer_page(answerer: Answerer, data: bytes, question: str, params: Params, 
     if problem:
         raise UserError(f"{problem.reason}: {problem.detail}")
     try:
-        image = model_page(data, answerer.input_size, params.data.max_image_pixels, page, params.predict.pdf_dpi)
+        image = _model_page(answerer, data, page, params)
     except checks.InvalidImage as error:
         raise UserError(f"{error.problem.reason}: {error.problem.detail}") from None
     image_id = page_id(data, page)
     return answerer.answer([{"question": question, "image_id": image_id}], {image_id: image})[0]
+
+
+def _model_page(answerer: Answerer, data: bytes, page: int | None, params: Params) -> Image.Image:
+    """The page at the model's size, under preprocess's pixel limit (predict answers what evaluation would)."""
+    max_pixels, dpi = params.data.max_image_pixels, params.predict.pdf_dpi
+    return model_page(data, answerer.input_size, max_pixels, page, dpi, setting="data.max_image_pixels")
 
 
 def predict_jsonl(answerer: Answerer, input_path: Path, output_path: Path, params: Params) -> dict[str, Any]:
@@ -122,7 +128,7 @@ def _load_page(
     if data is None:
         return checks.Problem(checks.IMAGE_MISSING, f"{image} cannot be read")
     try:
-        pixels = model_page(data, answerer.input_size, params.data.max_image_pixels, page, params.predict.pdf_dpi)
+        pixels = _model_page(answerer, data, page, params)
     except checks.InvalidImage as error:
         return error.problem
     return page_id(data, page), pixels

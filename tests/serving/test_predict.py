@@ -3,6 +3,7 @@ DocVQA submission of an unlabeled split."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 
@@ -103,3 +104,28 @@ def test_submission_for_an_unlabeled_split(served, capsys, tmp_path):
     assert [item["questionId"] for item in written] == [57000 + i for i in range(len(rows))]
     assert {str(item["questionId"]): item["answer"] for item in written} == expected
     assert all(set(item) == {"questionId", "answer"} for item in written)
+
+
+def two_page_pdf(served, folder) -> tuple[str, list[str]]:
+    """A PDF of two validation pages in `folder`, and the question asked about each page in the data."""
+    from PIL import Image
+
+    records = raw_pages(served, "validation")[:2]
+    first, second = (Image.open(io.BytesIO(r["image"]["bytes"])).convert("RGB") for r in records)
+    path = folder / "doc.pdf"
+    first.save(path, save_all=True, append_images=[second])
+    return str(path), [r["question"] for r in records]
+
+
+def test_pixel_limit_errors_name_predicts_setting(served, capsys, tmp_path):
+    """predict decodes pages under preprocess's limit, data.max_image_pixels, and says so for PDFs too."""
+    pdf, _ = two_page_pdf(served, tmp_path)
+    image = tmp_path / "page.png"
+    image.write_bytes(raw_pages(served, "validation")[0]["image"]["bytes"])
+    params = str(write_params(tmp_path, **{"data.max_image_pixels": 1000}))
+    model = str(served / "models/export")
+    code, _, err = run_cli(capsys, "--params", params, "--model", model, "--image", pdf, "--question", "Why?")
+    assert (code, err.splitlines()[-1]) == (2, "error: image_too_large: page 1 at 150 dpi exceeds "
+                                               "data.max_image_pixels=1000")  # fmt: skip
+    code, _, err = run_cli(capsys, "--params", params, "--model", model, "--image", str(image), "--question", "Why?")
+    assert code == 2 and err.splitlines()[-1].startswith("error: image_too_large: over data.max_image_pixels=1000: ")

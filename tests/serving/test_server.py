@@ -184,3 +184,14 @@ def test_page_uploads_asks_and_shows_the_answer(served, server, tmp_path):
             assert page.is_visible("#preview") and page.inner_text("#error") == ""
         finally:
             browser.close()
+
+
+def test_image_over_the_pixel_limit_names_serve_max_image_pixels(server):
+    """The server decodes under serve.max_image_pixels; its 400 names that setting, not preprocess's."""
+    from tests.data.test_validation import png_header_only
+
+    for image in (_large_png(2000, 1100), png_header_only(100_000, 100_000)):  # just over; a decompression bomb
+        status, body = post(server, _page_request("What?", data_url(image)))
+        assert (status, body["error"]["code"]) == (400, "image_too_large"), body
+        assert f"serve.max_image_pixels={MAX_PIXELS}" in body["error"]["message"], body
+        assert "data.max_image_pixels" not in body["error"]["message"]
