@@ -60,6 +60,8 @@ def run_predict(args: argparse.Namespace) -> int:
         raise UserError("--image needs --question")
     if args.input is not None and args.output is None:
         raise UserError("--input needs --output")
+    if args.page is not None and args.page < 1:
+        raise UserError(f"--page counts from 1, got {args.page}")
     params = params_for(args.params, {"predict.batch_size": args.batch_size})
     model_dir = Path(args.model or params.paths.export)
     answerer = load_answerer(model_dir, params, params.predict.batch_size)

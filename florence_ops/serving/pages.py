@@ -43,6 +43,8 @@ def model_page(
 
     Raises `InvalidImage` with the reason when the bytes are no readable page; `setting` names `max_pixels` there.
     """
+    if page is not None and page < 1:
+        raise InvalidImage(PAGE_MISSING, f"page {page} asked: pages count from 1")
     if data.startswith(PDF_SIGNATURE):
         return resize_for_model(render_pdf_page(data, page or 1, dpi, max_pixels, setting), size)
     if page not in (None, 1):

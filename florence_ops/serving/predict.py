@@ -32,7 +32,7 @@ CHUNK_BATCHES = 8  # batches of questions whose pages are decoded and answered t
 
 
 def answer_page(answerer: Answerer, data: bytes, question: str, params: Params, page: int | None = None) -> str:
-    """The answer to `question` about an image or a PDF page (`data` are the file's bytes)."""
+    """The answer to `question` about an image or a PDF page (`data` are the file's bytes; `page` counts from 1)."""
     problem = checks.check_question(question)
     if problem:
         raise UserError(f"{problem.reason}: {problem.detail}")

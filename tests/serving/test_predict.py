@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -115,6 +116,34 @@ def two_page_pdf(served, folder) -> tuple[str, list[str]]:
     path = folder / "doc.pdf"
     first.save(path, save_all=True, append_images=[second])
     return str(path), [r["question"] for r in records]
+
+
+def test_page_counts_from_one(served, capsys, tmp_path):
+    """--page 0 or below is an error, not the first page; a page asked of the library from 0 is `page_missing`."""
+    from florence_ops.data.validation import InvalidImage
+    from florence_ops.serving.pages import model_page
+
+    pdf, _ = two_page_pdf(served, tmp_path)
+    params = str(served / "params.yaml")
+    for page in ("0", "-1"):
+        code, out, err = run_cli(capsys, "--params", params, "--image", pdf, "--page", page, "--question", "Why?")
+        assert (code, out, err.splitlines()[-1]) == (2, "", f"error: --page counts from 1, got {page}")
+    with pytest.raises(InvalidImage, match="page_missing: page 0 asked: pages count from 1"):
+        model_page(Path(pdf).read_bytes(), (32, 32), 10**8, page=0)
+
+
+def test_jsonl_page_zero_is_that_lines_error(served, capsys, tmp_path):
+    pdf, questions = two_page_pdf(served, tmp_path)
+    lines = [{"question_id": f"p{page}", "question": questions[0], "image": "doc.pdf", "page": page} for page in (0, 1)]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    params = str(served / "params.yaml")
+    code, out, _ = run_cli(capsys, "--params", params, "--input", str(tmp_path / "q.jsonl"), "--output",
+                           str(tmp_path / "a.jsonl"))  # fmt: skip
+    zero, one = (json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines())
+    assert code == 0 and out.startswith("answered 1 of 2 questions (1 errors")
+    assert (zero["error"], zero["detail"]) == ("field_invalid", "page must be an integer from 1, got 0")
+    assert "answer" not in zero
+    assert "error" not in one and isinstance(one["answer"], str)
 
 
 def test_pixel_limit_errors_name_predicts_setting(served, capsys, tmp_path):
