@@ -31,6 +31,15 @@ log = logging.getLogger(__name__)
 CHUNK_BATCHES = 8  # batches of questions whose pages are decoded and answered together
 
 
+def require_file(path: Path) -> Path:
+    """`path`, when it is a file; UserError saying that it is a directory or that it is not found."""
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, not a file")
+    if not path.is_file():
+        raise UserError(f"{path} not found")
+    return path
+
+
 def answer_page(answerer: Answerer, data: bytes, question: str, params: Params, page: int | None = None) -> str:
     """The answer to `question` about an image or a PDF page (`data` are the file's bytes; `page` counts from 1)."""
     problem = checks.check_question(question)
@@ -52,8 +61,7 @@ def _model_page(answerer: Answerer, data: bytes, page: int | None, params: Param
 
 def predict_jsonl(answerer: Answerer, input_path: Path, output_path: Path, params: Params) -> dict[str, Any]:
     """Answer every line of `input_path` into `output_path` (written atomically); return counts and seconds."""
-    if not input_path.is_file():
-        raise UserError(f"{input_path} not found")
+    require_file(input_path)
     start, n_lines = time.perf_counter(), sum(1 for line in input_path.open("rb") if line.strip())
     chunk_size = answerer.decoding.batch_size * CHUNK_BATCHES
     out, n_errors = [], 0
@@ -126,7 +134,8 @@ def _load_page(
 ) -> tuple[str, Image.Image] | checks.Problem:
     data = read_page_file(folder / image)
     if data is None:
-        return checks.Problem(checks.IMAGE_MISSING, f"{image} cannot be read")
+        detail = "is a directory, not a file" if (folder / image).is_dir() else "cannot be read"
+        return checks.Problem(checks.IMAGE_MISSING, f"{image} {detail}")
     try:
         pixels = _model_page(answerer, data, page, params)
     except checks.InvalidImage as error:

@@ -146,6 +146,22 @@ def test_jsonl_page_zero_is_that_lines_error(served, capsys, tmp_path):
     assert "error" not in one and isinstance(one["answer"], str)
 
 
+def test_directory_is_not_reported_as_not_found(served, capsys, tmp_path):
+    (tmp_path / "scans").mkdir()
+    params = str(served / "params.yaml")
+    for flags in (["--image", str(tmp_path / "scans"), "--question", "Why?"],
+                  ["--input", str(tmp_path / "scans"), "--output", str(tmp_path / "a.jsonl")]):  # fmt: skip
+        code, _, err = run_cli(capsys, "--params", params, *flags)
+        assert (code, err.splitlines()[-1]) == (2, f"error: {tmp_path / 'scans'} is a directory, not a file")
+    code, _, err = run_cli(capsys, "--params", params, "--image", str(tmp_path / "nowhere.png"), "--question", "Why?")
+    assert (code, err.splitlines()[-1]) == (2, f"error: {tmp_path / 'nowhere.png'} not found")
+    (tmp_path / "q.jsonl").write_text(json.dumps({"question_id": "d", "question": "Why?", "image": "scans"}) + "\n")
+    code, _, _ = run_cli(capsys, "--params", params, "--input", str(tmp_path / "q.jsonl"), "--output",
+                         str(tmp_path / "a.jsonl"))  # fmt: skip
+    row = json.loads((tmp_path / "a.jsonl").read_text())
+    assert (code, row["error"], row["detail"]) == (0, "image_missing", "scans is a directory, not a file")
+
+
 def test_pixel_limit_errors_name_predicts_setting(served, capsys, tmp_path):
     """predict decodes pages under preprocess's limit, data.max_image_pixels, and says so for PDFs too."""
     pdf, _ = two_page_pdf(served, tmp_path)
