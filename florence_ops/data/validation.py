@@ -27,6 +27,7 @@ ID_MISSING = "id_missing"
 DUPLICATE_ID = "duplicate_id"
 QUESTION_EMPTY = "question_empty"
 QUESTION_INVALID = "question_invalid"
+QUESTION_TOO_LONG = "question_too_long"  # predict and serve: more tokens than the model was trained on
 ANSWERS_EMPTY = "answers_empty"
 ANSWERS_NOT_LIST = "answers_not_list"
 ANSWERS_INVALID = "answers_invalid"

@@ -42,7 +42,7 @@ def require_file(path: Path) -> Path:
 
 def answer_page(answerer: Answerer, data: bytes, question: str, params: Params, page: int | None = None) -> str:
     """The answer to `question` about an image or a PDF page (`data` are the file's bytes; `page` counts from 1)."""
-    problem = checks.check_question(question)
+    problem = checks.check_question(question) or answerer.question_problem(question)
     if problem:
         raise UserError(f"{problem.reason}: {problem.detail}")
     try:
@@ -111,6 +111,10 @@ def _failed(record: dict[str, Any], reason: str, detail: str) -> dict[str, Any]:
 
 def _answer_chunk(answerer: Answerer, chunk: list[dict[str, Any]], folder: Path, params: Params) -> list[dict]:
     """The chunk's records with `answer` or `error`; pages are decoded once each, in the answerer's threads."""
+    for record in chunk:
+        problem = None if "error" in record else answerer.question_problem(record["question"])
+        if problem:
+            record.update(error=problem.reason, detail=problem.detail)
     wanted = sorted({(r["image"], r.get("page")) for r in chunk if "error" not in r}, key=lambda k: (k[0], k[1] or 0))
     loaded = dict(zip(wanted, answerer.pool.map(lambda key: _load_page(answerer, folder, *key, params), wanted)))
     rows, targets = [], []
