@@ -195,3 +195,17 @@ def test_image_over_the_pixel_limit_names_serve_max_image_pixels(server):
         assert (status, body["error"]["code"]) == (400, "image_too_large"), body
         assert f"serve.max_image_pixels={MAX_PIXELS}" in body["error"]["message"], body
         assert "data.max_image_pixels" not in body["error"]["message"]
+
+
+def test_question_over_the_token_limit_gets_400_naming_the_limit(served, server, client):
+    """A question the model would see cut (more tokens than it was trained on) is refused before any model work."""
+    limit = json.loads((served / "models/export/florence_ops.json").read_text())["max_question_tokens"]
+    status, body = post(server, _page_request("What is the " + "total " * limit + "?", data_url(_large_png(50, 50))))
+    assert status == 400, body
+    assert (body["error"]["code"], body["error"]["param"]) == ("question_too_long", "messages")
+    message = body["error"]["message"]
+    assert message.startswith("question_too_long: the prompt and question are ")
+    assert message.endswith(f"over the model's limit of {limit} (max_question_tokens in the model directory's "
+                            "florence_ops.json): shorten the question")  # fmt: skip
+    record = raw_pages(served, "validation")[0]
+    assert ask(client, record["question"], record["image"]["bytes"]).choices[0].message.content is not None
