@@ -27,6 +27,7 @@ ID_MISSING = "id_missing"
 DUPLICATE_ID = "duplicate_id"
 QUESTION_EMPTY = "question_empty"
 QUESTION_INVALID = "question_invalid"
+QUESTION_TOO_LONG = "question_too_long"  # predict and serve: more tokens than the model was trained on
 ANSWERS_EMPTY = "answers_empty"
 ANSWERS_NOT_LIST = "answers_not_list"
 ANSWERS_INVALID = "answers_invalid"
@@ -119,8 +120,11 @@ def _pixel_limit(max_pixels: int) -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = previous
 
 
-def decode_image(data: bytes | None, max_pixels: int) -> Image.Image:
-    """Decode image bytes into an upright RGB image; raise `InvalidImage` with the reason when that fails."""
+def decode_image(data: bytes | None, max_pixels: int, setting: str = "data.max_image_pixels") -> Image.Image:
+    """Decode image bytes into an upright RGB image; raise `InvalidImage` with the reason when that fails.
+
+    `setting` names where `max_pixels` came from, for the message of an image over it.
+    """
     if data is None:
         raise InvalidImage(IMAGE_MISSING, "no image bytes (file missing or unreadable)")
     if not data:
@@ -129,7 +133,7 @@ def decode_image(data: bytes | None, max_pixels: int) -> Image.Image:
         try:
             image = Image.open(io.BytesIO(data))  # reads the header only; PIL checks the pixel limit here
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-            raise InvalidImage(IMAGE_TOO_LARGE, f"over data.max_image_pixels={max_pixels}: {error}") from None
+            raise InvalidImage(IMAGE_TOO_LARGE, f"over {setting}={max_pixels}: {error}") from None
         except UnidentifiedImageError:
             if data.startswith(IMAGE_SIGNATURES):
                 raise InvalidImage(IMAGE_CORRUPT, f"{len(data)} bytes with an image signature, unreadable") from None
@@ -138,13 +142,13 @@ def decode_image(data: bytes | None, max_pixels: int) -> Image.Image:
             raise InvalidImage(IMAGE_CORRUPT, f"{type(error).__name__}: {error}") from None
         width, height = image.size  # from the header: nothing is decoded yet
         if width * height > max_pixels:
-            raise InvalidImage(IMAGE_TOO_LARGE, f"{width}x{height} pixels exceeds data.max_image_pixels={max_pixels}")
+            raise InvalidImage(IMAGE_TOO_LARGE, f"{width}x{height} pixels exceeds {setting}={max_pixels}")
         if width < 1 or height < 1:
             raise InvalidImage(IMAGE_CORRUPT, f"empty image size {width}x{height}")
         try:
             image.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-            raise InvalidImage(IMAGE_TOO_LARGE, f"over data.max_image_pixels={max_pixels}: {error}") from None
+            raise InvalidImage(IMAGE_TOO_LARGE, f"over {setting}={max_pixels}: {error}") from None
         except Exception as error:  # truncated or corrupt data, raised by whichever decoder the format uses
             raise InvalidImage(IMAGE_CORRUPT, f"{type(error).__name__}: {error}") from None
     return to_rgb(upright(image))

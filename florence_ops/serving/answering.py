@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from florence_ops.batching import Collator
+from florence_ops.batching import Collator, build_prompt
 from florence_ops.config import Params
+from florence_ops.data.validation import QUESTION_TOO_LONG, Problem
 from florence_ops.errors import UserError
 from florence_ops.generation import Decoding, PixelSource, answer
-from florence_ops.modeling import load_pretrained
+from florence_ops.modeling import load_pretrained, load_processor
 from florence_ops.serving.model_dir import AskSettings, read_settings, version_of
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,46 @@ class Answerer:
     def answer_tokens(self, text: str) -> int:
         """Tokens of an answer, without special tokens."""
         return len(self.collator.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def question_problem(self, question: str) -> Problem | None:
+        """`question_too_long` when the collator would cut `question`, else None (see `question_problem`)."""
+        return question_problem(self.collator.tokenizer, self.settings, question)
+
+
+def question_problem(tokenizer, settings: AskSettings, question: str) -> Problem | None:
+    """`question_too_long` when the prompt and question have more tokens than `settings.max_question_tokens`, else None.
+
+    The collator cuts the encoder text to that many tokens, as training did: a longer question would be answered
+    without its end, so it is refused instead. Counted as the collator counts: `<s>`, prompt, question, `</s>`.
+    """
+    tokens = len(tokenizer(build_prompt(settings.prompt, question)).input_ids)
+    if tokens <= settings.max_question_tokens:
+        return None
+    return Problem(QUESTION_TOO_LONG, f"the prompt and question are {tokens} tokens, over the model's limit of "
+                   f"{settings.max_question_tokens} ({settings.limit_setting}): shorten the question")  # fmt: skip
+
+
+class QuestionLimit:
+    """`question_problem` for the model now in `model_dir`, without loading the model: the server's HTTP processes
+    check questions with it before any model work. Its tokenizer and settings are re-read after a swap."""
+
+    def __init__(self, model_dir: Path, params: Params):
+        self.model_dir, self.params = Path(model_dir), params
+        self._loaded: tuple[str | None, object, AskSettings] | None = None  # version, tokenizer, settings
+
+    def problem(self, question: str) -> Problem | None:
+        """`question_too_long` when the model in `model_dir` would not see all of `question`, else None."""
+        version = version_of(self.model_dir)
+        if self._loaded is None or (version is not None and version != self._loaded[0]):
+            try:
+                self._loaded = (version, load_processor(self.model_dir, self.params.model).tokenizer,
+                                read_settings(self.model_dir, self.params))  # fmt: skip
+            except Exception as error:  # mid-promotion: keep checking with the model the workers still serve
+                if self._loaded is None:
+                    raise
+                log.warning("question-token limit of the new model not read yet: %s", error)
+        _, tokenizer, settings = self._loaded
+        return question_problem(tokenizer, settings, question)
 
 
 @contextlib.contextmanager

@@ -51,7 +51,7 @@ def params_for(path: str, overrides: dict) -> Params:
 def run_predict(args: argparse.Namespace) -> int:
     """Answer as the arguments say; print the answer or a summary line."""
     from florence_ops.serving.answering import load_answerer
-    from florence_ops.serving.predict import answer_page, predict_jsonl, write_submission
+    from florence_ops.serving.predict import answer_page, predict_jsonl, require_file, write_submission
 
     modes = [args.image is not None, args.input is not None, args.submission is not None]
     if sum(modes) != 1:
@@ -60,12 +60,15 @@ def run_predict(args: argparse.Namespace) -> int:
         raise UserError("--image needs --question")
     if args.input is not None and args.output is None:
         raise UserError("--input needs --output")
+    if args.page is not None and args.page < 1:
+        raise UserError(f"--page counts from 1, got {args.page}")
+    for path in (args.image, args.input):
+        if path is not None:
+            require_file(path)  # before the model loads: a wrong path fails at once
     params = params_for(args.params, {"predict.batch_size": args.batch_size})
     model_dir = Path(args.model or params.paths.export)
     answerer = load_answerer(model_dir, params, params.predict.batch_size)
     if args.image is not None:
-        if not args.image.is_file():
-            raise UserError(f"{args.image} not found")
         print(answer_page(answerer, args.image.read_bytes(), args.question, params, args.page))
         return 0
     if args.input is not None:

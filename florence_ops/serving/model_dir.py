@@ -39,6 +39,13 @@ class AskSettings:
     max_new_tokens: int
     source: str  # where prompt and limit came from: the settings file or params.yaml
 
+    @property
+    def limit_setting(self) -> str:
+        """Where `max_question_tokens` is set, as a user would look for it."""
+        if self.source == SETTINGS_FILE:
+            return f"max_question_tokens in the model directory's {SETTINGS_FILE}"
+        return "train.max_question_tokens in params.yaml"
+
 
 def write_settings(folder: Path, prompt: str, max_question_tokens: int, metrics: dict[str, Any]) -> None:
     """Write `florence_ops.json` into an exported model directory: prompt, question-token limit, headline metrics."""

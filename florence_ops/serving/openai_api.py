@@ -2,7 +2,8 @@
 
 A request carries one user message with a text part (the question) and an `image_url` part (the page, as a `data:`
 URL, or an http(s) URL where `serve.allow_remote_images` is on). Other OpenAI fields (temperature, max_tokens, ...)
-are accepted and ignored: decoding is the model's own, as evaluation scored it. Errors use OpenAI's error body.
+are accepted and ignored: decoding is the model's own, as evaluation scored it. A question with more tokens than the
+model was trained on is refused (`question_too_long`), as predict refuses it. Errors use OpenAI's error body.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import uuid
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from florence_ops.data.validation import Problem
 
 
 class TextPart(BaseModel):
@@ -103,6 +106,12 @@ class BadRequest(Exception):
         """The OpenAI error object."""
         kind = "invalid_request_error" if self.status < 500 else "server_error"
         return ErrorResponse(error=ErrorDetail(message=self.message, type=kind, param=self.param, code=self.code))
+
+
+def refuse(problem: Problem | None, param: str | None = None) -> None:
+    """Raise a `problem` found by the checks predict also applies as a 400 whose code is its reason; None passes."""
+    if problem is not None:
+        raise BadRequest(f"{problem.reason}: {problem.detail}", problem.reason, param)
 
 
 def question_and_image(request: ChatCompletionRequest) -> tuple[str, str]:

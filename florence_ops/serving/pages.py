@@ -32,26 +32,35 @@ def page_id(data: bytes, page: int | None = None) -> str:
 
 
 def model_page(
-    data: bytes, size: tuple[int, int], max_pixels: int, page: int | None = None, dpi: int = 150
+    data: bytes,
+    size: tuple[int, int],
+    max_pixels: int,
+    page: int | None = None,
+    dpi: int = 150,
+    setting: str = "data.max_image_pixels",
 ) -> Image.Image:
     """A page's pixels at the model's input `size` (height, width), from image or PDF bytes; `page` counts from 1.
 
-    Raises `InvalidImage` with the reason when the bytes are no readable page.
+    Raises `InvalidImage` with the reason when the bytes are no readable page; `setting` names `max_pixels` there.
     """
+    if page is not None and page < 1:
+        raise InvalidImage(PAGE_MISSING, f"page {page} asked: pages count from 1")
     if data.startswith(PDF_SIGNATURE):
-        return resize_for_model(render_pdf_page(data, page or 1, dpi, max_pixels), size)
+        return resize_for_model(render_pdf_page(data, page or 1, dpi, max_pixels, setting), size)
     if page not in (None, 1):
         raise InvalidImage(PAGE_MISSING, f"page {page} asked of an image, which has one page")
-    return resize_for_model(decode_image(data, max_pixels), size)
+    return resize_for_model(decode_image(data, max_pixels, setting), size)
 
 
-def model_page_pixels(data: bytes, size: tuple[int, int], max_pixels: int) -> bytes:
+def model_page_pixels(
+    data: bytes, size: tuple[int, int], max_pixels: int, setting: str = "serve.max_image_pixels"
+) -> bytes:
     """An image's RGB pixels at the model's input `size` (height, width), raw: the pixels preprocess would store.
 
     Raw, not PNG: encoding a page costs more than the whole answer on a GPU, and the bytes only cross to a local
-    process (`open_pixels` reads them back).
+    process (`open_pixels` reads them back). The server's hand-off: `max_pixels` is `serve.max_image_pixels` there.
     """
-    return resize_for_model(decode_image(data, max_pixels), size).tobytes()
+    return resize_for_model(decode_image(data, max_pixels, setting), size).tobytes()
 
 
 def open_pixels(pixels: bytes, size: tuple[int, int]) -> Image.Image:
@@ -60,8 +69,11 @@ def open_pixels(pixels: bytes, size: tuple[int, int]) -> Image.Image:
     return Image.frombytes("RGB", (width, height), pixels)
 
 
-def render_pdf_page(data: bytes, page: int, dpi: int, max_pixels: int) -> Image.Image:
-    """Render page `page` (from 1) of a PDF at `dpi` into RGB; InvalidImage when it cannot be read or is too large."""
+def render_pdf_page(
+    data: bytes, page: int, dpi: int, max_pixels: int, setting: str = "data.max_image_pixels"
+) -> Image.Image:
+    """Render page `page` (from 1) of a PDF at `dpi` into RGB; InvalidImage when it cannot be read or is larger than
+    `max_pixels` (the value of `setting`)."""
     import pypdfium2 as pdfium  # only PDF pages need it
 
     try:
@@ -75,7 +87,7 @@ def render_pdf_page(data: bytes, page: int, dpi: int, max_pixels: int) -> Image.
         scale = dpi / POINTS_PER_INCH
         width, height = pdf_page.get_size()
         if width * scale * height * scale > max_pixels:
-            raise InvalidImage(IMAGE_TOO_LARGE, f"page {page} at {dpi} dpi exceeds {max_pixels} pixels")
+            raise InvalidImage(IMAGE_TOO_LARGE, f"page {page} at {dpi} dpi exceeds {setting}={max_pixels}")
         return pdf_page.render(scale=scale).to_pil().convert("RGB")
     finally:
         document.close()

@@ -31,23 +31,37 @@ log = logging.getLogger(__name__)
 CHUNK_BATCHES = 8  # batches of questions whose pages are decoded and answered together
 
 
+def require_file(path: Path) -> Path:
+    """`path`, when it is a file; UserError saying that it is a directory or that it is not found."""
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, not a file")
+    if not path.is_file():
+        raise UserError(f"{path} not found")
+    return path
+
+
 def answer_page(answerer: Answerer, data: bytes, question: str, params: Params, page: int | None = None) -> str:
-    """The answer to `question` about an image or a PDF page (`data` are the file's bytes)."""
-    problem = checks.check_question(question)
+    """The answer to `question` about an image or a PDF page (`data` are the file's bytes; `page` counts from 1)."""
+    problem = checks.check_question(question) or answerer.question_problem(question)
     if problem:
         raise UserError(f"{problem.reason}: {problem.detail}")
     try:
-        image = model_page(data, answerer.input_size, params.data.max_image_pixels, page, params.predict.pdf_dpi)
+        image = _model_page(answerer, data, page, params)
     except checks.InvalidImage as error:
         raise UserError(f"{error.problem.reason}: {error.problem.detail}") from None
     image_id = page_id(data, page)
     return answerer.answer([{"question": question, "image_id": image_id}], {image_id: image})[0]
 
 
+def _model_page(answerer: Answerer, data: bytes, page: int | None, params: Params) -> Image.Image:
+    """The page at the model's size, under preprocess's pixel limit (predict answers what evaluation would)."""
+    max_pixels, dpi = params.data.max_image_pixels, params.predict.pdf_dpi
+    return model_page(data, answerer.input_size, max_pixels, page, dpi, setting="data.max_image_pixels")
+
+
 def predict_jsonl(answerer: Answerer, input_path: Path, output_path: Path, params: Params) -> dict[str, Any]:
     """Answer every line of `input_path` into `output_path` (written atomically); return counts and seconds."""
-    if not input_path.is_file():
-        raise UserError(f"{input_path} not found")
+    require_file(input_path)
     start, n_lines = time.perf_counter(), sum(1 for line in input_path.open("rb") if line.strip())
     chunk_size = answerer.decoding.batch_size * CHUNK_BATCHES
     out, n_errors = [], 0
@@ -97,6 +111,10 @@ def _failed(record: dict[str, Any], reason: str, detail: str) -> dict[str, Any]:
 
 def _answer_chunk(answerer: Answerer, chunk: list[dict[str, Any]], folder: Path, params: Params) -> list[dict]:
     """The chunk's records with `answer` or `error`; pages are decoded once each, in the answerer's threads."""
+    for record in chunk:
+        problem = None if "error" in record else answerer.question_problem(record["question"])
+        if problem:
+            record.update(error=problem.reason, detail=problem.detail)
     wanted = sorted({(r["image"], r.get("page")) for r in chunk if "error" not in r}, key=lambda k: (k[0], k[1] or 0))
     loaded = dict(zip(wanted, answerer.pool.map(lambda key: _load_page(answerer, folder, *key, params), wanted)))
     rows, targets = [], []
@@ -120,9 +138,10 @@ def _load_page(
 ) -> tuple[str, Image.Image] | checks.Problem:
     data = read_page_file(folder / image)
     if data is None:
-        return checks.Problem(checks.IMAGE_MISSING, f"{image} cannot be read")
+        detail = "is a directory, not a file" if (folder / image).is_dir() else "cannot be read"
+        return checks.Problem(checks.IMAGE_MISSING, f"{image} {detail}")
     try:
-        pixels = model_page(data, answerer.input_size, params.data.max_image_pixels, page, params.predict.pdf_dpi)
+        pixels = _model_page(answerer, data, page, params)
     except checks.InvalidImage as error:
         return error.problem
     return page_id(data, page), pixels

@@ -33,7 +33,7 @@ from transformers import AutoProcessor
 
 from florence_ops.config import Params
 from florence_ops.data.validation import InvalidImage
-from florence_ops.serving.answering import check_model_dir, input_size
+from florence_ops.serving.answering import QuestionLimit, check_model_dir, input_size
 from florence_ops.serving.handoff import PageHandoff
 from florence_ops.serving.health import InFlightGuard, health
 from florence_ops.serving.model_dir import version_of
@@ -46,6 +46,7 @@ from florence_ops.serving.openai_api import (
     Usage,
     decode_data_url,
     question_and_image,
+    refuse,
 )
 from florence_ops.serving.page import PAGE_HTML
 from florence_ops.serving.pages import model_page_pixels, page_id
@@ -71,6 +72,7 @@ class ChatCompletionsSpec(LitSpec):
         self.api_path = API_PATH
         self.model_dir, self.params, self.pages = model_dir, params, pages
         self.model_name = model_dir.name
+        self.questions = QuestionLimit(model_dir, params)
         self._size: tuple[str | None, tuple[int, int]] = (version_of(model_dir), model_size(model_dir, params))
         self._handler: RegularRequestHandler | None = None
         self._guard: InFlightGuard | None = None
@@ -89,6 +91,7 @@ class ChatCompletionsSpec(LitSpec):
         """Answer the question of the request's user message about its page (header X-Batch-Size: the batch it was
         answered in)."""
         question, url = question_and_image(request)
+        refuse(await asyncio.to_thread(self.questions.problem, question), "messages")
         data = await self._image_bytes(url)
         size = await self._model_size()
         try:

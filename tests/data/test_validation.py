@@ -221,3 +221,13 @@ def test_record_checks_accept_good_fields():
     assert checks.check_fields("What?", ["a", "b"]) is None
     assert checks.check_fields(None, ["a"]).reason == checks.QUESTION_EMPTY
     assert checks.check_fields("What?", None).reason == checks.ANSWERS_EMPTY
+
+
+def test_pixel_limit_message_names_the_setting_that_applied():
+    """Preprocess's limit is data.max_image_pixels; the server names its own (serve.max_image_pixels)."""
+    bomb = png_header_only(100_000, 100_000)
+    with pytest.raises(checks.InvalidImage, match=r"over data\.max_image_pixels=1000: "):
+        checks.decode_image(bomb, 1000)
+    with pytest.raises(checks.InvalidImage, match=r"over serve\.max_image_pixels=1000: ") as raised:
+        checks.decode_image(bomb, 1000, "serve.max_image_pixels")
+    assert "data.max_image_pixels" not in str(raised.value)

@@ -195,3 +195,28 @@ def test_page_uploads_asks_and_shows_the_answer(served, server, tmp_path):
             assert page.is_visible("#preview") and page.inner_text("#error") == ""
         finally:
             browser.close()
+
+
+def test_image_over_the_pixel_limit_names_serve_max_image_pixels(server):
+    """The server decodes under serve.max_image_pixels; its 400 names that setting, not preprocess's."""
+    from tests.data.test_validation import png_header_only
+
+    for image in (_large_png(2000, 1100), png_header_only(100_000, 100_000)):  # just over; a decompression bomb
+        status, body = post(server, _page_request("What?", data_url(image)))
+        assert (status, body["error"]["code"]) == (400, "image_too_large"), body
+        assert f"serve.max_image_pixels={MAX_PIXELS}" in body["error"]["message"], body
+        assert "data.max_image_pixels" not in body["error"]["message"]
+
+
+def test_question_over_the_token_limit_gets_400_naming_the_limit(served, server, client):
+    """A question the model would see cut (more tokens than it was trained on) is refused before any model work."""
+    limit = json.loads((served / "models/export/florence_ops.json").read_text())["max_question_tokens"]
+    status, body = post(server, _page_request("What is the " + "total " * limit + "?", data_url(_large_png(50, 50))))
+    assert status == 400, body
+    assert (body["error"]["code"], body["error"]["param"]) == ("question_too_long", "messages")
+    message = body["error"]["message"]
+    assert message.startswith("question_too_long: the prompt and question are ")
+    assert message.endswith(f"over the model's limit of {limit} (max_question_tokens in the model directory's "
+                            "florence_ops.json): shorten the question")  # fmt: skip
+    record = raw_pages(served, "validation")[0]
+    assert ask(client, record["question"], record["image"]["bytes"]).choices[0].message.content is not None
