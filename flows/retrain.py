@@ -198,9 +198,14 @@ def _train_and_judge(repo: Path, record: dict[str, Any], force: bool, overrides:
     verdict = promotion.judge(metrics, champion, params.promotion.metric, params.promotion.margin)
     record["comparison"] = verdict.as_dict()
     logger.info(verdict.reason)
+    record["reason"] = verdict.reason
     if verdict.promote:
-        promote_champion(repo / params.paths.export, champion_dir, champion_record(record), champion_path)
-    record.update(decision="promoted" if verdict.promote else "rejected", reason=verdict.reason)
+        try:
+            promote_champion(repo / params.paths.export, champion_dir, champion_record(record), champion_path)
+        except promotion.PromotionError:
+            record["decision"] = "promotion_failed"  # the gate passed: `comparison` and `reason` say so
+            raise
+    record["decision"] = "promoted" if verdict.promote else "rejected"
 
 
 def champion_record(record: dict[str, Any]) -> dict[str, Any]:
