@@ -27,6 +27,7 @@ from prefect.runtime import flow_run
 
 from florence_ops import promotion
 from florence_ops.config import PARAMS_FILE, Params, Paths, load_params, parse_value, to_dict
+from florence_ops.prefect_server import prefect_api
 from florence_ops.reports import write_json
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -303,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     try:
-        record = retrain(force=args.force, overrides=overrides)
+        with prefect_api():  # without PREFECT_API_URL, a temporary server that dies with this process
+            record = retrain(force=args.force, overrides=overrides)
     except Exception as error:  # any failure becomes one line and an exit code
         print(f"retrain failed: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
