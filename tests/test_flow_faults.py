@@ -1,4 +1,5 @@
-"""Killing `python flows/retrain.py`: its temporary Prefect server dies with it.
+"""Killing `python flows/retrain.py`: its temporary Prefect server dies with it, and the next run records the killed
+run as crashed and says which run it was.
 
 Real processes: the flow runs in a temporary DVC repository whose one stage blocks, the first time, until the test
 kills the flow; the next time it writes what the pipeline would (metrics and an exported model). Every process a test
@@ -180,6 +181,23 @@ def test_killed_flow_leaves_no_temporary_prefect_server(killed_run):
 def test_a_run_that_ends_stops_its_server_after_its_last_log(next_run):
     assert next_run.process.returncode == 0, next_run.output()[-3000:]
     assert "Error logging to API" not in next_run.output()
+
+
+def test_next_run_records_the_killed_run_as_crashed(killed_run, next_run):
+    killed_id = killed_run.lock_note.rpartition("run ")[2]
+    entries = history(killed_run.repo)
+    assert killed_id in entries, f"no history entry for the killed run {killed_id}: {sorted(entries)}"
+    crashed = entries.pop(killed_id)
+    assert (crashed["status"], crashed["decision"], crashed["finished_at"]) == ("crashed", "rejected", None)
+    [(next_id, latest)] = entries.items()
+    assert crashed["reason"].startswith("the run stopped before it finished") and crashed["reason"].endswith(next_id)
+    assert (latest["status"], latest["decision"]) == ("completed", "promoted")
+
+
+def test_next_run_says_which_run_was_killed_holding_the_lock(killed_run, next_run):
+    assert killed_run.lock_note.startswith(f"pid {killed_run.process.pid}, run ")
+    line = f"the previous holder of the pipeline ({killed_run.lock_note}) was killed"
+    assert line in next_run.output(), next_run.output()[-3000:]
 
 
 def test_terminated_flow_leaves_no_temporary_prefect_server(tmp_path, prefect_home):
