@@ -27,7 +27,6 @@ from florence_ops.reports import write_json
 log = logging.getLogger(__name__)
 
 CHAMPION_RECORD = "champion.json"  # name of the record, inside the champion directory and in paths.reports
-HEADLINE_METRICS = ("anls", "levenshtein_similarity", "exact_match", "n_questions")
 NOT_MODEL_INPUTS = ("promotion", "schedule", "predict", "serve")  # params sections that cannot change the model
 
 
@@ -300,32 +299,3 @@ def _copy_failure(error: OSError, export_dir: Path, destination: Path, folder: P
 
 def _size(n_bytes: int) -> str:
     return f"{n_bytes / 2**20:.1f} MiB ({n_bytes} bytes)"
-
-
-def _per_type(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    # `by_type` maps a question type to its figures ({"anls": x, "n_questions": n}) or, in older files, to ANLS.
-    by_type = metrics.get("by_type") or {}
-    return {name: v.get("anls") if isinstance(v, Mapping) else v for name, v in sorted(by_type.items())}
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return "–" if value is None else str(value)
-
-
-def comparison_table(
-    candidate: Mapping[str, Any] | None, champion: Mapping[str, Any] | None, against: str = "champion"
-) -> str:
-    """A markdown table of the headline metrics and per-type ANLS: champion (or the `against` column's model),
-    candidate and their difference."""
-    candidate, champion = candidate or {}, champion or {}
-    rows = [(name, champion.get(name), candidate.get(name)) for name in HEADLINE_METRICS]
-    old_types, new_types = _per_type(champion), _per_type(candidate)
-    rows += [(f"anls: {name}", old_types.get(name), new_types.get(name)) for name in sorted({*old_types, *new_types})]
-    lines = [f"| metric | {against} | candidate | difference |", "| --- | ---: | ---: | ---: |"]
-    for name, old, new in rows:
-        both = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (old, new))
-        diff = f"{new - old:+.4f}" if both and name != "n_questions" else "–"
-        lines.append(f"| {name} | {_cell(old)} | {_cell(new)} | {diff} |")
-    return "\n".join(lines)

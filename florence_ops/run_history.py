@@ -7,16 +7,17 @@ A run writes its entry when it takes the pipeline lock, with status "running", a
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from florence_ops.config import Paths
-from florence_ops.promotion import comparison_table
 from florence_ops.reports import write_json
 
 RUNNING = "running"  # an entry's status until its run ends; still there after a kill
 CRASHED = "crashed"
+HEADLINE_METRICS = ("anls", "levenshtein_similarity", "exact_match", "n_questions")
 
 
 def write_history(repo: Path, record: dict[str, Any]) -> Path:
@@ -60,4 +61,33 @@ def report_markdown(record: dict[str, Any]) -> str:
         lines.append(comparison_table(metrics, champion))
     elif metrics:  # no champion yet: the candidate was judged against the base model it started from
         lines.append(comparison_table(metrics, metrics.get("before"), against="base model"))
+    return "\n".join(lines)
+
+
+def _per_type(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    # `by_type` maps a question type to its figures ({"anls": x, "n_questions": n}) or, in older files, to ANLS.
+    by_type = metrics.get("by_type") or {}
+    return {name: v.get("anls") if isinstance(v, Mapping) else v for name, v in sorted(by_type.items())}
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "–" if value is None else str(value)
+
+
+def comparison_table(
+    candidate: Mapping[str, Any] | None, champion: Mapping[str, Any] | None, against: str = "champion"
+) -> str:
+    """A markdown table of the headline metrics and per-type ANLS: champion (or the `against` column's model),
+    candidate and their difference."""
+    candidate, champion = candidate or {}, champion or {}
+    rows = [(name, champion.get(name), candidate.get(name)) for name in HEADLINE_METRICS]
+    old_types, new_types = _per_type(champion), _per_type(candidate)
+    rows += [(f"anls: {name}", old_types.get(name), new_types.get(name)) for name in sorted({*old_types, *new_types})]
+    lines = [f"| metric | {against} | candidate | difference |", "| --- | ---: | ---: | ---: |"]
+    for name, old, new in rows:
+        both = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (old, new))
+        diff = f"{new - old:+.4f}" if both and name != "n_questions" else "–"
+        lines.append(f"| {name} | {_cell(old)} | {_cell(new)} | {diff} |")
     return "\n".join(lines)

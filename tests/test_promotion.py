@@ -236,18 +236,6 @@ def test_record_is_resynced_from_the_champion_directory(tmp_path):
     assert promotion.read_champion(record_path)["run_id"] == "r1"
 
 
-def test_comparison_table_lists_headline_and_per_type_figures():
-    candidate = {"anls": 0.6, "exact_match": 0.5, "n_questions": 10, "by_type": {"table": {"anls": 0.7}}}
-    champion = {"anls": 0.5, "exact_match": 0.5, "n_questions": 10, "by_type": {"form": {"anls": 0.2}}}
-    table = promotion.comparison_table(candidate, champion).splitlines()
-    assert table[0] == "| metric | champion | candidate | difference |"
-    assert "| anls | 0.5000 | 0.6000 | +0.1000 |" in table
-    assert "| levenshtein_similarity | – | – | – |" in table
-    assert "| n_questions | 10 | 10 | – |" in table
-    assert "| anls: table | – | 0.7000 | – |" in table and "| anls: form | 0.2000 | – | – |" in table
-    assert "| anls | – | 0.6000 | – |" in promotion.comparison_table(candidate, None)
-
-
 def test_promotion_that_runs_out_of_space_leaves_no_partial_copy(tmp_path, monkeypatch):
     champion_dir, record_path = tmp_path / "champion", tmp_path / "champion.json"
     promotion.promote(make_export(tmp_path / "export1", "v1"), champion_dir, record("r1", 0.1), record_path)
