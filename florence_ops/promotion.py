@@ -1,9 +1,9 @@
 """The champion/challenger gate of the retraining flow, and the champion's files. No Prefect here.
 
-The champion is the promoted model directory (`promotion.champion_dir`) plus its record: the metrics, params, data
-fingerprint and git revision it was trained with. The record is written into the champion directory before the
-directory is swapped in, so the swap promotes model and record together; `reports/champion.json` is the
-git-tracked copy that the gate reads, re-synced from the directory whenever the two disagree after a crash.
+The champion is the promoted model directory (`promotion.champion_dir`, a symlink to the current version) plus its
+record: the metrics, params, data fingerprint and git revision it was trained with. The record is written into the
+version before the link is switched to it, so the switch promotes model and record together; `reports/champion.json`
+is the git-tracked copy that the gate reads, re-synced from the directory whenever the two disagree after a crash.
 """
 
 from __future__ import annotations
@@ -12,9 +12,12 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
+import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,6 @@ from florence_ops.reports import write_json
 log = logging.getLogger(__name__)
 
 CHAMPION_RECORD = "champion.json"  # name of the record, inside the champion directory and in paths.reports
-HEADLINE_METRICS = ("anls", "levenshtein_similarity", "exact_match", "n_questions")
 NOT_MODEL_INPUTS = ("promotion", "schedule", "predict", "serve")  # params sections that cannot change the model
 
 
@@ -181,16 +183,17 @@ def skip_reason(champion: Mapping[str, Any] | None, fingerprint: Mapping[str, An
     return f"data ({fingerprint['digest'][:12]}) and params unchanged since champion run {champion.get('run_id')}"
 
 
-def _staging_dirs(champion_dir: Path) -> tuple[Path, Path]:
-    """The hidden siblings a promotion copies into (incoming) and moves the old champion to (previous)."""
-    name = champion_dir.name
-    return champion_dir.with_name(f".{name}.incoming"), champion_dir.with_name(f".{name}.previous")
+def _sibling(champion_dir: Path, part: str) -> Path:
+    """A hidden sibling of the champion: `versions` (the models), `link` (a symlink being made), and the folders of
+    releases before versioned champions, `incoming` (a copy being made) and `previous` (the old one moved aside)."""
+    return champion_dir.with_name(f".{champion_dir.name}.{part}")
 
 
 def recover_champion(champion_dir: str | Path) -> None:
-    """Undo an interrupted promotion: restore the previous champion if the swap stopped halfway; drop a partial copy."""
+    """Undo an interrupted promotion: restore a champion moved aside; drop partial copies, a half-made link and
+    versions that the champion does not point to."""
     champion_dir = Path(champion_dir)
-    incoming, previous = _staging_dirs(champion_dir)
+    versions, previous, incoming = (_sibling(champion_dir, part) for part in ("versions", "previous", "incoming"))
     if previous.exists():
         if champion_dir.exists():
             shutil.rmtree(previous)  # the swap finished; only the clean-up was interrupted
@@ -199,6 +202,11 @@ def recover_champion(champion_dir: str | Path) -> None:
             previous.rename(champion_dir)
     if incoming.exists():
         shutil.rmtree(incoming)
+    _sibling(champion_dir, "link").unlink(missing_ok=True)
+    current = champion_dir.resolve() if champion_dir.is_symlink() else None
+    for version in sorted(versions.iterdir()) if versions.is_dir() else ():
+        if version.resolve() != current:
+            shutil.rmtree(version)
 
 
 def sync_champion_record(champion_dir: str | Path, record_path: str | Path) -> None:
@@ -214,74 +222,80 @@ def promote(
 ) -> None:
     """Make the model in `export_dir` the champion, described by `record`; all or nothing.
 
-    The model is copied beside the champion with the record inside, the old champion is renamed aside, the copy
-    renamed into place, and only then is the old one deleted and `record_path` updated. `recover_champion` undoes
-    an interruption at any point, so the champion directory always holds one complete model and its own record.
-    A copy that fails (a full disk, say) is removed at once and raises `PromotionError` with a one-line message.
+    `champion_dir` is a symlink to a version folder beside it (`.<name>.versions/<UTC time>-<run id>`). The model is
+    copied into a new version with the record inside, a new link made and renamed over `champion_dir` (one atomic
+    step: the champion is never missing), and then the old version is deleted and `record_path` updated.
+    `recover_champion` clears what an interruption leaves. A champion that is still a plain directory (from before
+    versioned champions) is moved aside just before the link takes its place. A failure to copy or to switch
+    removes the copy and raises `PromotionError` with a one-line message; the champion is then unchanged.
     """
     export_dir, champion_dir = Path(export_dir), Path(champion_dir)
     if not export_dir.is_dir():
         raise FileNotFoundError(f"no exported model at {export_dir}: the export stage did not run")
     recover_champion(champion_dir)
-    incoming, previous = _staging_dirs(champion_dir)
-    champion_dir.parent.mkdir(parents=True, exist_ok=True)
+    versions = _sibling(champion_dir, "versions")
+    version = versions / f"{datetime.now(UTC):%Y%m%dT%H%M%S.%fZ}-{_file_name(record.get('run_id', 'unknown'))}"
     try:
-        shutil.copytree(export_dir, incoming)
-        write_json(incoming / CHAMPION_RECORD, record)
+        versions.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(export_dir, version)
+        write_json(version / CHAMPION_RECORD, record)
     except OSError as error:  # shutil.Error (one entry per file that failed) is an OSError too
-        shutil.rmtree(incoming, ignore_errors=True)
-        raise PromotionError(_copy_failure(error, export_dir, incoming)) from error
-    if champion_dir.exists():
-        champion_dir.rename(previous)
-    incoming.rename(champion_dir)
-    shutil.rmtree(previous, ignore_errors=True)
+        shutil.rmtree(version, ignore_errors=True)
+        raise PromotionError(_copy_failure(error, export_dir, version, champion_dir.parent)) from error
+    try:
+        _switch(champion_dir, version)
+    except OSError as error:
+        _recover_quietly(champion_dir)  # drops the new version, puts a champion moved aside back
+        raise PromotionError(
+            f"promotion failed: making {champion_dir} point to {version} failed: {_cause(error)}; "
+            "the champion is unchanged"
+        ) from error
+    _recover_quietly(champion_dir)  # deletes the old version
     write_json(record_path, record)
     log.info("promoted %s to %s", export_dir, champion_dir)
 
 
-def _copy_failure(error: OSError, export_dir: Path, incoming: Path) -> str:
-    """One line: what failed, where, and the space the copy needs beside what is free there (after clean-up)."""
+def _switch(champion_dir: Path, version: Path) -> None:
+    """Point `champion_dir` at `version` by renaming a new symlink over it."""
+    link = _sibling(champion_dir, "link")
+    link.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(version, champion_dir.parent), link)  # relative: the folder can move or be mounted
+    if champion_dir.is_dir() and not champion_dir.is_symlink():
+        # A symlink cannot replace a directory in one rename. Moved aside under the name the releases before used,
+        # it is put back by recover_champion if this process dies before the next line.
+        champion_dir.rename(_sibling(champion_dir, "previous"))
+    os.replace(link, champion_dir)
+
+
+def _recover_quietly(champion_dir: Path) -> None:
+    try:
+        recover_champion(champion_dir)
+    except OSError as error:  # the next run's recover_champion tries again
+        log.warning("could not clean up beside %s: %s", champion_dir, error)
+
+
+def _file_name(text: Any) -> str:
+    return re.sub(r"[^\w.-]", "_", str(text))
+
+
+def _cause(error: OSError) -> str:
     if isinstance(error, shutil.Error) and error.args and isinstance(error.args[0], list):
         failures = error.args[0]  # [(source, destination, reason), ...]
         cause = f"{failures[0][2]}" + (f" (and {len(failures) - 1} more file(s))" if len(failures) > 1 else "")
     else:
         cause = f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
+    return " ".join(cause.split())
+
+
+def _copy_failure(error: OSError, export_dir: Path, destination: Path, folder: Path) -> str:
+    """One line: what failed, where, and the space the copy needs beside what is free in `folder` (after clean-up)."""
     needed = sum(p.stat().st_size for p in export_dir.rglob("*") if p.is_file())
-    free = shutil.disk_usage(incoming.parent).free
+    free = shutil.disk_usage(folder).free
     return (
-        f"promotion failed: copying {export_dir} to {incoming} failed: {' '.join(cause.split())}; "
-        f"{_size(needed)} needed, {_size(free)} free in {incoming.parent}; the champion is unchanged"
+        f"promotion failed: copying {export_dir} to {destination} failed: {_cause(error)}; "
+        f"{_size(needed)} needed, {_size(free)} free in {folder}; the champion is unchanged"
     )
 
 
 def _size(n_bytes: int) -> str:
     return f"{n_bytes / 2**20:.1f} MiB ({n_bytes} bytes)"
-
-
-def _per_type(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    # `by_type` maps a question type to its figures ({"anls": x, "n_questions": n}) or, in older files, to ANLS.
-    by_type = metrics.get("by_type") or {}
-    return {name: v.get("anls") if isinstance(v, Mapping) else v for name, v in sorted(by_type.items())}
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return "–" if value is None else str(value)
-
-
-def comparison_table(
-    candidate: Mapping[str, Any] | None, champion: Mapping[str, Any] | None, against: str = "champion"
-) -> str:
-    """A markdown table of the headline metrics and per-type ANLS: champion (or the `against` column's model),
-    candidate and their difference."""
-    candidate, champion = candidate or {}, champion or {}
-    rows = [(name, champion.get(name), candidate.get(name)) for name in HEADLINE_METRICS]
-    old_types, new_types = _per_type(champion), _per_type(candidate)
-    rows += [(f"anls: {name}", old_types.get(name), new_types.get(name)) for name in sorted({*old_types, *new_types})]
-    lines = [f"| metric | {against} | candidate | difference |", "| --- | ---: | ---: | ---: |"]
-    for name, old, new in rows:
-        both = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (old, new))
-        diff = f"{new - old:+.4f}" if both and name != "n_questions" else "–"
-        lines.append(f"| {name} | {_cell(old)} | {_cell(new)} | {diff} |")
-    return "\n".join(lines)

@@ -26,8 +26,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from florence_ops import promotion
-from florence_ops.config import PARAMS_FILE, Params, Paths, load_params, parse_value, to_dict
-from florence_ops.reports import write_json
+from florence_ops.config import PARAMS_FILE, Params, load_params, parse_value, to_dict
+from florence_ops.prefect_server import prefect_api
+from florence_ops.run_history import RUNNING, record_crashed_runs, report_markdown, write_history
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 LOCK_FILE = ".florence-ops.lock"  # held (flock) by the run that owns the pipeline; holds its pid and run id
@@ -46,8 +47,11 @@ class PipelineFailed(RuntimeError):
 
 
 @contextmanager
-def pipeline_lock(path: Path, run_id: str) -> Iterator[None]:
-    """Hold the exclusive, non-blocking lock on `path` for this run; PipelineBusy names the holder otherwise."""
+def pipeline_lock(path: Path, run_id: str) -> Iterator[str | None]:
+    """Hold the exclusive, non-blocking lock on `path` for this run; PipelineBusy names the holder otherwise.
+
+    Yields the note a killed holder left behind ("pid N, run X"; a run that ends clears its note), or None.
+    """
     handle = path.open("a+", encoding="utf-8")  # "a+": reading the holder must not truncate its note
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -58,10 +62,12 @@ def pipeline_lock(path: Path, run_id: str) -> Iterator[None]:
         raise PipelineBusy(f"another retraining run holds the pipeline ({holder}); try again when it ends") from None
     try:
         handle.seek(0)
+        left_by_killed_run = handle.read().strip() or None
+        handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()}, run {run_id}\n")
         handle.flush()
-        yield
+        yield left_by_killed_run
     finally:
         handle.truncate(0)
         handle.close()  # closing releases the lock; the file stays, as deleting a lock file races with lockers
@@ -182,10 +188,13 @@ def _train_and_judge(repo: Path, record: dict[str, Any], force: bool, overrides:
     champion_path = repo / params.paths.reports / promotion.CHAMPION_RECORD
     promotion.recover_champion(champion_dir)
     promotion.sync_champion_record(champion_dir, champion_path)
+    record["champion"] = champion = promotion.read_champion(champion_path)
+    champion_run_id = (champion or {}).get("run_id")
+    for path in record_crashed_runs(repo / params.paths.reports / "history", record["run_id"], champion_run_id):
+        logger.warning("a killed run left %s unfinished: rewritten as crashed", path)
+    write_history(repo, {**record, "status": RUNNING, "decision": None})  # what a killed run leaves behind
     record["git"] = git_state(repo)
     record["data_fingerprint"] = fingerprint = fingerprint_data(params, repo)
-    champion = promotion.read_champion(champion_path)
-    record["champion"] = champion
     skip = None if force else promotion.skip_reason(champion, fingerprint, params)
     if skip:
         record.update(decision="skipped", reason=skip)
@@ -198,38 +207,20 @@ def _train_and_judge(repo: Path, record: dict[str, Any], force: bool, overrides:
     verdict = promotion.judge(metrics, champion, params.promotion.metric, params.promotion.margin)
     record["comparison"] = verdict.as_dict()
     logger.info(verdict.reason)
+    record["reason"] = verdict.reason
     if verdict.promote:
-        promote_champion(repo / params.paths.export, champion_dir, champion_record(record), champion_path)
-    record.update(decision="promoted" if verdict.promote else "rejected", reason=verdict.reason)
+        try:
+            promote_champion(repo / params.paths.export, champion_dir, champion_record(record), champion_path)
+        except promotion.PromotionError:
+            record["decision"] = "promotion_failed"  # the gate passed: `comparison` and `reason` say so
+            raise
+    record["decision"] = "promoted" if verdict.promote else "rejected"
 
 
 def champion_record(record: dict[str, Any]) -> dict[str, Any]:
     """What the champion keeps of the run that trained it."""
     keys = ("run_id", "git", "params", "overrides", "data_fingerprint", "metrics")
     return {**{key: record[key] for key in keys}, "promoted_at": datetime.now(UTC).isoformat()}
-
-
-def report_markdown(record: dict[str, Any]) -> str:
-    """The run's decision and its champion comparison table, for the Prefect artifact."""
-    lines = [f"# Retraining run `{record['run_id']}`: {record['decision']} ({record['status']})", ""]
-    lines += [record["reason"] or "", ""]
-    if record["error"]:
-        lines += [f"**Error:** `{record['error']}`", ""]
-    metrics, champion = record.get("metrics") or {}, (record.get("champion") or {}).get("metrics")
-    if champion:
-        lines.append(promotion.comparison_table(metrics, champion))
-    elif metrics:  # no champion yet: the candidate was judged against the base model it started from
-        lines.append(promotion.comparison_table(metrics, metrics.get("before"), against="base model"))
-    return "\n".join(lines)
-
-
-def write_history(repo: Path, record: dict[str, Any]) -> Path:
-    """Write `reports/history/<UTC start, to the microsecond>-<run id>.json`: names sort in start order."""
-    reports = (record.get("params") or {}).get("paths", {}).get("reports", Paths().reports)
-    stamp = datetime.fromisoformat(record["started_at"]).strftime("%Y%m%dT%H%M%S.%fZ")
-    entry = {key: value for key, value in record.items() if key != "champion"}
-    entry["champion_run_id"] = (record.get("champion") or {}).get("run_id")
-    return write_json(repo / reports / "history" / f"{stamp}-{record['run_id']}.json", entry)
 
 
 def _publish(repo: Path, record: dict[str, Any]) -> None:
@@ -257,8 +248,9 @@ def retrain(force: bool = False, overrides: dict[str, Any] | None = None, repo_d
     at the start of the next run), so the next scheduled run trains on the committed params. The workspace outputs
     and dvc.lock stay those of the overridden run; DVC sees the difference and retrains on the next run.
 
-    Every run writes `reports/history/<UTC time>-<run id>.json` and a markdown artifact. `repo_dir` defaults to
-    the repository holding this file. Returns the history record; raises when the run failed.
+    Every run writes `reports/history/<UTC time>-<run id>.json` (status "running" once it holds the pipeline lock,
+    its outcome at the end; the next run marks a killed run's entry "crashed") and a markdown artifact. `repo_dir`
+    defaults to the repository holding this file. Returns the history record; raises when the run failed.
     """
     repo = Path(repo_dir).resolve() if repo_dir else PROJECT_ROOT
     overrides = dict(overrides or {})
@@ -275,7 +267,9 @@ def retrain(force: bool = False, overrides: dict[str, Any] | None = None, repo_d
         **dict.fromkeys(("git", "params", "data_fingerprint", "champion", "metrics", "comparison")),
     }
     try:
-        with pipeline_lock(repo / LOCK_FILE, record["run_id"]):
+        with pipeline_lock(repo / LOCK_FILE, record["run_id"]) as left_by_killed_run:
+            if left_by_killed_run:
+                get_run_logger().warning("the previous holder of the pipeline (%s) was killed", left_by_killed_run)
             _train_and_judge(repo, record, force, overrides)
         record["status"] = "completed"
         return record
@@ -298,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     try:
-        record = retrain(force=args.force, overrides=overrides)
+        with prefect_api():  # without PREFECT_API_URL, a temporary server that dies with this process
+            record = retrain(force=args.force, overrides=overrides)
     except Exception as error:  # any failure becomes one line and an exit code
         print(f"retrain failed: {' '.join(str(error).split())}", file=sys.stderr)
         return 1

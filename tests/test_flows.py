@@ -37,6 +37,7 @@ from florence_ops.promotion import read_champion  # noqa: E402
 from flows import retrain as retrain_module  # noqa: E402
 from flows.deploy import retrain_deployment  # noqa: E402
 from flows.retrain import PipelineBusy, PipelineFailed, pipeline_lock, retrain  # noqa: E402
+from tests.test_promotion import refuse_renames_onto  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,16 +170,41 @@ def test_promotion_out_of_space_keeps_the_champion_and_reports_one_line(harness,
     assert retrain_module.main(["--force"]) == 1
     assert champion_weights(repo) == "weights with anls 0.5"
     assert read_champion(repo / "reports" / "champion.json")["metrics"]["anls"] == 0.5
-    assert sorted(p.name for p in (repo / "models").iterdir()) == ["champion", "export"]  # no .champion.incoming
+    assert only_the_champion_copy(repo)
     needed_and_free = (
         r"0\.0 MiB \(21 bytes\) needed, [\d.]+ MiB \(\d+ bytes\) free in \S+/models; the champion is unchanged$"
     )
     failed = history(repo)[-1]
-    assert (failed["status"], failed["decision"]) == ("failed", "rejected")
+    assert (failed["status"], failed["decision"]) == ("failed", "promotion_failed")  # the gate had passed
     assert failed["error"].startswith("PromotionError: promotion failed: copying ") and "\n" not in failed["error"]
     assert "No space left on device" in failed["error"] and re.search(needed_and_free, failed["error"])
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("retrain failed: promotion failed: ") and re.search(needed_and_free, error)
+
+
+def only_the_champion_copy(repo: Path) -> bool:
+    """Whether models/ holds the export and the champion, a link to its one version, and nothing half-made."""
+    models = repo / "models"
+    listing = sorted(p.name for p in models.iterdir())
+    return listing == [".champion.versions", "champion", "export"] and [
+        p.name for p in (models / ".champion.versions").iterdir()
+    ] == [(models / "champion").resolve().name]
+
+
+def test_promotion_whose_switch_fails_is_recorded_and_reported_in_one_line(harness, repo, monkeypatch, capsys):
+    monkeypatch.setattr(retrain_module, "PROJECT_ROOT", repo)
+    monkeypatch.setattr(retrain_module, "run_dvc", fake_dvc(0.5))
+    retrain(repo_dir=str(repo))
+    monkeypatch.setattr(retrain_module, "run_dvc", fake_dvc(0.9))
+    refuse_renames_onto(repo / "models" / "champion", monkeypatch)  # as in a read-only models/ folder
+    assert retrain_module.main(["--force"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r"retrain failed: promotion failed: .*Permission denied.*; the champion is unchanged", error)
+    assert champion_weights(repo) == "weights with anls 0.5" and only_the_champion_copy(repo)
+    failed = history(repo)[-1]
+    assert (failed["status"], failed["decision"]) == ("failed", "promotion_failed")
+    assert failed["comparison"]["promote"] and failed["comparison"]["candidate"] == 0.9
+    assert failed["error"].startswith("PromotionError: promotion failed: ")
 
 
 def test_overrides_apply_to_one_run_and_params_yaml_is_restored(harness, repo, monkeypatch):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import itertools
 import json
 import os
 import re
@@ -13,6 +16,7 @@ import pytest
 from florence_ops import promotion
 from florence_ops.config import Params, load_params, to_dict
 from florence_ops.promotion import MetricsError
+from florence_ops.serving.model_dir import version_of
 from tests.conftest import disk_full_after
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,6 +189,14 @@ def record(run_id: str, anls: float) -> dict:
     return {"run_id": run_id, "metrics": {"anls": anls}}
 
 
+def versions(champion_dir: Path) -> list[str]:
+    """The version folders beside the champion, checking that the champion is a link to one of them."""
+    folder = champion_dir.with_name(".champion.versions")
+    assert champion_dir.is_symlink() and champion_dir.resolve().parent == folder.resolve()
+    assert sorted(p.name for p in champion_dir.parent.iterdir()) == [".champion.versions", "champion"]  # no staging
+    return sorted(p.name for p in folder.iterdir())
+
+
 def test_promote_installs_model_and_record_then_replaces_it(tmp_path):
     champion_dir, record_path = tmp_path / "models" / "champion", tmp_path / "reports" / "champion.json"
     promotion.promote(make_export(tmp_path / "export1", "v1"), champion_dir, record("r1", 0.1), record_path)
@@ -193,7 +205,8 @@ def test_promote_installs_model_and_record_then_replaces_it(tmp_path):
     promotion.promote(make_export(tmp_path / "export2", "v2"), champion_dir, record("r2", 0.2), record_path)
     assert (champion_dir / "model.safetensors").read_text() == "v2"
     assert promotion.read_champion(record_path)["run_id"] == "r2"
-    assert sorted(p.name for p in champion_dir.parent.iterdir()) == ["champion"]  # no staging left behind
+    assert versions(champion_dir) == [champion_dir.resolve().name]  # the old version is gone
+    assert os.readlink(champion_dir).startswith(".champion.versions/")  # relative: the folder can move
 
 
 def test_promote_without_export_leaves_champion_untouched(tmp_path):
@@ -205,15 +218,14 @@ def test_promote_without_export_leaves_champion_untouched(tmp_path):
     assert promotion.read_champion(record_path)["run_id"] == "r1"
 
 
-def test_recover_after_a_promotion_interrupted_mid_swap(tmp_path):
-    champion_dir, record_path = tmp_path / "champion", tmp_path / "champion.json"
-    promotion.promote(make_export(tmp_path / "export1", "v1"), champion_dir, record("r1", 0.1), record_path)
-    # Killed after the old champion was renamed aside, with a half-copied new one beside it.
-    champion_dir.rename(tmp_path / ".champion.previous")
+def test_recover_a_plain_directory_champion_interrupted_mid_swap(tmp_path):
+    # Left by a release before versioned champions: killed after the old champion (a plain directory) was renamed
+    # aside, with a half-copied new one beside it.
+    make_export(tmp_path / ".champion.previous", "v1")
     make_export(tmp_path / ".champion.incoming", "partial")
-    promotion.recover_champion(champion_dir)
-    assert (champion_dir / "model.safetensors").read_text() == "v1"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["champion", "champion.json", "export1"]
+    promotion.recover_champion(tmp_path / "champion")
+    assert (tmp_path / "champion" / "model.safetensors").read_text() == "v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["champion"]
 
 
 def test_record_is_resynced_from_the_champion_directory(tmp_path):
@@ -222,18 +234,6 @@ def test_record_is_resynced_from_the_champion_directory(tmp_path):
     record_path.write_text(json.dumps(record("stale", 0.9)))  # killed between the swap and the copy of the record
     promotion.sync_champion_record(champion_dir, record_path)
     assert promotion.read_champion(record_path)["run_id"] == "r1"
-
-
-def test_comparison_table_lists_headline_and_per_type_figures():
-    candidate = {"anls": 0.6, "exact_match": 0.5, "n_questions": 10, "by_type": {"table": {"anls": 0.7}}}
-    champion = {"anls": 0.5, "exact_match": 0.5, "n_questions": 10, "by_type": {"form": {"anls": 0.2}}}
-    table = promotion.comparison_table(candidate, champion).splitlines()
-    assert table[0] == "| metric | champion | candidate | difference |"
-    assert "| anls | 0.5000 | 0.6000 | +0.1000 |" in table
-    assert "| levenshtein_similarity | – | – | – |" in table
-    assert "| n_questions | 10 | 10 | – |" in table
-    assert "| anls: table | – | 0.7000 | – |" in table and "| anls: form | 0.2000 | – | – |" in table
-    assert "| anls | – | 0.6000 | – |" in promotion.comparison_table(candidate, None)
 
 
 def test_promotion_that_runs_out_of_space_leaves_no_partial_copy(tmp_path, monkeypatch):
@@ -248,3 +248,108 @@ def test_promotion_that_runs_out_of_space_leaves_no_partial_copy(tmp_path, monke
     assert (champion_dir / "model.safetensors").read_text() == "v1"
     assert promotion.read_champion(record_path)["run_id"] == "r1"
     assert not (tmp_path / ".champion.incoming").exists()
+
+
+class Killed(BaseException):
+    """The process dying at this point: nothing may catch it."""
+
+
+def kill_at_step(n: int, monkeypatch) -> list[str]:
+    """Make the n-th file-system change (rename, link, delete, copy) kill the process; returns the steps seen."""
+    steps: list[str] = []
+    for module, name in [(os, "rename"), (os, "replace"), (os, "symlink"), (os, "unlink"), (shutil, "rmtree"),
+                         (shutil, "copytree")]:  # fmt: skip
+        real = getattr(module, name)
+
+        def step(*args, _real=real, _name=name, **kwargs):
+            steps.append(_name)
+            if len(steps) == n:
+                raise Killed(f"killed at step {n}, {_name}")
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, step)
+    return steps
+
+
+def test_champion_is_never_missing_when_a_promotion_is_killed_at_any_step(tmp_path, monkeypatch):
+    champion_dir, record_path = tmp_path / "models" / "champion", tmp_path / "champion.json"
+    export1, export2 = make_export(tmp_path / "export1", "v1"), make_export(tmp_path / "export2", "v2")
+    for n in itertools.count(1):
+        shutil.rmtree(champion_dir.parent, ignore_errors=True)
+        promotion.promote(export1, champion_dir, record("r1", 0.1), record_path)
+        with monkeypatch.context() as patch:
+            steps = kill_at_step(n, patch)
+            with contextlib.suppress(Killed):
+                promotion.promote(export2, champion_dir, record("r2", 0.2), record_path)
+        killed = f"killed at step {n} ({steps[n - 1]})" if len(steps) >= n else "not killed"
+        # Right after the kill, before any recovery: a complete champion, model and record together.
+        assert champion_dir.is_dir(), f"no champion after the promotion was {killed}"
+        weights = (champion_dir / "model.safetensors").read_text()
+        assert promotion.read_champion(champion_dir / "champion.json")["run_id"] == {"v1": "r1", "v2": "r2"}[weights]
+        promotion.recover_champion(champion_dir)  # what the next run does first
+        promotion.sync_champion_record(champion_dir, record_path)
+        assert (champion_dir / "model.safetensors").read_text() == weights, killed
+        assert promotion.read_champion(record_path)["run_id"] == {"v1": "r1", "v2": "r2"}[weights], killed
+        assert {p.name for p in champion_dir.parent.iterdir()} <= {"champion", ".champion.versions"}, killed
+        assert len(list(champion_dir.parent.rglob("model.safetensors"))) == 1, killed  # no copy left behind
+        if len(steps) < n:
+            break
+    assert n > 6 and weights == "v2" and len(versions(champion_dir)) == 1
+
+
+def test_a_plain_directory_champion_becomes_a_link_and_a_kill_midway_keeps_it(tmp_path, monkeypatch):
+    champion_dir, record_path = tmp_path / "models" / "champion", tmp_path / "champion.json"
+    make_export(champion_dir, "v1")  # promoted by a release before versioned champions
+    (champion_dir / "champion.json").write_text(json.dumps(record("r1", 0.1)))
+    export2 = make_export(tmp_path / "export2", "v2")
+    with monkeypatch.context() as patch:
+        real_replace = os.replace
+
+        def killed_before_the_link(src, dst):
+            if Path(dst) == champion_dir:
+                raise Killed
+            real_replace(src, dst)
+
+        patch.setattr(os, "replace", killed_before_the_link)
+        with pytest.raises(Killed):
+            promotion.promote(export2, champion_dir, record("r2", 0.2), record_path)
+    promotion.recover_champion(champion_dir)
+    assert (champion_dir / "model.safetensors").read_text() == "v1" and not champion_dir.is_symlink()
+    promotion.promote(export2, champion_dir, record("r2", 0.2), record_path)
+    assert (champion_dir / "model.safetensors").read_text() == "v2" and len(versions(champion_dir)) == 1
+
+
+def refuse_renames_onto(target: Path, monkeypatch) -> None:
+    """Make renames onto `target` fail as in a read-only folder; other renames go through."""
+    for name in ("rename", "replace"):
+        real = getattr(os, name)
+
+        def refusing(src, dst, *args, _real=real, **kwargs):
+            if Path(dst) == target:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(src), None, str(dst))
+            return _real(src, dst, *args, **kwargs)
+
+        monkeypatch.setattr(os, name, refusing)
+
+
+def test_promotion_whose_switch_fails_raises_one_line_and_keeps_the_champion(tmp_path, monkeypatch):
+    champion_dir, record_path = tmp_path / "models" / "champion", tmp_path / "champion.json"
+    promotion.promote(make_export(tmp_path / "export1", "v1"), champion_dir, record("r1", 0.1), record_path)
+    refuse_renames_onto(champion_dir, monkeypatch)
+    with pytest.raises(promotion.PromotionError) as failure:
+        promotion.promote(make_export(tmp_path / "export2", "v2"), champion_dir, record("r2", 0.2), record_path)
+    message = str(failure.value)
+    assert message.startswith("promotion failed: ") and "\n" not in message and "Permission denied" in message
+    assert message.endswith("; the champion is unchanged")
+    assert (champion_dir / "model.safetensors").read_text() == "v1"
+    assert promotion.read_champion(record_path)["run_id"] == "r1"
+    assert len(versions(champion_dir)) == 1  # no copy left behind
+
+
+def test_a_promotion_changes_the_version_the_server_sees(tmp_path):
+    champion_dir, record_path = tmp_path / "models" / "champion", tmp_path / "champion.json"
+    export = make_export(tmp_path / "export", "v1")
+    promotion.promote(export, champion_dir, record("r1", 0.1), record_path)
+    first = version_of(champion_dir)
+    promotion.promote(export, champion_dir, record("r1", 0.1), record_path)  # the same files again
+    assert first is not None and version_of(champion_dir) not in (None, first)
