@@ -8,41 +8,20 @@ child that the kernel signals when its parent dies (Linux's PR_SET_PDEATHSIG), S
 from __future__ import annotations
 
 import atexit
-import ctypes
-import os
-import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import httpx
 from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+from florence_ops.processes import dies_with_this_process
+
 HOST = "127.0.0.1"
 STOP_TIMEOUT_S = 5
-
-
-def die_with_parent() -> Callable[[], None] | None:
-    """A Popen `preexec_fn` that makes the child get SIGTERM when this process dies; None off Linux.
-
-    The kernel sends it when the thread that started the child ends: start it from the main thread.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    parent = os.getpid()
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork: the child only calls it
-
-    def set_death_signal() -> None:
-        if prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-        if os.getppid() != parent:  # the parent died before prctl: no signal will come
-            os._exit(1)
-
-    return set_death_signal
 
 
 def free_port() -> int:
@@ -84,7 +63,7 @@ def start_temporary_server() -> str:
     api_url = f"http://{HOST}:{port}/api"
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port), "--no-ui",
                "--no-scheduler", "--no-late-runs", "--analytics-off", "--log-level", "WARNING"]  # fmt: skip
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, preexec_fn=die_with_parent())
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, preexec_fn=dies_with_this_process())
     try:
         _wait_until_healthy(server, api_url, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
     except BaseException:

@@ -18,7 +18,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from florence_ops.serving.supervision import process_alive
+from florence_ops.processes import process_alive
 
 log = logging.getLogger(__name__)
 SHARED_MEMORY = Path("/dev/shm")

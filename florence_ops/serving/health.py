@@ -18,7 +18,8 @@ from typing import Any
 from fastapi import HTTPException
 from litserve.utils import LitAPIStatus
 
-from florence_ops.serving.supervision import POLL_S, process_alive
+from florence_ops.processes import process_alive
+from florence_ops.serving.supervision import POLL_S
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 5  # what a 503 tells clients to wait: about the time a model worker takes to restart

@@ -33,6 +33,7 @@ from transformers import AutoProcessor
 
 from florence_ops.config import Params
 from florence_ops.data.validation import InvalidImage
+from florence_ops.processes import return_large_frees_to_the_system
 from florence_ops.serving.answering import QuestionLimit, check_model_dir, input_size
 from florence_ops.serving.handoff import PageHandoff
 from florence_ops.serving.health import InFlightGuard, health
@@ -255,6 +256,7 @@ def serve(model_dir: str | Path, params: Params) -> None:
         server = build_server(model_dir, params, pages)
         raise_open_files_limit(cfg.max_connections * cfg.api_servers)
         children_die_with_this_process()
+        return_large_frees_to_the_system()  # pages near serve.max_image_pixels are decoded in the HTTP processes
         log.info("serving %s on http://%s:%d (page at /, OpenAI API at %s)", model_dir, cfg.host, cfg.port, API_PATH)
         with terminate_as_interrupt():
             try:

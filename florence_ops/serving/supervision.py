@@ -16,41 +16,29 @@ of children: model workers (spawned) and HTTP processes (forked). What happens w
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import signal
 import threading
 import time
 from collections import deque
-from pathlib import Path
 
 import litserve as ls
 
+from florence_ops.processes import die_with_parent
+
 log = logging.getLogger(__name__)
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 POLL_S = 0.25  # how often the main process looks at its children
 MAX_WORKER_RESTARTS = 5  # model-worker deaths tolerated within RESTART_WINDOW_S before the server gives up
 RESTART_WINDOW_S = 300.0
 
 
-def die_with_parent(parent_pid: int) -> None:
-    """Have Linux SIGKILL this process when its parent dies; exit at once if `parent_pid` has died already.
-    Nothing happens when this process is `parent_pid` itself (a model worker set up in the server's own process)."""
-    if os.getpid() == parent_pid:
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: children may outlive a killed server
-        return
-    if os.getppid() != parent_pid:  # the parent died before the request took effect
-        os._exit(1)
-
-
 def children_die_with_this_process() -> None:
-    """Make every process forked from this one from now on die with it (HTTP processes, the queue's manager), and
-    take SIGTERM as a plain termination there (the main process's own handler is for the main process)."""
+    """Make every process forked from this one from now on die with it (HTTP processes, the queue's manager).
+
+    They also ignore SIGTERM until they install handlers of their own (uvicorn does; the main process's handler is
+    not theirs): a SIGTERM sent to the whole process group (systemd's default, `kill -- -PID`) must not take the
+    queue's manager away while the main process shuts the others down through it."""
     parent = [os.getpid()]
 
     def remember() -> None:
@@ -58,24 +46,9 @@ def children_die_with_this_process() -> None:
 
     def in_child() -> None:
         die_with_parent(parent[0])
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     os.register_at_fork(before=remember, after_in_child=in_child)
-
-
-def process_alive(pid: int) -> bool:
-    """Whether process `pid` runs (a zombie, dead but not yet reaped by its parent, does not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    except (OSError, IndexError):  # no /proc: ask the kernel whether the pid exists
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    return state not in ("Z", "X")
 
 
 def describe_exit(process) -> str:

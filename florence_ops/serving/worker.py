@@ -35,13 +35,13 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from florence_ops.config import Params
 from florence_ops.data.validation import resize_for_model
+from florence_ops.processes import die_with_parent
 from florence_ops.serving.answering import Answerer, load_answerer
 from florence_ops.serving.handoff import PageHandoff
 from florence_ops.serving.health import write_worker_status
 from florence_ops.serving.model_dir import model_metrics, version_of
 from florence_ops.serving.openai_api import UNAUTHORIZED
 from florence_ops.serving.pages import open_pixels
-from florence_ops.serving.supervision import die_with_parent
 from florence_ops.vision_inputs import PageRows
 
 log = logging.getLogger(__name__)
@@ -96,15 +96,14 @@ class DocVQAAPI(ls.LitAPI):
         """Answer with `answerer` from the next batch on, and say so in this worker's status."""
         metrics, source = model_metrics(answerer.model_dir)  # a further swap is caught by the version check
         self.answerer, self.last_failed_load = answerer, None
-        self._served = {"version": answerer.version, "metrics": metrics, "metrics_source": source,
-                        "loaded_at": _iso(time.time())}  # fmt: skip
+        self._served = {"model": str(answerer.model_dir.resolve()), "version": answerer.version, "metrics": metrics,
+                        "metrics_source": source, "loaded_at": _iso(time.time())}  # fmt: skip
         self._report()
 
     def _report(self) -> None:
         """Write this worker's status for the HTTP processes: the model it serves and the last load that failed."""
-        served = self._served if self.answerer is not None else {"version": None}
-        write_worker_status(self.runtime_dir, self.worker_id, {"model": str(self.model_dir.resolve()), **served,
-                                                                "last_failed_load": self.last_failed_load})  # fmt: skip
+        served = self._served if self.answerer is not None else {"model": str(self.model_dir), "version": None}
+        write_worker_status(self.runtime_dir, self.worker_id, {**served, "last_failed_load": self.last_failed_load})
 
     def decode_request(self, request: dict[str, Any]) -> dict[str, Any]:
         """The validated request (question, image_id, its page as handed off, and the page size) as a row."""

@@ -142,8 +142,8 @@ class Server:
         import psutil
 
         self.process.poll()  # reap the main process if it has exited
-        return [p for p in psutil.process_iter(["pid", "status"])
-                if p.info["status"] != psutil.STATUS_ZOMBIE and _group_of(p.info["pid"]) == self.process.pid]  # fmt: skip
+        alive = (p for p in psutil.process_iter(["pid", "status"]) if p.info["status"] != psutil.STATUS_ZOMBIE)
+        return [p for p in alive if _group_of(p.info["pid"]) == self.process.pid]
 
     def stop(self) -> None:
         if self.process.poll() is None:

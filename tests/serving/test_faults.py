@@ -12,10 +12,13 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from tests.serving.conftest import Server, data_url, free_port, raw_pages, write_params
+from tests.serving.conftest import Server, data_url, free_port, png_bytes, raw_pages, write_params
 
 HEAL_S = 60  # a model worker is restarted and loaded again within this (seconds)
 EXIT_S = 10  # the whole server is gone within this after a process it cannot restart died
@@ -135,10 +138,18 @@ def test_killed_main_process_takes_every_child_with_it(start):
     assert len(server.processes()) >= 3  # main, model worker, HTTP process (and the queue's manager)
     server.process.send_signal(signal.SIGKILL)
     assert wait_for(lambda: not server.processes(), 5), [p.cmdline() for p in server.processes()]
-    with socket.socket() as sock:  # nobody listens on the port: a restarted server binds it (as uvicorn does)
+    assert wait_for(lambda: can_listen(server.port), 5)  # a restarted server can take the port
+
+
+def can_listen(port: int) -> bool:
+    """Whether a server can listen on `port` now (binding as uvicorn does, with SO_REUSEADDR)."""
+    with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", server.port))
-        sock.listen()
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def test_broken_new_model_keeps_the_old_one_served_and_healthz_says_so(served, start, tmp_path):
@@ -188,3 +199,17 @@ def test_a_body_that_never_arrives_gets_408(start):
         reply = sock.recv(2000)
     assert reply.startswith(b"HTTP/1.1 408") and b"serve.body_timeout_s" in reply
     assert time.monotonic() - started < 5
+
+
+def test_a_burst_of_large_pages_does_not_leave_the_http_process_large(start):
+    server = start(**{"serve.max_image_pixels": 50_000_000})
+    (http,) = children(server, "http")
+    before = http.memory_info().rss
+    page = np.full((7000, 7000, 3), 255, np.uint8)
+    page[::40] = 0  # lines, so that the PNG is small to send and takes a full decode
+    record = {"question": "What is the total?", "image": {"bytes": png_bytes(Image.fromarray(page))}}
+    with ThreadPoolExecutor(16) as pool:
+        statuses = [status for status, _ in pool.map(lambda _: ask_raw(server, record), range(16))]
+    grown = (http.memory_info().rss - before) / 2**20
+    assert statuses == [200] * 16
+    assert grown < 250, f"the HTTP process kept {grown:.0f} MiB after decoding 16 pages of 49 MP at once"
