@@ -11,6 +11,8 @@ import contextlib
 import ctypes
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -77,3 +79,27 @@ def return_large_frees_to_the_system(threshold_bytes: int = 1 << 20) -> None:
     """
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, threshold_bytes)
+
+
+def run_as_group(command: list[str]) -> int:
+    """Run `command` in a process group of its own, led by this process, and stop the whole group (SIGTERM) when
+    this process gets SIGTERM: also what its parent-death signal sends, when it was started with
+    `dies_with_this_process`. Returns the command's exit status (128 + N after signal N).
+
+    For commands that start their own children (`dvc repro` runs each stage through a shell): killing only the
+    command would leave those running.
+    """
+    os.setpgid(0, 0)
+    child = subprocess.Popen(command)
+
+    def stop_group(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the group signal below reaches this process too
+        os.killpg(0, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop_group)
+    status = child.wait()
+    return 128 - status if status < 0 else status
+
+
+if __name__ == "__main__":  # python -m florence_ops.processes COMMAND ...: COMMAND as `run_as_group` runs it
+    sys.exit(run_as_group(sys.argv[1:]))

@@ -28,6 +28,7 @@ from prefect.runtime import flow_run
 from florence_ops import promotion
 from florence_ops.config import PARAMS_FILE, Params, load_params, parse_value, to_dict
 from florence_ops.prefect_server import prefect_api
+from florence_ops.processes import dies_with_this_process
 from florence_ops.run_history import RUNNING, record_crashed_runs, report_markdown, write_history
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -122,11 +123,19 @@ def run_dvc(args: list[str], repo: Path) -> None:
     logger = get_run_logger()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.setdefault("DVC_NO_ANALYTICS", "1")
-    command = [sys.executable, "-m", "dvc", *args]
+    # dvc and the stages it starts, in a group of their own that stops when this process dies or is stopped
+    command = [sys.executable, "-m", "florence_ops.processes", sys.executable, "-m", "dvc", *args]
     logger.info("$ dvc %s", " ".join(args))
     last = "no output"
     with subprocess.Popen(
-        command, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+        command,
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        preexec_fn=dies_with_this_process(),
     ) as process:
         try:
             for line in process.stdout or ():

@@ -55,6 +55,8 @@ class FlowRun:
     others: list[psutil.Process] = field(default_factory=list)  # its other descendants: dvc, the stage
     ports: list[int] = field(default_factory=list)  # where they listened
     lock_note: str = ""  # what it wrote into the pipeline lock file
+    other_commands: list[str] = field(default_factory=list)  # the command lines of `others`
+    survivors: list[str] = field(default_factory=list)  # its processes still running 10 s after it was killed
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -79,7 +81,8 @@ def start_flow(repo: Path, log: Path, prefect_home: Path) -> FlowRun:
     """`python flows/retrain.py` in `repo` without PREFECT_API_URL (so with a temporary server), in a new session."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_API_")}
     env.update(PREFECT_HOME=str(prefect_home), PYTHONPATH=str(repo), DVC_NO_ANALYTICS="1",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")  # fmt: skip
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=str(START_TIMEOUT_S))  # fmt: skip
     with log.open("wb") as sink:
         process = subprocess.Popen([sys.executable, "flows/retrain.py"], cwd=repo, env=env, stdout=sink,
                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
@@ -96,6 +99,7 @@ def wait_until_blocked(run: FlowRun) -> None:
     children = psutil.Process(run.process.pid).children(recursive=True)
     run.servers = [p for p in children if "prefect" in " ".join(p.cmdline())]  # not dvc, not the stage
     run.others = [p for p in children if p not in run.servers]
+    run.other_commands = [" ".join(p.cmdline()) for p in run.others]
     listening = (c for p in run.servers for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN)
     run.ports = sorted({c.laddr.port for c in listening})
     run.lock_note = (run.repo / ".florence-ops.lock").read_text().strip()
@@ -149,15 +153,21 @@ def prefect_home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def killed_run(tmp_path_factory, prefect_home):
-    """A run killed (SIGKILL) in its pipeline stage; the stage and dvc are killed too, the server left to its fate."""
+    """A run killed (SIGKILL) in its pipeline stage, its other processes left to their fate for 10 s; then those still
+    running are noted in `survivors` and killed, so that the next run finds the pipeline free."""
     tmp = tmp_path_factory.mktemp("killed")
     run = start_flow(flow_repo(tmp), tmp / "killed.log", prefect_home)
     try:
         wait_until_blocked(run)
         run.process.kill()
         run.process.wait()
-        for process in run.others:  # dvc and the stage: not what this test is about
-            process.kill()
+        deadline = time.monotonic() + 10
+        while any(map(still_running, run.servers + run.others)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        run.survivors = [str(p.pid) for p in run.servers + run.others if still_running(p)]
+        for process in run.others:
+            if still_running(process):
+                process.kill()
         yield run
     finally:
         kill_group(run)
@@ -176,6 +186,11 @@ def next_run(killed_run, prefect_home):
 
 def test_killed_flow_leaves_no_temporary_prefect_server(killed_run):
     assert_servers_gone(killed_run)
+
+
+def test_killed_flow_leaves_no_dvc_or_stage_running(killed_run):
+    assert any("stage.py" in command for command in killed_run.other_commands), killed_run.other_commands
+    assert killed_run.survivors == [], f"the pipeline outlived its flow process: {killed_run.other_commands}"
 
 
 def test_a_run_that_ends_stops_its_server_after_its_last_log(next_run):
