@@ -43,6 +43,12 @@ def server(served, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def validation_answers(served) -> dict[str, str]:
+    """questionId -> the answer evaluation gives on the validation split."""
+    return evaluation_answers(served, served / "models/export", "validation")
+
+
+@pytest.fixture(scope="module")
 def client(server) -> OpenAI:
     return OpenAI(base_url=server.url + "/v1", api_key=TOKEN, max_retries=0, timeout=120)
 
@@ -160,13 +166,14 @@ BAD_REQUESTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
-def test_bad_input_gets_a_4xx_json_error_and_the_server_keeps_serving(served, server, client, case):
+def test_bad_input_gets_a_4xx_json_error_and_the_server_keeps_serving(served, server, client, validation_answers, case):
     make, status, code = BAD_REQUESTS[case]
     got, body = post(server, make())
     assert (got, body["error"]["code"]) == (status, code), body
     assert body["error"]["message"] and "Traceback" not in body["error"]["message"]
     record = raw_pages(served, "validation")[0]
-    assert ask(client, record["question"], record["image"]["bytes"]).choices[0].message.content is not None
+    reply = ask(client, record["question"], record["image"]["bytes"])
+    assert reply.choices[0].message.content == validation_answers[record["questionId"]]
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install -y chromium)")
@@ -208,7 +215,7 @@ def test_image_over_the_pixel_limit_names_serve_max_image_pixels(server):
         assert "data.max_image_pixels" not in body["error"]["message"]
 
 
-def test_question_over_the_token_limit_gets_400_naming_the_limit(served, server, client):
+def test_question_over_the_token_limit_gets_400_naming_the_limit(served, server, client, validation_answers):
     """A question the model would see cut (more tokens than it was trained on) is refused before any model work."""
     limit = json.loads((served / "models/export/florence_ops.json").read_text())["max_question_tokens"]
     status, body = post(server, _page_request("What is the " + "total " * limit + "?", data_url(_large_png(50, 50))))
@@ -219,4 +226,5 @@ def test_question_over_the_token_limit_gets_400_naming_the_limit(served, server,
     assert message.endswith(f"over the model's limit of {limit} (max_question_tokens in the model directory's "
                             "florence_ops.json): shorten the question")  # fmt: skip
     record = raw_pages(served, "validation")[0]
-    assert ask(client, record["question"], record["image"]["bytes"]).choices[0].message.content is not None
+    reply = ask(client, record["question"], record["image"]["bytes"])
+    assert reply.choices[0].message.content == validation_answers[record["questionId"]]

@@ -1,5 +1,5 @@
-"""Evaluate scores only questions that have answers: an unlabeled split's are skipped, and a split without any fails
-with a one-line error."""
+"""Contract of the evaluate stage: the files it writes, questions without answers (an unlabeled split's) skipped, and
+a one-line error when a split has none."""
 
 from __future__ import annotations
 
@@ -15,6 +15,23 @@ from florence_ops.errors import UserError
 from florence_ops.stages.evaluate import evaluate
 from florence_ops.stages.preprocess import preprocess
 from tests.conftest import tiny_params
+from tests.stages.conftest import declared_outputs, under
+
+REPORTS = ("metrics.json", "predictions.jsonl", "report.html", "anls_by_type/before.json", "anls_by_type/after.json")
+EVALUATE_FILES = {f"reports/{name}" for name in REPORTS}
+
+
+def test_evaluate_writes_exactly_its_outputs(evaluated):
+    root, wrote, metrics = evaluated
+    assert under(wrote, declared_outputs("evaluate")) == wrote == EVALUATE_FILES
+    on_disk = json.loads((root / "reports/metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(metrics))
+    for key in ("anls", "levenshtein_similarity", "exact_match", "n_questions"):
+        assert key in on_disk and key in on_disk["before"]
+    assert on_disk["n_questions"] == 16 and on_disk["by_type"]
+    rows = [json.loads(line) for line in (root / "reports/predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and {"question_id", "answers", "prediction", "anls", "question_types"} <= set(rows[0])
+    assert (root / "reports/report.html").read_text().startswith("<!DOCTYPE html>")
 
 
 def local_test_split(root: Path) -> Path:

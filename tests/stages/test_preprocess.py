@@ -21,9 +21,13 @@ from florence_ops.data.sources import materialize_raw
 from florence_ops.errors import DataQualityError, DataSourceError, UserError
 from florence_ops.stages.preprocess import preprocess
 from tests.conftest import REPO, tiny_params
+from tests.stages.conftest import declared_outputs, files, under
+from tests.stages.test_download import DOWNLOAD_FILES
 
 PAGES, QUESTIONS_PER_PAGE = 19, 5  # 95 good records on 19 pages
 SIZE = (24, 32)  # model input (height, width)
+PROCESSED = ("images.parquet", "quarantine.jsonl", "train.parquet", "validation.parquet", "test.parquet")
+PREPROCESS_FILES = {f"data/processed/{name}" for name in PROCESSED} | {"reports/data_quality.json"}
 BAD_REASONS = {
     checks.MALFORMED_JSON: 1,
     checks.IMAGE_MISSING: 1,
@@ -150,3 +154,10 @@ def test_model_input_size_reads_either_processor_layout(tmp_path):
     assert model_input_size(tmp_path) == (768, 768)
     with pytest.raises(DataSourceError, match="run `florence-ops download` first"):
         model_input_size(tmp_path / "missing")
+
+
+def test_preprocess_writes_exactly_its_outputs_and_download_and_preprocess_nothing_else(prepared):
+    """`prepared` is a fresh workspace after download and preprocess on the tiny synthetic default."""
+    written = set(files(prepared))
+    assert under(written, declared_outputs("preprocess")) == PREPROCESS_FILES
+    assert written == DOWNLOAD_FILES | PREPROCESS_FILES

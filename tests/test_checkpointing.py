@@ -1,0 +1,88 @@
+"""`CheckpointStore`: one `last` checkpoint per run, replaced atomically, found again after an interrupted rename, with
+DVCLive's folder as it was when the checkpoint was saved."""
+
+import json
+from pathlib import Path
+
+from florence_ops.checkpointing import LIVE, CheckpointStore
+
+
+class FakeAccelerator:
+    """The part of `accelerate.Accelerator` the store uses: one process whose state is a file naming its step."""
+
+    is_main_process = True
+
+    def __init__(self, state: str = ""):
+        self.state, self.loaded = state, None
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def save_state(self, folder: str) -> None:
+        Path(folder).mkdir(parents=True)
+        (Path(folder) / "model.safetensors").write_text(self.state)
+
+    def load_state(self, folder: str) -> None:
+        self.loaded = (Path(folder) / "model.safetensors").read_text()
+
+
+def files(folder: Path) -> set[str]:
+    return {str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()}
+
+
+def test_no_checkpoint_until_one_is_saved(tmp_path):
+    store = CheckpointStore(tmp_path / "checkpoints", "abc")
+    assert store.latest() is None
+    (store.folder / ".tmp-4").mkdir(parents=True)  # a save killed before its rename
+    assert store.latest() is None
+
+
+def test_save_replaces_last_and_leaves_nothing_else(tmp_path):
+    live = tmp_path / "live"
+    (live / "plots").mkdir(parents=True)
+    (live / "plots/loss.tsv").write_text("step\tloss\n0\t6.5\n")
+    store = CheckpointStore(tmp_path / "checkpoints", "abc", live)
+    store.save(FakeAccelerator("step 2"), {"step": 2})
+    (live / "plots/loss.tsv").write_text("step\tloss\n0\t6.5\n1\t6.1\n")
+    last = store.save(FakeAccelerator("step 4"), {"step": 4, "epoch": 1})
+
+    assert last == store.latest() == tmp_path / "checkpoints/abc/last"
+    assert files(store.folder) == {"last/model.safetensors", "last/progress.json", f"last/{LIVE}/plots/loss.tsv"}
+    assert store.progress(last) == {"step": 4, "epoch": 1}
+    assert (last / LIVE / "plots/loss.tsv").read_text().endswith("1\t6.1\n")
+    accelerator = FakeAccelerator()
+    assert store.load(accelerator, last) == {"step": 4, "epoch": 1} and accelerator.loaded == "step 4"
+
+
+def test_a_rename_interrupted_halfway_falls_back_to_the_previous_checkpoint(tmp_path):
+    store = CheckpointStore(tmp_path / "checkpoints", "abc")
+    store.save(FakeAccelerator("step 2"), {"step": 2})
+    store.last.rename(store.previous)  # killed between moving `last` aside and renaming the new one into place
+    assert store.latest() == store.previous
+    store.last.mkdir()  # a `last` without progress.json is not complete
+    assert store.latest() == store.previous
+    assert store.progress(store.latest()) == {"step": 2}
+
+
+def test_restore_live_puts_back_dvclive_as_the_checkpoint_saw_it(tmp_path):
+    live = tmp_path / "live"
+    live.mkdir()
+    (live / "metrics.json").write_text('{"step": 2}')
+    store = CheckpointStore(tmp_path / "checkpoints", "abc", live)
+    last = store.save(FakeAccelerator(), {"step": 2})
+    (live / "metrics.json").write_text('{"step": 3}')  # logged after the checkpoint, then the run was killed
+    (live / "extra.tsv").write_text("late\n")
+
+    store.restore_live(last)
+    assert files(live) == {"metrics.json"} and json.loads((live / "metrics.json").read_text()) == {"step": 2}
+
+
+def test_runs_keep_apart_and_clear_deletes_only_its_own(tmp_path):
+    root = tmp_path / "checkpoints"
+    mine, other = CheckpointStore(root, "run-a"), CheckpointStore(root, "run-b")
+    mine.save(FakeAccelerator(), {"step": 1})
+    assert other.latest() is None
+    other.save(FakeAccelerator(), {"step": 7})
+    mine.clear()
+    assert mine.latest() is None and not mine.folder.exists()
+    assert other.progress(other.latest()) == {"step": 7}
