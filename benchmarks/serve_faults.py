@@ -32,6 +32,8 @@ from pathlib import Path
 import psutil
 from PIL import Image, ImageDraw
 
+from florence_ops.artifacts import write_json
+
 KINDS = ("worker", "http", "manager", "main")
 SETTLE_S = 3.0  # clients run this long before the kill
 AFTER_S = 3.0  # and this long after the server healed
@@ -181,7 +183,7 @@ def main() -> None:
     report = {"measured_at": datetime.now(UTC).isoformat(timespec="seconds"), "machine": platform.processor()
               or platform.machine(), "cpus": os.cpu_count(), "model": args.model, "clients": args.clients,
               "results": results}  # fmt: skip
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(json.dumps(report, indent=2))
 
 
