@@ -20,6 +20,7 @@ import platform
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -32,7 +33,10 @@ from pathlib import Path
 import psutil
 from PIL import Image, ImageDraw
 
-from florence_ops.artifacts import write_json
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from florence_ops.artifacts import write_json  # noqa: E402
 
 KINDS = ("worker", "http", "manager", "main")
 SETTLE_S = 3.0  # clients run this long before the kill
