@@ -27,7 +27,6 @@ Writes <out>/generation_<device-slug>.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -55,6 +54,7 @@ from gpu_train_step import (  # noqa: E402
 )
 from transformers import BatchEncoding  # noqa: E402
 
+from florence_ops.artifacts import write_json  # noqa: E402
 from florence_ops.batching import Collator  # noqa: E402
 from florence_ops.generation import Decoding, answer  # noqa: E402
 
@@ -250,7 +250,7 @@ def main(argv=None) -> dict:
         "acceptance": acceptance,
     }  # fmt: skip
     path = out / f"generation_{report['device_slug']}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(path, report)
     print(f"{'variant':<24}{'beams':>6}{'batch':>6}{'q/s':>10}{'x recipe':>10}{'tokens':>8}{'peak GiB':>10}")
     for r in results:
         print(f"{r['variant']:<24}{r['num_beams']:>6}{r['batch']:>6}{r['questions_per_s']:>10.2f}"

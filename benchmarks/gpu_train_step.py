@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import platform
 import re
 import statistics
@@ -60,6 +59,7 @@ from transformers import (  # noqa: E402
     get_scheduler,
 )
 
+from florence_ops.artifacts import write_json  # noqa: E402
 from florence_ops.batching import IGNORE_INDEX, TextBatch  # noqa: E402
 from florence_ops.modeling import train_mode  # noqa: E402
 from florence_ops.training import DocVQAObjective, make_optimizer, train_window  # noqa: E402
@@ -475,7 +475,7 @@ def main(argv=None) -> dict:
         "acceptance": acceptance,
     }  # fmt: skip
     path = out / f"train_step_{report['device_slug']}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(path, report)
     print_table(results)
     print("acceptance:", acceptance)
     print("wrote", path)

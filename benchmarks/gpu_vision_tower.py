@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from florence_ops.artifacts import write_json  # noqa: E402
 from florence_ops.base_models import build_reference_model, build_reference_processor  # noqa: E402
 from florence_ops.vision_inputs import PixelSource, tower_encoder  # noqa: E402
 
@@ -148,9 +148,7 @@ def main(argv=None) -> dict:
         "conditions": "uint8 pages on the GPU, normalised in the call; CUDA-event timing, median",
         "results": results,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"vision_tower_{slug}.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(Path(args.out, f"vision_tower_{slug}.json"), report)
     print(f"{'variant':<26}{'batch':>6}{'pages/s':>10}{'first s':>9}{'rel err':>10}")
     for r in results:
         print(f"{r['variant']:<26}{r['batch']:>6}{r['pages_per_s']:>10.1f}{r['first_call_s']:>9.1f}"

@@ -31,6 +31,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from florence_ops.artifacts import write_json  # noqa: E402
 from florence_ops.config import apply_overrides, parse_value, read_yaml  # noqa: E402
 
 STAGES = ("download", "preprocess", "train", "evaluate", "export")
@@ -143,7 +144,7 @@ def main(argv=None) -> dict:
     args.overrides = extra
     report = summarise(root, stages, outputs, args, torch)
     slug = report["device"].lower().replace(" ", "-")
-    Path(args.out, f"pipeline_{slug}.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(Path(args.out, f"pipeline_{slug}.json"), report)
     print_table(report)
     return report
 

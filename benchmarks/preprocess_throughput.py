@@ -39,10 +39,10 @@ from PIL import Image, ImageDraw
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from florence_ops.artifacts import write_json  # noqa: E402
 from florence_ops.config import DataConfig, SyntheticData, load_params  # noqa: E402 - after the path fix
 from florence_ops.data import validation  # noqa: E402
 from florence_ops.data.parallel import worker_count  # noqa: E402
-from florence_ops.data.processed import write_json_atomic  # noqa: E402
 from florence_ops.data.raw import PAGES_FILE, RawWriter  # noqa: E402
 from florence_ops.data.sources import materialize_raw  # noqa: E402
 
@@ -249,7 +249,7 @@ def main() -> None:
         args.out
         or REPO / "reports/benchmarks" / f"preprocess{'_synthetic' if args.source == 'synthetic' else ''}_cpu.json"
     )
-    write_json_atomic(out, summarize(args, written, stage, per_image))
+    write_json(out, summarize(args, written, stage, per_image))
 
 
 def summarize(args: argparse.Namespace, written: dict, stage: dict, per_image: dict) -> dict:

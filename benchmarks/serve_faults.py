@@ -20,6 +20,7 @@ import platform
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -31,6 +32,11 @@ from pathlib import Path
 
 import psutil
 from PIL import Image, ImageDraw
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from florence_ops.artifacts import write_json  # noqa: E402
 
 KINDS = ("worker", "http", "manager", "main")
 SETTLE_S = 3.0  # clients run this long before the kill
@@ -181,7 +187,7 @@ def main() -> None:
     report = {"measured_at": datetime.now(UTC).isoformat(timespec="seconds"), "machine": platform.processor()
               or platform.machine(), "cpus": os.cpu_count(), "model": args.model, "clients": args.clients,
               "results": results}  # fmt: skip
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(json.dumps(report, indent=2))
 
 

@@ -48,9 +48,9 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 import yaml  # noqa: E402
 
+from florence_ops.artifacts import write_json  # noqa: E402
 from florence_ops.config import load_params, parse_value, to_dict  # noqa: E402
 from florence_ops.data.synthetic import generate_split  # noqa: E402
-from florence_ops.reports import write_json  # noqa: E402
 from florence_ops.serving.answering import default_device, load_answerer  # noqa: E402
 from florence_ops.serving.pages import model_page, page_id  # noqa: E402
 

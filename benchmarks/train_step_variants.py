@@ -49,6 +49,7 @@ from transformers import get_scheduler  # noqa: E402
 from transformers.models.bart.modeling_bart import shift_tokens_right  # noqa: E402
 
 from benchmarks.gpu_train_step import DeviceFeatures  # noqa: E402
+from florence_ops.artifacts import write_json  # noqa: E402
 from florence_ops.base_models import build_reference_model, build_reference_processor  # noqa: E402
 from florence_ops.batching import IGNORE_INDEX, TextBatch, embed_inputs, project_vision  # noqa: E402
 from florence_ops.modeling import freeze, train_mode, unwrap  # noqa: E402
@@ -189,8 +190,7 @@ def main(argv=None) -> list[dict]:
         print(json.dumps(results[-1]), flush=True)
     slug = (torch.cuda.get_device_name() if device.type == "cuda" else "cpu").lower().replace(" ", "-")
     report = {"benchmark": "train_step_variants", "device": slug, "torch": torch.__version__, "results": results}
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    Path(args.out, f"train_variants_{slug}.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_json(Path(args.out, f"train_variants_{slug}.json"), report)
     return results
 
 

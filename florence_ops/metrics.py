@@ -13,7 +13,8 @@ from typing import Any
 
 from rapidfuzz.distance import Levenshtein
 
-METRIC_NAMES = ("anls", "levenshtein_similarity", "exact_match")
+from florence_ops.artifacts import SCORE_NAMES
+
 ANLS_THRESHOLD = 0.5
 
 
@@ -93,7 +94,7 @@ def score_predictions(
     return rows
 
 
-def _summary(rows: Sequence[Mapping[str, Any]], names: Sequence[str] = METRIC_NAMES) -> dict[str, float | int | None]:
+def _summary(rows: Sequence[Mapping[str, Any]], names: Sequence[str] = SCORE_NAMES) -> dict[str, float | int | None]:
     # No questions means no score: None (JSON null), never a made-up 0.0.
     summary: dict[str, float | int | None] = {
         name: math.fsum(row[name] for row in rows) / len(rows) if rows else None for name in names

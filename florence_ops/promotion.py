@@ -21,12 +21,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from florence_ops.artifacts import CHAMPION_FILE, write_json
 from florence_ops.config import Params, to_dict
-from florence_ops.reports import write_json
 
 log = logging.getLogger(__name__)
 
-CHAMPION_RECORD = "champion.json"  # name of the record, inside the champion directory and in paths.reports
 NOT_MODEL_INPUTS = ("promotion", "schedule", "predict", "serve")  # params sections that cannot change the model
 
 
@@ -211,7 +210,7 @@ def recover_champion(champion_dir: str | Path) -> None:
 
 def sync_champion_record(champion_dir: str | Path, record_path: str | Path) -> None:
     """Make `record_path` a copy of the record inside `champion_dir` (the one promoted with the model)."""
-    inside = Path(champion_dir) / CHAMPION_RECORD
+    inside = Path(champion_dir) / CHAMPION_FILE
     if inside.exists() and read_champion(inside) != read_champion(record_path):
         log.warning("%s disagrees with the champion directory: re-syncing it", record_path)
         write_json(record_path, read_champion(inside))
@@ -238,7 +237,7 @@ def promote(
     try:
         versions.mkdir(parents=True, exist_ok=True)
         shutil.copytree(export_dir, version)
-        write_json(version / CHAMPION_RECORD, record)
+        write_json(version / CHAMPION_FILE, record)
     except OSError as error:  # shutil.Error (one entry per file that failed) is an OSError too
         shutil.rmtree(version, ignore_errors=True)
         raise PromotionError(_copy_failure(error, export_dir, version, champion_dir.parent)) from error

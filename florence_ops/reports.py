@@ -1,54 +1,29 @@
 """Evaluation outputs: metrics JSON, per-question predictions, DVC plot data and the HTML report.
 
-Every writer is atomic: it writes a temporary file in the target's directory and renames it over the target, so a
-crashed or interrupted stage never leaves a half-written file for DVC to hash.
+Every writer is atomic (`florence_ops.artifacts.write_text_atomic`): a crashed or interrupted stage never leaves a
+half-written file for DVC to hash. JSON files are written by `artifacts.write_json`, in the one style of every metrics
+file.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from florence_ops.artifacts import write_json, write_text_atomic
 from florence_ops.report_html import render_html_report
 
 PLOT_STAGES = ("before", "after")
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write `text` (UTF-8) to `path` via a temporary sibling and `os.replace`; create parent directories."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        # mkstemp creates 0600 files; reports are meant to be read by others.
-        os.chmod(temp_name, 0o644)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _to_json(obj: Any) -> str:
     # allow_nan=False: NaN is not JSON, and DVC and browsers reject it.
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, allow_nan=False)
-
-
-def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Write `obj` as JSON with sorted keys, 2-space indent and a trailing newline, atomically."""
-    return write_text_atomic(
-        path, json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    )
 
 
 def write_predictions(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]]) -> Path:

@@ -12,12 +12,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from florence_ops.artifacts import HEADLINE_METRICS, write_json
 from florence_ops.config import Paths
-from florence_ops.reports import write_json
 
 RUNNING = "running"  # an entry's status until its run ends; still there after a kill
 CRASHED = "crashed"
-HEADLINE_METRICS = ("anls", "levenshtein_similarity", "exact_match", "n_questions")
 
 
 def write_history(repo: Path, record: dict[str, Any]) -> Path:

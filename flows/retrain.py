@@ -26,6 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from florence_ops import promotion
+from florence_ops.artifacts import CHAMPION_FILE, METRICS_FILE
 from florence_ops.config import PARAMS_FILE, Params, load_params, parse_value, to_dict
 from florence_ops.prefect_server import prefect_api
 from florence_ops.processes import dies_with_this_process
@@ -194,7 +195,7 @@ def _train_and_judge(repo: Path, record: dict[str, Any], force: bool, overrides:
     params = load_params(repo / PARAMS_FILE, typed_overrides(overrides))
     record["params"] = to_dict(params)
     champion_dir = repo / params.promotion.champion_dir
-    champion_path = repo / params.paths.reports / promotion.CHAMPION_RECORD
+    champion_path = repo / params.paths.reports / CHAMPION_FILE
     promotion.recover_champion(champion_dir)
     promotion.sync_champion_record(champion_dir, champion_path)
     record["champion"] = champion = promotion.read_champion(champion_path)
@@ -211,7 +212,7 @@ def _train_and_judge(repo: Path, record: dict[str, Any], force: bool, overrides:
         return
     with params_restored(repo) if overrides else nullcontext():
         run_pipeline(params, overrides, repo)
-    metrics = promotion.read_metrics(repo / params.paths.reports / "metrics.json", params.promotion.metric)
+    metrics = promotion.read_metrics(repo / params.paths.reports / METRICS_FILE, params.promotion.metric)
     record["metrics"] = metrics
     verdict = promotion.judge(metrics, champion, params.promotion.metric, params.promotion.margin)
     record["comparison"] = verdict.as_dict()

@@ -5,19 +5,16 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import re
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
-from florence_ops import reports
+from florence_ops.artifacts import PREDICTION_COLUMNS, SCORE_NAMES
 from florence_ops.metrics import aggregate, score_predictions
 from florence_ops.reports import (
     read_predictions,
     write_html_report,
-    write_json,
     write_predictions,
     write_type_plot_data,
 )
@@ -48,32 +45,6 @@ def _no_temp_files(directory: Path) -> bool:
     return not [path for path in directory.iterdir() if path.name.endswith(".tmp")]
 
 
-def test_write_json_is_sorted_indented_with_newline(tmp_path: Path) -> None:
-    path = write_json(tmp_path / "nested" / "metrics.json", {"b": 1, "a": {"d": 0.5, "c": "é"}})
-    text = path.read_text(encoding="utf-8")
-    assert text == '{\n  "a": {\n    "c": "é",\n    "d": 0.5\n  },\n  "b": 1\n}\n'
-    assert _no_temp_files(path.parent)
-    assert os.stat(path).st_mode & 0o777 == 0o644
-
-
-def test_write_json_rejects_nan_and_keeps_the_old_file(tmp_path: Path) -> None:
-    path = write_json(tmp_path / "metrics.json", {"anls": 0.5})
-    with pytest.raises(ValueError):
-        write_json(path, {"anls": float("nan")})
-    assert json.loads(path.read_text()) == {"anls": 0.5}
-    assert _no_temp_files(tmp_path)
-
-
-def test_failed_write_leaves_no_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def fail(*_: object) -> None:
-        raise OSError("disk full")
-
-    monkeypatch.setattr(reports.os, "replace", fail)
-    with pytest.raises(OSError, match="disk full"):
-        write_json(tmp_path / "metrics.json", {"anls": 0.5})
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_write_predictions_round_trips_json_lines(tmp_path: Path) -> None:
     rows = _rows()
     path = write_predictions(tmp_path / "predictions.jsonl", rows)
@@ -81,17 +52,7 @@ def test_write_predictions_round_trips_json_lines(tmp_path: Path) -> None:
     assert len(lines) == len(rows)
     assert read_predictions(path) == rows
     first = json.loads(lines[0])
-    assert set(first) == {
-        "question_id",
-        "question",
-        "answers",
-        "prediction",
-        "question_types",
-        "image_id",
-        "anls",
-        "levenshtein_similarity",
-        "exact_match",
-    }
+    assert set(first) == {*PREDICTION_COLUMNS, *SCORE_NAMES}
     assert _no_temp_files(tmp_path)
 
 

@@ -21,10 +21,10 @@ from typing import Any
 import datasets
 from datasets import Features, List, Value
 
+from florence_ops.artifacts import publish_directory
 from florence_ops.config import DataConfig, HubData, LocalData
 from florence_ops.data.local import RejectedLine, read_local
 from florence_ops.data.parallel import ordered_map, worker_count
-from florence_ops.data.processed import staged_directory
 from florence_ops.data.raw import REJECTED_LINES_FILE, RawWriter, image_id
 from florence_ops.data.synthetic import document_records, make_document
 from florence_ops.errors import DataSourceError
@@ -52,7 +52,7 @@ def materialize_raw(cfg: DataConfig, seed: int, raw_dir: Path) -> dict[str, int]
 
     The local source also writes `rejected_lines.jsonl` and counts it under "rejected_lines".
     """
-    with staged_directory(Path(raw_dir)) as staging:
+    with publish_directory(raw_dir) as staging:
         if cfg.source == "synthetic":
             counts = _write_synthetic(cfg, seed, staging)
         elif cfg.source == "hf":

@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import HTTPException
 from litserve.utils import LitAPIStatus
 
+from florence_ops.artifacts import write_text_atomic
 from florence_ops.processes import process_alive
 from florence_ops.serving.supervision import POLL_S
 
@@ -27,10 +28,8 @@ RETRY_AFTER_S = 5  # what a 503 tells clients to wait: about the time a model wo
 
 def write_worker_status(root: Path, worker_id: str, status: dict[str, Any]) -> None:
     """Replace worker `worker_id`'s status file in `root` (atomically: readers never see half of it)."""
-    path = Path(root) / f"worker-{worker_id}.json"
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    temporary.write_text(json.dumps({"worker_id": worker_id, "pid": os.getpid(), **status}))
-    os.replace(temporary, path)
+    record = {"worker_id": worker_id, "pid": os.getpid(), **status}
+    write_text_atomic(Path(root) / f"worker-{worker_id}.json", json.dumps(record))
 
 
 def read_worker_statuses(root: Path) -> list[dict[str, Any]]:

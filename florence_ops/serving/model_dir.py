@@ -17,14 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from florence_ops.artifacts import CHAMPION_FILE, HEADLINE_METRICS, SETTINGS_FILE, write_json
 from florence_ops.config import Params
-from florence_ops.data.processed import write_json_atomic
 from florence_ops.errors import UserError
 
-SETTINGS_FILE = "florence_ops.json"
-CHAMPION_FILE = "champion.json"  # the record promotion writes inside the champion directory
 GENERATION_FILE = "generation_config.json"
-HEADLINE_METRICS = ("anls", "levenshtein_similarity", "exact_match", "n_questions")
 # Files whose replacement means a new model: promotion and export replace the whole directory, and write these anew.
 VERSION_FILES = ("config.json", "model.safetensors", CHAMPION_FILE, SETTINGS_FILE)
 
@@ -54,7 +51,7 @@ def write_settings(folder: Path, prompt: str, max_question_tokens: int, metrics:
         "max_question_tokens": max_question_tokens,
         "metrics": {name: metrics.get(name) for name in HEADLINE_METRICS},
     }
-    write_json_atomic(folder / SETTINGS_FILE, settings)
+    write_json(folder / SETTINGS_FILE, settings)
 
 
 def read_settings(model_dir: Path, params: Params) -> AskSettings:

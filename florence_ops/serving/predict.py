@@ -19,11 +19,11 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
+from florence_ops.artifacts import write_text_atomic
 from florence_ops.config import Params
 from florence_ops.data import validation as checks
 from florence_ops.data.parallel import batched
 from florence_ops.errors import UserError
-from florence_ops.reports import write_text_atomic
 from florence_ops.serving.answering import Answerer
 from florence_ops.serving.pages import model_page, page_id, read_page_file
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from florence_ops.artifacts import publish_directory
 from florence_ops.base_models import (
     SHAPES,
     build_reference_model,
@@ -44,12 +44,9 @@ def save_base_model(params: Params) -> Path:
         model = build_reference_model(params.model.name, params.model.reference_files, processor, params.seed)
     else:
         model, processor = load_pretrained(params.model.name, params.model, params.model.revision)
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    save_processor(processor, tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    with publish_directory(target) as staging:
+        model.save_pretrained(staging)
+        save_processor(processor, staging)
     log.info("base model %s saved to %s", params.model.name, target)
     return target
 

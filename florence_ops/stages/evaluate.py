@@ -14,6 +14,16 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from florence_ops.artifacts import (
+    BEFORE_COLUMNS,
+    METRICS_FILE,
+    PREDICTION_COLUMNS,
+    PREDICTIONS_FILE,
+    REPORT_HTML_FILE,
+    TRAINED_MODEL_DIR,
+    TYPE_PLOTS_DIR,
+    write_json,
+)
 from florence_ops.batching import Collator
 from florence_ops.config import Params
 from florence_ops.data.processed import ImageTable, read_questions
@@ -22,7 +32,7 @@ from florence_ops.generation import Decoding, answer_across_processes
 from florence_ops.launch import launch, needs_launch
 from florence_ops.metrics import aggregate, score_predictions
 from florence_ops.modeling import load_model, load_trained
-from florence_ops.reports import write_html_report, write_json, write_predictions, write_type_plot_data
+from florence_ops.reports import write_html_report, write_predictions, write_type_plot_data
 from florence_ops.vision_cache import cache_key, computed_with, open_cache
 from florence_ops.vision_inputs import PixelSource, cached_source
 
@@ -39,7 +49,7 @@ def evaluate(params: Params) -> dict:
     processed, reports = Path(params.paths.processed), Path(params.paths.reports)
     if needs_launch(params.evaluate.num_processes):
         launch("evaluate", params, params.evaluate.num_processes)
-        return json.loads((reports / "metrics.json").read_text())
+        return json.loads((reports / METRICS_FILE).read_text())
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     if accelerator.num_processes != params.evaluate.num_processes:
         wanted, started = params.evaluate.num_processes, accelerator.num_processes
@@ -47,7 +57,7 @@ def evaluate(params: Params) -> dict:
     rows = read_questions(processed, params.evaluate.split).select_columns(COLUMNS).to_list()
     rows = labeled_rows(rows, params.evaluate.split)[: params.evaluate.max_questions]
     images = ImageTable(processed)
-    tuned = load_trained(Path(params.paths.train) / "model", params.paths.base_model, params.model)
+    tuned = load_trained(Path(params.paths.train) / TRAINED_MODEL_DIR, params.paths.base_model, params.model)
     # The train stage saved the base model's processor beside the fine-tuned model: both passes use that one.
     base = load_model(params.paths.base_model, params.model), tuned[1]
     source = vision_source(params, base, tuned, images, rows, accelerator.device)
@@ -59,14 +69,13 @@ def evaluate(params: Params) -> dict:
     scored_before = score_predictions(prediction_rows(rows, before))
     metrics, metrics_before = aggregate(scored), aggregate(scored_before)
     for row, old in zip(scored, scored_before):
-        row["prediction_before"], row["anls_before"] = old["prediction"], old["anls"]
+        row.update(zip(BEFORE_COLUMNS, (old["prediction"], old["anls"])))
     result = {**metrics, "anls_gain": _gain(metrics, metrics_before), "before": metrics_before}
-    write_json(reports / "metrics.json", result)
-    write_predictions(reports / "predictions.jsonl", scored)
-    write_type_plot_data(reports / "anls_by_type", metrics["by_type"], metrics_before["by_type"])
-    write_html_report(
-        reports / "report.html", metrics, metrics_before, scored, lambda i: images[i], params.evaluate.report_examples
-    )
+    write_json(reports / METRICS_FILE, result)
+    write_predictions(reports / PREDICTIONS_FILE, scored)
+    write_type_plot_data(reports / TYPE_PLOTS_DIR, metrics["by_type"], metrics_before["by_type"])
+    examples = params.evaluate.report_examples
+    write_html_report(reports / REPORT_HTML_FILE, metrics, metrics_before, scored, lambda i: images[i], examples)
     log.info("ANLS %.4f (before fine-tuning %.4f) on %d questions", metrics["anls"] or 0, metrics_before["anls"] or 0,
              metrics["n_questions"])  # fmt: skip
     return result
@@ -115,18 +124,12 @@ def _same_weights(first: torch.nn.Module, second: torch.nn.Module) -> bool:
 
 
 def prediction_rows(rows: list[dict], predictions: list[str]) -> list[dict]:
-    """Predictions file rows: id, question, accepted answers, prediction, types, image."""
-    return [
-        {
-            "question_id": row["questionId"],
-            "question": row["question"],
-            "answers": row["answers"],
-            "prediction": prediction,
-            "question_types": row["question_types"],
-            "image_id": row["image_id"],
-        }
-        for row, prediction in zip(rows, predictions)
-    ]
+    """Predictions file rows (`PREDICTION_COLUMNS`): id, question, accepted answers, prediction, types, image."""
+    values = (
+        (r["questionId"], r["question"], r["answers"], p, r["question_types"], r["image_id"])
+        for r, p in zip(rows, predictions)
+    )
+    return [dict(zip(PREDICTION_COLUMNS, v)) for v in values]
 
 
 def _gain(after: dict, before: dict) -> float | None:

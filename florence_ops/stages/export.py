@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
+from florence_ops.artifacts import HEADLINE_METRICS, METRICS_FILE, TRAINED_MODEL_DIR, publish_directory
 from florence_ops.config import Params, pick
 from florence_ops.modeling import load_trained, save_processor
 from florence_ops.serving.model_dir import write_settings
@@ -24,21 +24,18 @@ log = logging.getLogger(__name__)
 def export(params: Params) -> Path:
     """Write the exported model directory atomically and return its path."""
     target = Path(params.paths.export)
-    model, processor = load_trained(Path(params.paths.train) / "model", params.paths.base_model, params.model)
+    model, processor = load_trained(Path(params.paths.train) / TRAINED_MODEL_DIR, params.paths.base_model, params.model)
     generation = model.generation_config
     generation.num_beams = params.evaluate.num_beams
     generation.max_new_tokens = params.evaluate.max_new_tokens
     generation.no_repeat_ngram_size = 0  # Florence-2's default of 3 corrupts answers that repeat an n-gram
     generation.early_stopping = params.evaluate.num_beams > 1
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    save_processor(processor, tmp)
-    metrics = json.loads((Path(params.paths.reports) / "metrics.json").read_text())
-    (tmp / "README.md").write_text(model_card(params, metrics), encoding="utf-8")
-    write_settings(tmp, params.train.prompt, params.train.max_question_tokens, metrics)  # read by predict and serve
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    metrics = json.loads((Path(params.paths.reports) / METRICS_FILE).read_text())
+    with publish_directory(target) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        save_processor(processor, staging)
+        (staging / "README.md").write_text(model_card(params, metrics), encoding="utf-8")
+        write_settings(staging, params.train.prompt, params.train.max_question_tokens, metrics)  # for predict, serve
     log.info("exported to %s", target)
     return target
 
@@ -46,10 +43,7 @@ def export(params: Params) -> Path:
 def model_card(params: Params, metrics: dict) -> str:
     """A short Hugging Face model card: what the model is, how to load it, its metrics and training params."""
     before = metrics.get("before", {})
-    rows = "\n".join(
-        f"| {name} | {_fmt(metrics.get(name))} | {_fmt(before.get(name))} |"
-        for name in ("anls", "levenshtein_similarity", "exact_match", "n_questions")
-    )
+    rows = "\n".join(f"| {name} | {_fmt(metrics.get(name))} | {_fmt(before.get(name))} |" for name in HEADLINE_METRICS)
     types = "\n".join(
         f"| {name} | {_fmt(v.get('anls'))} | {v.get('n_questions')} |" for name, v in metrics.get("by_type", {}).items()
     )

@@ -22,6 +22,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from florence_ops.artifacts import DATA_QUALITY_FILE, publish_directory, write_json
 from florence_ops.config import Params
 from florence_ops.data import validation as checks
 from florence_ops.data.parallel import batched, ordered_map, worker_count
@@ -33,15 +34,12 @@ from florence_ops.data.processed import (
     SPLITS,
     ParquetSink,
     model_input_size,
-    staged_directory,
-    write_json_atomic,
 )
 from florence_ops.data.raw import PAGES_FILE, REJECTED_LINES_FILE, PageReader, page_ids
 from florence_ops.errors import DataQualityError, DataSourceError
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "data_quality.json"
 PAGES_PER_TASK = 4  # pages per worker task: a few hundred ms of work, and little memory in flight
 BATCH_ROWS = 4096  # question rows read at once
 MAX_LISTED_BAD = 1000  # bad records listed in the report; quarantine.jsonl lists all
@@ -81,7 +79,7 @@ def preprocess(params: Params) -> dict[str, Any]:
     Raises `DataQualityError` (after writing the report) when more than `data.max_bad_fraction` of the records fail.
     """
     paths, data = params.paths, params.data
-    raw_dir, report_path = Path(paths.raw), Path(paths.reports) / REPORT_FILE
+    raw_dir, report_path = Path(paths.raw), Path(paths.reports) / DATA_QUALITY_FILE
     splits = [split for split in SPLITS if (raw_dir / f"{split}.parquet").is_file()]
     if not splits:
         raise DataSourceError(f"no raw splits in {raw_dir}: run `florence-ops download` first")
@@ -90,11 +88,11 @@ def preprocess(params: Params) -> dict[str, Any]:
     size = model_input_size(Path(paths.base_model))
     workers = worker_count(data.num_workers)
     start = time.perf_counter()
-    with staged_directory(Path(paths.processed)) as staging:
+    with publish_directory(paths.processed) as staging:
         writer = Preprocessor(staging, splits, size, data.max_image_pixels, set(data.unlabeled_splits))
         writer.run(raw_dir, workers)
         summary = writer.tally.summary(data.max_bad_fraction)
-        write_json_atomic(report_path, summary)
+        write_json(report_path, summary)
         n_in, n_bad, fraction = summary["n_in"], summary["n_bad"], summary["bad_fraction"]
         if n_in == 0:
             raise DataQualityError(f"no input records in {raw_dir}; see {report_path}")

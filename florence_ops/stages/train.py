@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from functools import partial
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import DistributedType, set_seed
 
+from florence_ops.artifacts import SUMMARY_FILE, TRAINED_MODEL_DIR, move_directory, publish_directory, write_json
 from florence_ops.batching import Collator
 from florence_ops.checkpointing import CheckpointStore, run_fingerprint
 from florence_ops.config import Params, pick
@@ -43,7 +43,7 @@ def train(params: Params) -> dict:
         raise UserError("train.distributed: fsdp needs CUDA GPUs (accelerate has no FSDP on CPU); use ddp here")
     if needs_launch(params.train.num_processes, params.train.distributed):
         launch("train", params, params.train.num_processes, fsdp=params.train.distributed == "fsdp")
-        return json.loads((Path(params.paths.train) / "summary.json").read_text())
+        return json.loads((Path(params.paths.train) / SUMMARY_FILE).read_text())
     set_seed(params.seed)  # Python, NumPy and torch on every device
     acc = make_accelerator(params)
     if acc.num_processes != params.train.num_processes:
@@ -83,9 +83,9 @@ def train(params: Params) -> dict:
     )
     progress, objective = fit(run)
     if progress.best_epoch < 0:  # no validation: the last weights are the result
-        save_trained(acc, objective, processor, out / "model")
+        save_trained(acc, objective, processor, out / TRAINED_MODEL_DIR)
     elif acc.is_main_process:
-        move_into_place(checkpoints.best, out / "model")
+        move_directory(checkpoints.best, out / TRAINED_MODEL_DIR)
     if acc.is_main_process:
         summary = {
             "steps": progress.step,
@@ -99,7 +99,7 @@ def train(params: Params) -> dict:
             "lora": params.train.lora.enabled,
             "params": pick(params, PARAMS_READ),
         }
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(out / SUMMARY_FILE, summary)
         if live is not None:
             live.end()
         run.checkpoints.clear()
@@ -147,22 +147,9 @@ def save_trained(acc, objective, processor, target: Path) -> None:
 
 def save_model(model, processor, target: Path, state_dict: dict | None = None) -> None:
     """Save a model (full weights, or LoRA adapters) and its processor to `target` atomically."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state_dict)
-    save_processor(processor, tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-
-
-def move_into_place(source: Path, target: Path) -> None:
-    """Move a saved model folder to `target`, replacing it (a rename within one file system)."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(source, tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    with publish_directory(target) as staging:
+        model.save_pretrained(staging, state_dict=state_dict)
+        save_processor(processor, staging)
 
 
 def _rows(processed: Path, split: str) -> list[dict]:

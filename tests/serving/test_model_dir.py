@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import shutil
 
+from florence_ops.artifacts import SETTINGS_FILE
 from florence_ops.data.processed import model_input_size
 from florence_ops.promotion import promote
-from florence_ops.serving.model_dir import SETTINGS_FILE, model_metrics, read_settings, version_of
+from florence_ops.serving.model_dir import model_metrics, read_settings, version_of
 from florence_ops.serving.server import model_size
 from tests.conftest import tiny_params
 
