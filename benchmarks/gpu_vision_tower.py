@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from florence_ops.base_models import build_reference_model, build_reference_processor  # noqa: E402
+from florence_ops.precision import autocast_dtype  # noqa: E402
 from florence_ops.vision_inputs import PixelSource, tower_encoder  # noqa: E402
 
 TOWER_GFLOP = 369.0  # one 768x768 page through Florence-2-base's tower (torch.utils.flop_counter, issue figure)
@@ -112,7 +113,7 @@ def main(argv=None) -> dict:
                 for cast in (False, True)]  # fmt: skip
     for compiled, cast in variants:
         tower = copy.deepcopy(cpu_tower).to(device)
-        encode = tower_encoder(tower, check_source, device, compile=compiled, cast=cast)
+        encode = tower_encoder(tower, check_source, device, autocast_dtype("auto", device), compiled, cast)
         name = f"{'compiled' if compiled else 'eager'}_{'bf16_weights' if cast else 'autocast'}"
         out = encode(check_pages).float()
         error = ((out - reference).norm() / reference.norm()).item()

@@ -52,11 +52,10 @@ def cache_key(vision_tower: torch.nn.Module, image_processor_config: dict, image
     return digest.hexdigest()[:24]
 
 
-def computed_with(device: torch.device, precision: str, compiled: bool) -> dict:
-    """How `vision_inputs.tower_encoder` computes the features (part of the cache key): device type, precision (a
-    bf16 copy of the tower with `fuse_kernels` on CUDA, fp32 elsewhere), compilation (regional, static shapes)."""
-    bf16 = device.type == "cuda" and precision in ("auto", "bf16")
-    return {"device": device.type, "precision": "bf16 weights, fused kernels" if bf16 else "fp32",
+def computed_with(device: torch.device, dtype: torch.dtype | None, compiled: bool) -> dict:
+    """How `vision_inputs.tower_encoder` computes the features (part of the cache key): device type, precision (with
+    `dtype`, a bf16 copy of the tower with `fuse_kernels`; fp32 without), compilation (regional, static shapes)."""
+    return {"device": device.type, "precision": "bf16 weights, fused kernels" if dtype is not None else "fp32",
             "compile": compiled and "regional"}  # fmt: skip
 
 

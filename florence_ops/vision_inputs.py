@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 from florence_ops.batching import Collator, TextBatch
+from florence_ops.precision import autocast
 
 log = logging.getLogger(__name__)
 
@@ -187,15 +188,15 @@ def page_loader(source, image_ids: Sequence[str], batch_size: int, num_workers: 
 
 
 def tower_encoder(
-    tower: torch.nn.Module, source: PixelSource, device: torch.device, compile: bool = False, precision: str = "auto",
-    cast: bool = True,
+    tower: torch.nn.Module, source: PixelSource, device: torch.device, dtype: torch.dtype | None,
+    compile: bool = False, cast: bool = True,
 ):  # fmt: skip
     """A function from loaded pages to the frozen `tower`'s last hidden state on `device`, for the feature cache.
 
-    On CUDA in bf16 (`precision` auto or bf16) the tower runs as a bf16 copy, weights and activations (`cast`; else
-    under bf16 autocast, whose layer norms and residual stream stay fp32): at 768 px most of the tower's time is
-    memory traffic, which this halves, and its output is stored in bf16 either way. The copy also takes the kernels
-    of `fuse_kernels`. Elsewhere the tower runs as is, in fp32.
+    With `dtype` (bf16 on CUDA, from `precision.autocast_dtype`) the tower runs as a bf16 copy, weights and
+    activations (`cast`; else under bf16 autocast, whose layer norms and residual stream stay fp32): at 768 px most of
+    the tower's time is memory traffic, which this halves, and its output is stored in bf16 either way. The copy also
+    takes the kernels of `fuse_kernels`. Without `dtype` the tower runs as is, in fp32.
 
     With `compile`, each patch embedding and each block is compiled on its own with static shapes (regional
     compilation, accelerate's `compile_regions`): the nine blocks of stage 3 share one graph, so compiling costs a
@@ -204,14 +205,11 @@ def tower_encoder(
     (`cudnn.benchmark`, set during the calls only). On CUDA the pages go to the device on a stream of their own
     (`copy_on`), so a batch's upload overlaps the tower's work on the batch before.
     """
-    from florence_ops.generation import autocast
-
-    bf16 = device.type == "cuda" and precision in ("auto", "bf16")
-    if compile or (bf16 and cast):  # a copy: the model's own tower stays as it is
+    if compile or (dtype is not None and cast):  # a copy: the model's own tower stays as it is
         tower = copy.deepcopy(tower)
-        if bf16 and cast:
-            fuse_kernels(tower.to(torch.bfloat16))
-    mixed = autocast(device, precision) if bf16 and not cast else contextlib.nullcontext()
+        if dtype is not None and cast:
+            fuse_kernels(tower.to(dtype))
+    mixed = autocast(dtype, device) if not cast else contextlib.nullcontext()
     if compile:
         tower = compile_regions(tower)
     size = []  # the compiled batch size, fixed by the first call

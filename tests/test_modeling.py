@@ -155,8 +155,8 @@ def test_compiled_tower_gives_the_eager_output_and_leaves_the_model_as_it_was(ti
     weights = {name: tensor.clone() for name, tensor in tower.state_dict().items()}
     source = PixelSource(images, processor.image_processor)
     pages = source.load(["white", "grey"])
-    eager = tower_encoder(tower, source, torch.device("cpu"))(pages)
-    encode = tower_encoder(tower, source, torch.device("cpu"), compile=True)
+    eager = tower_encoder(tower, source, torch.device("cpu"), None)(pages)
+    encode = tower_encoder(tower, source, torch.device("cpu"), None, compile=True)
     torch.testing.assert_close(encode(pages), eager, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(encode(pages[:1]), eager[:1], rtol=1e-4, atol=1e-5)  # padded to 2, then cut
     assert {name: type(module) for name, module in tower.named_modules()} == modules

@@ -26,6 +26,7 @@ from florence_ops.data.processed import ImageTable, read_questions
 from florence_ops.errors import UserError
 from florence_ops.launch import launch, needs_launch
 from florence_ops.modeling import apply_lora, freeze, load_pretrained, save_processor, unwrap
+from florence_ops.precision import autocast_dtype
 from florence_ops.training import Run, fit, make_accelerator
 from florence_ops.vision_cache import build_cache, cache_key, computed_with, open_cache
 from florence_ops.vision_inputs import PixelSource, cached_source, page_loader, tower_encoder, warm_up
@@ -118,7 +119,8 @@ def vision_source(params: Params, model, processor, images: ImageTable, acc):
     if not (params.train.vision_cache and "vision_tower" in params.train.freeze):
         return pixels
     tower = unwrap(model).model.vision_tower.to(acc.device).eval()
-    recipe = computed_with(acc.device, params.train.precision, params.model.vision_compile)
+    dtype = autocast_dtype(params.train.precision, acc.device)
+    recipe = computed_with(acc.device, dtype, params.model.vision_compile)
     key = cache_key(tower, processor.image_processor.to_dict(), images.ids, recipe)
     root = Path(params.paths.vision_cache)
     with acc.main_process_first():
@@ -126,7 +128,7 @@ def vision_source(params: Params, model, processor, images: ImageTable, acc):
         if cache is None:
             size, compiled = params.model.vision_batch_size, params.model.vision_compile
             batches = page_loader(pixels, images.ids, size, params.train.num_workers)
-            encode = tower_encoder(tower, pixels, acc.device, compiled, params.train.precision)
+            encode = tower_encoder(tower, pixels, acc.device, dtype, compiled)
             ahead = partial(warm_up, encode, pixels, images.ids, size, acc.device) if compiled else None
             cache = build_cache(root, key, images.ids, batches, encode, warm_up=ahead)
     return cached_source(cache, images.ids, acc.device)
