@@ -15,9 +15,7 @@ from torch.utils.data import DataLoader
 from florence_ops.batching import Collator, TextBatch, embed_inputs, project_vision
 from florence_ops.modeling import unwrap
 from florence_ops.precision import autocast, autocast_dtype
-from florence_ops.vision_inputs import CachedSource, PixelSource, WithVision, tower_output
-
-__all__ = ["CachedSource", "Decoding", "PixelSource", "answer", "answer_across_processes", "generate_ids"]
+from florence_ops.vision.sources import WithVision, tower_output
 
 
 @dataclass

@@ -31,7 +31,7 @@ from florence_ops.generation import Decoding, answer_across_processes
 from florence_ops.modeling import ModelWrapper, train_mode, unwrap
 from florence_ops.precision import autocast_dtype
 from florence_ops.step_log import StepLog, StepLoss
-from florence_ops.vision_inputs import WithVision, tower_output
+from florence_ops.vision.sources import WithVision, tower_output
 
 log = logging.getLogger(__name__)
 

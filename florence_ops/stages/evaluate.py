@@ -24,8 +24,9 @@ from florence_ops.metrics import aggregate, score_predictions
 from florence_ops.modeling import load_model, load_trained
 from florence_ops.precision import autocast_dtype
 from florence_ops.reports import write_html_report, write_json, write_predictions, write_type_plot_data
-from florence_ops.vision_cache import cache_key, computed_with, open_cache
-from florence_ops.vision_inputs import PixelSource, cached_source
+from florence_ops.vision.cache import cache_key, open_cache
+from florence_ops.vision.encoder import computed_with
+from florence_ops.vision.sources import PixelSource, cached_source
 
 log = logging.getLogger(__name__)
 COLUMNS = ["questionId", "question", "answers", "image_id", "question_types"]

@@ -28,8 +28,9 @@ from florence_ops.launch import launch, needs_launch
 from florence_ops.modeling import apply_lora, freeze, load_pretrained, save_processor, unwrap
 from florence_ops.precision import autocast_dtype
 from florence_ops.training import Run, fit, make_accelerator
-from florence_ops.vision_cache import build_cache, cache_key, computed_with, open_cache
-from florence_ops.vision_inputs import PixelSource, cached_source, page_loader, tower_encoder, warm_up
+from florence_ops.vision.cache import build_cache, cache_key, open_cache
+from florence_ops.vision.encoder import computed_with, tower_encoder, warm_up
+from florence_ops.vision.sources import PixelSource, cached_source, page_loader
 
 log = logging.getLogger(__name__)
 COLUMNS = ["questionId", "question", "answers", "image_id", "question_types"]
