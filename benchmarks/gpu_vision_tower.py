@@ -1,5 +1,5 @@
 """Vision-tower throughput on the GPU: Florence-2-base's DaViT (depths 1,1,9,1, 90.4M parameters, 768x768 pages)
-as the vision-feature cache build and the pixel paths run it (`florence_ops.vision_inputs.tower_encoder`).
+as the vision-feature cache build and the pixel paths run it (`florence_ops.vision.encoder.tower_encoder`).
 
 Variants: eager or compiled (regional, static shapes), under bf16 autocast or as a bf16 copy of the tower (what the
 cache build runs), at the batch sizes given; every variant starts from uint8 pages on the GPU (normalised inside, as
@@ -29,7 +29,9 @@ sys.path.insert(0, str(REPO))
 
 from florence_ops.artifacts import write_json  # noqa: E402
 from florence_ops.base_models import build_reference_model, build_reference_processor  # noqa: E402
-from florence_ops.vision_inputs import PixelSource, tower_encoder  # noqa: E402
+from florence_ops.precision import autocast_dtype  # noqa: E402
+from florence_ops.vision.encoder import tower_encoder  # noqa: E402
+from florence_ops.vision.sources import PixelSource  # noqa: E402
 
 TOWER_GFLOP = 369.0  # one 768x768 page through Florence-2-base's tower (torch.utils.flop_counter, issue figure)
 
@@ -112,7 +114,7 @@ def main(argv=None) -> dict:
                 for cast in (False, True)]  # fmt: skip
     for compiled, cast in variants:
         tower = copy.deepcopy(cpu_tower).to(device)
-        encode = tower_encoder(tower, check_source, device, compile=compiled, cast=cast)
+        encode = tower_encoder(tower, check_source, device, autocast_dtype("auto", device), compiled, cast)
         name = f"{'compiled' if compiled else 'eager'}_{'bf16_weights' if cast else 'autocast'}"
         out = encode(check_pages).float()
         error = ((out - reference).norm() / reference.norm()).item()

@@ -54,7 +54,7 @@ from florence_ops.base_models import build_reference_model, build_reference_proc
 from florence_ops.batching import IGNORE_INDEX, TextBatch, embed_inputs, project_vision  # noqa: E402
 from florence_ops.modeling import freeze, train_mode, unwrap  # noqa: E402
 from florence_ops.training import DocVQAObjective, make_optimizer, train_window  # noqa: E402
-from florence_ops.vision_inputs import tower_output  # noqa: E402
+from florence_ops.vision.sources import tower_output  # noqa: E402
 
 WARM_STEPS = 12
 

@@ -6,7 +6,6 @@ answers that repeat an n-gram ("10 10 10"); here decoding settings are explicit 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,9 +14,8 @@ from torch.utils.data import DataLoader
 
 from florence_ops.batching import Collator, TextBatch, embed_inputs, project_vision
 from florence_ops.modeling import unwrap
-from florence_ops.vision_inputs import CachedSource, PixelSource, WithVision, tower_output
-
-__all__ = ["CachedSource", "Decoding", "PixelSource", "answer", "answer_across_processes", "generate_ids"]
+from florence_ops.precision import autocast, autocast_dtype
+from florence_ops.vision.sources import WithVision, tower_output
 
 
 @dataclass
@@ -27,13 +25,7 @@ class Decoding:
     batch_size: int = 32
     num_beams: int = 1
     max_new_tokens: int = 20
-
-
-def autocast(device: torch.device, precision: str = "auto"):
-    """bf16 autocast on CUDA (fp16 gives NaN losses with Florence-2); plain fp32 elsewhere."""
-    if device.type == "cuda" and precision in ("auto", "bf16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    precision: str = "auto"  # as `train.precision` (see `florence_ops.precision`); no stage sets it: bf16 on CUDA
 
 
 @torch.no_grad()
@@ -64,9 +56,10 @@ def answer(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
     )
+    dtype = autocast_dtype(decoding.precision, device)
     answers: list[str] = [""] * len(rows)
     for chosen, batch in zip(plan, loader):
-        with autocast(device):
+        with autocast(dtype, device):
             ids = generate_ids(model, batch.to(device), source, decoding, device)
         for i, text in zip(chosen, tokenizer.batch_decode(ids, skip_special_tokens=True)):
             answers[i] = text.strip()

@@ -29,8 +29,9 @@ from florence_ops.config import Params
 from florence_ops.data.parallel import batched
 from florence_ops.generation import Decoding, answer_across_processes
 from florence_ops.modeling import ModelWrapper, train_mode, unwrap
+from florence_ops.precision import autocast_dtype
 from florence_ops.step_log import StepLog, StepLoss
-from florence_ops.vision_inputs import WithVision, tower_output
+from florence_ops.vision.sources import WithVision, tower_output
 
 log = logging.getLogger(__name__)
 
@@ -85,15 +86,15 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, devic
 
 
 def make_accelerator(params: Params) -> Accelerator:
-    """The accelerator for this run: bf16 autocast on CUDA unless fp32 is asked for, batches split over processes.
+    """The accelerator for this run: mixed precision as `train.precision` decides (`precision.autocast_dtype`), batches
+    split over processes.
 
     Gradient accumulation is done by `train_window`, not by accelerate, which would divide every micro-batch by the
     number of micro-batches (a mean of means, and a short last window scaled down).
     """
-    precision = params.train.precision
-    bf16 = torch.cuda.is_available() and precision in ("auto", "bf16")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return Accelerator(
-        mixed_precision="bf16" if bf16 else "no",
+        mixed_precision="bf16" if autocast_dtype(params.train.precision, device) is not None else "no",
         dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=torch.cuda.is_available()),
         cpu=not torch.cuda.is_available(),
     )

@@ -21,12 +21,13 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 def test_fsdp_validates_and_saves_the_model_it_validated(workspace, lora):
     from florence_ops.batching import Collator
     from florence_ops.data.processed import ImageTable, read_questions
-    from florence_ops.generation import Decoding, PixelSource, answer
+    from florence_ops.generation import Decoding, answer
     from florence_ops.metrics import anls
     from florence_ops.modeling import load_trained
     from florence_ops.stages.evaluate import evaluate
     from florence_ops.stages.export import export
     from florence_ops.stages.train import train
+    from florence_ops.vision.sources import PixelSource
 
     overrides = {"train.distributed": "fsdp", "train.lora.enabled": lora, "train.vision_cache": False, "epochs": 3}
     params = tiny_params(workspace, lr=1e-2 if lora else 1e-3, **overrides)

@@ -31,9 +31,10 @@ def test_lora_trains_evaluates_and_exports_merged_weights(workspace):
 
     from florence_ops.batching import Collator
     from florence_ops.data.processed import ImageTable, read_questions
-    from florence_ops.generation import Decoding, PixelSource, answer
+    from florence_ops.generation import Decoding, answer
     from florence_ops.stages.evaluate import evaluate
     from florence_ops.stages.export import export
+    from florence_ops.vision.sources import PixelSource
 
     params = tiny_params(workspace, **{"train.lora.enabled": True, "lr": 1e-2})
     done = _train_stage(workspace, params)

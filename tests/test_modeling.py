@@ -8,9 +8,9 @@ from PIL import Image
 from florence_ops.base_models import build_tiny_model, build_tiny_processor
 from florence_ops.batching import IGNORE_INDEX, Collator, embed_inputs, project_vision
 from florence_ops.config import TinyModel
-from florence_ops.generation import PixelSource
 from florence_ops.modeling import freeze, model_parts
 from florence_ops.training import DocVQAObjective, make_optimizer
+from florence_ops.vision.sources import PixelSource
 
 CORPUS = ["<DocVQA>What is the total amount?", "Which company issued this document?", "ACME Corp", "$1,234.50"] * 5
 ROWS = [
@@ -147,7 +147,7 @@ def test_pixels_normalised_on_the_device_equal_the_image_processor(tiny):
 def test_compiled_tower_gives_the_eager_output_and_leaves_the_model_as_it_was(tiny):
     """The cache build compiles a copy of the frozen tower by regions (static shapes, a short last batch padded to the
     first batch's size); the model's own tower, which is saved with the model, keeps its modules and weights."""
-    from florence_ops.vision_inputs import tower_encoder
+    from florence_ops.vision.encoder import tower_encoder
 
     processor, images, _ = tiny
     tower = _model(tiny).model.vision_tower.eval()
@@ -155,8 +155,8 @@ def test_compiled_tower_gives_the_eager_output_and_leaves_the_model_as_it_was(ti
     weights = {name: tensor.clone() for name, tensor in tower.state_dict().items()}
     source = PixelSource(images, processor.image_processor)
     pages = source.load(["white", "grey"])
-    eager = tower_encoder(tower, source, torch.device("cpu"))(pages)
-    encode = tower_encoder(tower, source, torch.device("cpu"), compile=True)
+    eager = tower_encoder(tower, source, torch.device("cpu"), None)(pages)
+    encode = tower_encoder(tower, source, torch.device("cpu"), None, compile=True)
     torch.testing.assert_close(encode(pages), eager, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(encode(pages[:1]), eager[:1], rtol=1e-4, atol=1e-5)  # padded to 2, then cut
     assert {name: type(module) for name, module in tower.named_modules()} == modules
@@ -169,7 +169,7 @@ def test_tower_with_fused_kernels_gives_the_towers_output(tiny):
     the CPU (where the GELU epilogue is exact) the output is the tower's own."""
     import copy
 
-    from florence_ops.vision_inputs import GeluMatmulMLP, fuse_kernels
+    from florence_ops.vision.encoder import GeluMatmulMLP, fuse_kernels
 
     processor, images, _ = tiny
     tower = _model(tiny).model.vision_tower.eval()

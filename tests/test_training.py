@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from florence_ops.base_models import build_tiny_model, build_tiny_processor
 from florence_ops.batching import Collator
 from florence_ops.config import TinyModel, to_dict
-from florence_ops.generation import PixelSource
+from florence_ops.vision.sources import PixelSource
 from tests.conftest import tiny_params
 
 CORPUS = ["<DocVQA>What is the total amount?", "Which company issued this document?", "ACME Corp", "$1,234.50"] * 5

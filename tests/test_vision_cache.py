@@ -38,14 +38,14 @@ def test_damaged_cache_is_rebuilt_and_training_is_unchanged(prepared, tmp_path, 
     (features,) = (root / ".cache/vision_features").glob("*/features.npy")
     damage(features)
 
-    with caplog.at_level(logging.WARNING, logger="florence_ops.vision_cache"):
+    with caplog.at_level(logging.WARNING, logger="florence_ops.vision.cache"):
         train(params)  # `dvc repro -f train`, or a new experiment, on the damaged cache
     assert any("is damaged" in record.getMessage() for record in caplog.records), "damage must be reported"
     rebuilt = load_file(root / "models/train/model/model.safetensors")
     for name, tensor in clean.items():
         assert (rebuilt[name] == tensor).all(), f"{name}: training read the damaged cache"
     (again,) = (root / ".cache/vision_features").glob("*/features.npy")
-    from florence_ops.vision_cache import VisionFeatureCache
+    from florence_ops.vision.cache import VisionFeatureCache
 
     VisionFeatureCache(again.parent).verify()  # the rebuilt cache is whole
 
@@ -74,7 +74,7 @@ def test_evaluate_does_not_answer_from_a_damaged_cache(prepared, tmp_path, caplo
 def test_open_checks_size_and_verify_checks_every_chunk(tmp_path):
     import torch
 
-    from florence_ops.vision_cache import build_cache, open_cache
+    from florence_ops.vision.cache import build_cache, open_cache
 
     ids = [f"page{i}" for i in range(10)]
     pages = [(ids[i : i + 4], torch.arange(i, min(i + 4, 10)).float()) for i in range(0, 10, 4)]
@@ -97,8 +97,8 @@ def test_resident_features_equal_the_mapped_ones(tmp_path):
     read in chunks (here of two pages: a full chunk and a short one)."""
     import torch
 
-    from florence_ops.vision_cache import build_cache
-    from florence_ops.vision_inputs import CachedSource, ResidentSource
+    from florence_ops.vision.cache import build_cache
+    from florence_ops.vision.sources import CachedSource, ResidentSource
 
     ids = [f"page{i}" for i in range(7)]
     pages = [(ids[i : i + 3], torch.randn(len(ids[i : i + 3]), 4, 2, 2)) for i in range(0, 7, 3)]
@@ -131,7 +131,7 @@ def test_the_warm_up_runs_while_the_workers_decode_the_first_pages(tmp_path):
     import torch
     from torch.utils.data import DataLoader
 
-    from florence_ops.vision_cache import build_cache
+    from florence_ops.vision.cache import build_cache
 
     ids = [f"page{i}" for i in range(6)]
     marker = tmp_path / "worker-started"
@@ -159,7 +159,8 @@ def test_warm_up_encodes_one_full_batch_of_the_first_page():
     import torch
     from PIL import Image
 
-    from florence_ops.vision_inputs import PixelSource, warm_up
+    from florence_ops.vision.encoder import warm_up
+    from florence_ops.vision.sources import PixelSource
 
     colours = {"a": (10, 20, 30), "b": (40, 50, 60), "c": (70, 80, 90)}
     images = {name: Image.new("RGB", (5, 4), colour) for name, colour in colours.items()}

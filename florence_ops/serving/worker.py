@@ -42,7 +42,7 @@ from florence_ops.serving.health import write_worker_status
 from florence_ops.serving.model_dir import model_metrics, version_of
 from florence_ops.serving.openai_api import UNAUTHORIZED
 from florence_ops.serving.pages import open_pixels
-from florence_ops.vision_inputs import PageRows
+from florence_ops.vision.sources import PageRows
 
 log = logging.getLogger(__name__)
 API_PATH = "/v1/chat/completions"

@@ -33,8 +33,8 @@ from florence_ops.launch import launch, needs_launch
 from florence_ops.metrics import aggregate, score_predictions
 from florence_ops.modeling import load_model, load_trained
 from florence_ops.reports import write_html_report, write_predictions, write_type_plot_data
-from florence_ops.vision_cache import cache_key, computed_with, open_cache
-from florence_ops.vision_inputs import PixelSource, cached_source
+from florence_ops.vision.sources import PixelSource, cached_source
+from florence_ops.vision.stage_cache import open_or_build_cache
 
 log = logging.getLogger(__name__)
 COLUMNS = ["questionId", "question", "answers", "image_id", "question_types"]
@@ -99,9 +99,7 @@ def vision_source(params: Params, base, tuned, images: ImageTable, rows: list[di
     tower = base_model.model.vision_tower
     if not _same_weights(tower, tuned_model.model.vision_tower):
         return pixels
-    recipe = computed_with(device, params.train.precision, params.model.vision_compile)
-    key = cache_key(tower, processor.image_processor.to_dict(), images.ids, recipe)
-    cache = open_cache(Path(params.paths.vision_cache), key, verify=True)
+    cache = open_or_build_cache(params, tower, processor.image_processor, images, device, verify=True, build=False)
     if cache is None:
         return pixels
     log.info("answering from the cached vision features in %s", cache.folder)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,8 +26,8 @@ from florence_ops.errors import UserError
 from florence_ops.launch import launch, needs_launch
 from florence_ops.modeling import apply_lora, freeze, load_pretrained, save_processor, unwrap
 from florence_ops.training import Run, fit, make_accelerator
-from florence_ops.vision_cache import build_cache, cache_key, computed_with, open_cache
-from florence_ops.vision_inputs import PixelSource, cached_source, page_loader, tower_encoder, warm_up
+from florence_ops.vision.sources import PixelSource, cached_source
+from florence_ops.vision.stage_cache import open_or_build_cache
 
 log = logging.getLogger(__name__)
 COLUMNS = ["questionId", "question", "answers", "image_id", "question_types"]
@@ -118,17 +117,9 @@ def vision_source(params: Params, model, processor, images: ImageTable, acc):
     if not (params.train.vision_cache and "vision_tower" in params.train.freeze):
         return pixels
     tower = unwrap(model).model.vision_tower.to(acc.device).eval()
-    recipe = computed_with(acc.device, params.train.precision, params.model.vision_compile)
-    key = cache_key(tower, processor.image_processor.to_dict(), images.ids, recipe)
-    root = Path(params.paths.vision_cache)
     with acc.main_process_first():
-        cache = open_cache(root, key, verify=acc.is_main_process)
-        if cache is None:
-            size, compiled = params.model.vision_batch_size, params.model.vision_compile
-            batches = page_loader(pixels, images.ids, size, params.train.num_workers)
-            encode = tower_encoder(tower, pixels, acc.device, compiled, params.train.precision)
-            ahead = partial(warm_up, encode, pixels, images.ids, size, acc.device) if compiled else None
-            cache = build_cache(root, key, images.ids, batches, encode, warm_up=ahead)
+        cache = open_or_build_cache(params, tower, processor.image_processor, images, acc.device,
+                                    verify=acc.is_main_process, build=True)  # fmt: skip
     return cached_source(cache, images.ids, acc.device)
 
 

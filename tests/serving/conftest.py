@@ -178,7 +178,7 @@ def evaluation_answers(root: Path, model_dir: Path, split: str, processed: Path 
     from florence_ops.data.processed import ImageTable, read_questions
     from florence_ops.modeling import load_trained
     from florence_ops.stages.evaluate import COLUMNS, predict
-    from florence_ops.vision_inputs import PixelSource
+    from florence_ops.vision.sources import PixelSource
 
     params = tiny_params(root)
     processed = processed or root / "data/processed"

@@ -41,8 +41,8 @@ class CacheDamaged(Exception):
 
 def cache_key(vision_tower: torch.nn.Module, image_processor_config: dict, image_ids: list[str], recipe: dict) -> str:
     """A digest of the tower's weights, the preprocessing config, the image contents (ids are content hashes) and how
-    the features are computed (`recipe`, from `computed_with`: device type, precision, compilation), which moves them
-    within bf16 rounding."""
+    the features are computed (`recipe`, from `encoder.computed_with`: device type, precision, compilation), which
+    moves them within bf16 rounding."""
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode())
     for name, tensor in sorted(vision_tower.state_dict().items()):
         digest.update(name.encode())
@@ -50,14 +50,6 @@ def cache_key(vision_tower: torch.nn.Module, image_processor_config: dict, image
     digest.update(json.dumps(image_processor_config, sort_keys=True, default=str).encode())
     digest.update("\n".join(image_ids).encode())
     return digest.hexdigest()[:24]
-
-
-def computed_with(device: torch.device, precision: str, compiled: bool) -> dict:
-    """How `vision_inputs.tower_encoder` computes the features (part of the cache key): device type, precision (a
-    bf16 copy of the tower with `fuse_kernels` on CUDA, fp32 elsewhere), compilation (regional, static shapes)."""
-    bf16 = device.type == "cuda" and precision in ("auto", "bf16")
-    return {"device": device.type, "precision": "bf16 weights, fused kernels" if bf16 else "fp32",
-            "compile": compiled and "regional"}  # fmt: skip
 
 
 class ChunkedDigest:

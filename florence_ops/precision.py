@@ -1,0 +1,23 @@
+"""The precision rule, written once: bf16 on CUDA when precision is auto or bf16; fp32 everywhere else.
+
+fp16 gives NaN losses with Florence-2, so bf16 is the only reduced precision. Training (the accelerator's mixed
+precision), answering (autocast around generation) and the vision-feature cache (the encoder's bf16 copy of the tower,
+and the cache key that records it) take the decision from `autocast_dtype` and pass it down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The reduced dtype to compute in on `device` for `precision` (`train.precision`'s values): bf16 on CUDA unless
+    fp32 is asked for; None (plain fp32) elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" and precision in ("auto", "bf16") else None
+
+
+def autocast(dtype: torch.dtype | None, device: torch.device):
+    """A context that autocasts to `dtype` on `device`, or does nothing when `dtype` is None."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
