@@ -179,7 +179,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     checkpoint_every: int = 100  # optimizer steps between resumable checkpoints (also at every epoch end)
     eval_every_epoch: bool = True  # validation score each epoch, keeps the best model
-    max_eval_questions: int | None = 256  # validation questions scored each epoch (all: null)
+    max_eval_questions: int | None = 64  # validation questions scored each epoch (all: null)
     early_stopping_patience: int | None = None  # epochs without improvement before stopping
     num_processes: int = 1  # >1 launches data-parallel training through accelerate
     distributed: Literal["ddp", "fsdp"] = "ddp"
@@ -272,8 +272,8 @@ class ScheduleConfig:
 
 @dataclass
 class Params:
-    lr: float = 3e-4  # peak learning rate of AdamW
-    epochs: int = 10
+    lr: float = 0.001  # peak learning rate of AdamW (after warmup)
+    epochs: int = 40  # passes over the training split
     batch_size: int = 16  # per optimizer step, across processes (global batch)
     seed: int = 1234
     paths: Paths = field(default_factory=Paths)

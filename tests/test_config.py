@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from florence_ops.config import ConfigError, Params, from_dict, load_params, read_yaml
+from florence_ops.config import ConfigError, Params, from_dict, load_params, read_yaml, to_dict
 from tests.conftest import REPO
 
 
@@ -14,6 +14,24 @@ def test_repository_params_load_and_cover_every_field():
     for section in ("paths", "data", "model", "train", "evaluate", "promotion", "schedule"):
         node = getattr(params, section)
         assert set(raw[section]) == {f.name for f in dataclasses.fields(node)}, section
+
+
+def _leaves(node: dict, prefix: str = "") -> dict:
+    """Each setting of a nested mapping by its dotted key (lists are settings, not sections)."""
+    leaves = {}
+    for key, value in node.items():
+        leaves.update(_leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return leaves
+
+
+def test_class_defaults_are_params_yaml():
+    """One source of defaults: `Params()` (what serve uses beside a bare model directory) holds params.yaml's values."""
+    defaults = _leaves(to_dict(Params()))
+    assert set(defaults) == set(_leaves(read_yaml(REPO / "params.yaml"))), "params.yaml must set every key"
+    documented = _leaves(to_dict(load_params(REPO / "params.yaml")))
+    differ = [f"{key}: {defaults[key]!r} in config.py, {documented[key]!r} in params.yaml"
+              for key in defaults if defaults[key] != documented[key]]  # fmt: skip
+    assert not differ, "; ".join(differ)
 
 
 def test_dvc_written_float_is_read_as_float(tmp_path):
