@@ -8,38 +8,20 @@ the key (for example `train.grad_accum_steps: expected int, got 'two'`).
 from __future__ import annotations
 
 import dataclasses
-import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+from ruamel.yaml import YAML
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 PARAMS_FILE = Path("params.yaml")
 
 
 class ConfigError(ValueError):
     """params.yaml is missing or not valid YAML, or one of its keys is unknown, missing or of the wrong type."""
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads YAML 1.2 floats: DVC writes `lr: 1e-06`, which YAML 1.1 resolves to a string."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
 
 
 @dataclass
@@ -302,35 +284,43 @@ class Params:
 
 
 def read_yaml(path: str | Path) -> Any:
-    """Parse a YAML file, reading `1e-06` and other YAML 1.2 floats as floats.
+    """Parse a YAML file as YAML 1.2, as DVC does (`1e-06` is a float), into plain dicts, lists and scalars.
 
     A missing file or a syntax error raises `ConfigError` with one line naming the file and the line to fix.
     """
     try:
-        with open(path, encoding="utf-8") as stream:
-            return yaml.load(stream, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        return _yaml().load(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8") from None
-    except yaml.YAMLError as error:
+    except YAMLError as error:
         raise ConfigError(f"{path}: {_yaml_problem(error)}; fix the YAML syntax there") from None
 
 
-def _yaml_problem(error: yaml.YAMLError) -> str:
-    """Where and what PyYAML found wrong, on one line (its own message spans several)."""
-    if not isinstance(error, yaml.MarkedYAMLError) or error.problem_mark is None:
+def parse_value(text: str) -> Any:
+    """A value as YAML 1.2 reads it (`1e-06` a float, `null` None, `[a, b]` a list), for `--set key=value` overrides."""
+    try:
+        return _yaml().load(text)
+    except YAMLError as error:
+        raise ConfigError(f"{text!r}: {_yaml_problem(error)}") from None
+
+
+def _yaml() -> YAML:
+    # DVC reads params.yaml with ruamel.yaml's safe loader too, so both see the same values. pure: the same parser and
+    # error positions with or without the C extension; a new one per call, as a YAML instance is not thread-safe.
+    return YAML(typ="safe", pure=True)
+
+
+def _yaml_problem(error: YAMLError) -> str:
+    """Where and what the parser found wrong, on one line (its own message spans several)."""
+    if not isinstance(error, MarkedYAMLError) or error.problem_mark is None:
         return "invalid YAML: " + " ".join(str(error).split())
     mark = error.problem_mark
     where = f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {error.problem}"
     if error.context and error.context_mark is not None:
         where += f" ({error.context} opened at line {error.context_mark.line + 1})"
     return where
-
-
-def parse_value(text: str) -> Any:
-    """A scalar as YAML 1.2 reads it (`1e-06` is a float), for `--set key=value` overrides."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def load_params(path: str | Path = PARAMS_FILE, overrides: dict[str, Any] | None = None) -> Params:

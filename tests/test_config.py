@@ -1,8 +1,9 @@
 import dataclasses
+import json
 
 import pytest
 
-from florence_ops.config import ConfigError, Params, from_dict, load_params, read_yaml, to_dict
+from florence_ops.config import ConfigError, Params, from_dict, load_params, parse_value, read_yaml, to_dict
 from tests.conftest import REPO
 
 
@@ -43,6 +44,39 @@ def test_dvc_written_float_is_read_as_float(tmp_path):
     params = load_params(path)
     assert isinstance(params.lr, float) and params.lr == 1e-6
     assert read_yaml(path)["lr"] == 1e-6
+
+
+def test_params_written_by_dvc_set_param_read_as_float(tmp_path):
+    """DVC's own writer, as `dvc exp run -S lr=1e-6` calls it, then our reader: the float survives the round trip."""
+    from dvc.utils.hydra import apply_overrides as dvc_set_params
+
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    dvc_set_params(path, ["lr=1e-6"])
+    assert "\nlr: 1e-06 " in path.read_text()
+    params = load_params(path)
+    assert type(params.lr) is float and params.lr == 1e-06
+    assert load_params(path, {"lr": parse_value("1e-6")}).lr == 1e-06
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("1e-6", 1e-06), ("1e-06", 1e-06), (".5", 0.5), ("null", None), ("[]", []), ("12", 12), ("yes", "yes")],
+)
+def test_set_values_parse_as_yaml12(text, value):
+    assert parse_value(text) == value and type(parse_value(text)) is type(value)
+
+
+def test_invalid_set_value_is_one_line():
+    with pytest.raises(ConfigError, match=r"^'\[1,': invalid YAML at line 1, column 4: .*opened at line 1\)$"):
+        parse_value("[1,")
+
+
+def test_yaml_is_read_as_plain_data(tmp_path):
+    """The stages compare, hash and json.dumps what read_yaml returns: plain dicts and lists, not parser types."""
+    raw = read_yaml(REPO / "params.yaml")
+    assert type(raw) is dict and type(raw["train"]) is dict and type(raw["train"]["freeze"]) is list
+    assert json.loads(json.dumps(raw)) == raw
 
 
 @pytest.mark.parametrize("text", ["1e-06", "1.5e3", "-2E-4", "3.0", ".5"])
