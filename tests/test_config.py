@@ -3,7 +3,17 @@ import json
 
 import pytest
 
-from florence_ops.config import ConfigError, Params, from_dict, load_params, parse_value, read_yaml, to_dict
+from florence_ops.config import (
+    ConfigError,
+    Params,
+    TinyModel,
+    TrainConfig,
+    from_dict,
+    load_params,
+    parse_value,
+    read_yaml,
+    to_dict,
+)
 from tests.conftest import REPO
 
 
@@ -108,11 +118,22 @@ def test_unknown_key_is_named():
         ({"train": {"freeze": ["decoder"]}}, r"train\.freeze: unknown part"),
         ({"model": {"tiny": {"vision_dims": [32, "x"]}}}, r"model\.tiny\.vision_dims\[1\]: expected int"),
         ({"train": {"vision_cache": "yes"}}, r"train\.vision_cache: expected bool"),
+        ({"epochs": "12"}, r"^epochs: expected int, got '12'$"),
+        ({"seed": True}, r"^seed: expected int, got True$"),
+        ({"data": {"hf": None}}, r"^data\.hf: expected a mapping, got None$"),
     ],
 )
 def test_wrong_types_are_named(data, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as error:
         from_dict(Params, data)
+    assert "\n" not in str(error.value)
+
+
+def test_sections_built_in_code_are_validated_too():
+    with pytest.raises(ConfigError, match=r"^image_size: expected int, got 'x'$"):
+        TinyModel(image_size="x")
+    with pytest.raises(ConfigError, match=r"^grad_acum_steps: unknown key \(known: checkpoint_every, compile, "):
+        TrainConfig(grad_acum_steps=2)
 
 
 def test_int_accepted_where_float_expected():
