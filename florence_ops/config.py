@@ -1,48 +1,51 @@
 """Typed configuration loaded from params.yaml.
 
-Every knob of the pipeline is a field below, with its default; params.yaml documents each one. Loading validates
-names and types before any stage does work: an unknown key or a value of the wrong type raises `ConfigError` naming
-the key (for example `train.grad_accum_steps: expected int, got 'two'`).
+Every knob of the pipeline is a field below; its default is params.yaml's value (a test compares them) and
+params.yaml documents it. pydantic validates names and types before any stage does work: an unknown key or a value of
+the wrong type raises `ConfigError` naming the key (for example `train.grad_accum_steps: expected int, got 'two'`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
-import types
-import typing
-from dataclasses import dataclass, field
+import functools
+from dataclasses import field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-import yaml
+from pydantic import ConfigDict, StrictBool, StrictFloat, StrictInt, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
+from ruamel.yaml import YAML
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 PARAMS_FILE = Path("params.yaml")
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """params.yaml is missing or not valid YAML, or one of its keys is unknown, missing or of the wrong type."""
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads YAML 1.2 floats: DVC writes `lr: 1e-06`, which YAML 1.1 resolves to a string."""
+def validated(cls: type[T]) -> type[T]:
+    """`cls` as a pydantic dataclass: unknown keys refused, bad values a one-line `ConfigError` naming the key.
+
+    Numbers and bools are strict (StrictInt, StrictFloat, StrictBool fields) because YAML gives them typed: a quoted
+    "12" or `yes` is a mistake, not a number or a bool. An int is still accepted where a float is expected.
+    """
+    cls = dataclass(cls, config=ConfigDict(extra="forbid"))
+    build = cls.__init__
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            build(self, *args, **kwargs)
+        except ValidationError as error:  # also wraps the ConfigError of a __post_init__ check
+            raise ConfigError(_problem(error, cls)) from None
+
+    cls.__init__ = functools.wraps(build)(__init__)
+    return cls
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-@dataclass
+@validated
 class Paths:
     raw: str = "data/raw"  # download output: each page once, and the questions of each split (Parquet)
     processed: str = "data/processed"  # preprocess output: validated, resized, training-ready
@@ -55,48 +58,48 @@ class Paths:
     live: str = "reports/train"  # DVCLive directory of the train stage
 
 
-@dataclass
+@validated
 class SyntheticData:
-    train_documents: int = 240
-    validation_documents: int = 40
-    test_documents: int = 20
-    questions_per_document: int = 4
+    train_documents: StrictInt = 240
+    validation_documents: StrictInt = 40
+    test_documents: StrictInt = 20
+    questions_per_document: StrictInt = 4
 
     def __post_init__(self) -> None:
         if min(self.train_documents, self.validation_documents, self.questions_per_document) < 1:
             raise ConfigError("data.synthetic: need at least one train and one validation document and question")
 
 
-@dataclass
+@validated
 class HubData:
     dataset: str = "HuggingFaceM4/DocumentVQA"
     revision: str | None = None  # pin a commit sha or tag for reproducible runs
     train_split: str = "train"
     validation_split: str = "validation"
     test_split: str | None = None  # DocVQA withholds test answers: list test in data.unlabeled_splits to keep it
-    max_samples: int | None = None  # per split, for quick runs
+    max_samples: StrictInt | None = None  # per split, for quick runs
 
 
-@dataclass
+@validated
 class LocalData:
     path: str | None = None  # folder holding annotations.jsonl and the images it names
-    validation_fraction: float = 0.1  # used only for records without a `split` field
-    test_fraction: float = 0.1
+    validation_fraction: StrictFloat = 0.1  # used only for records without a `split` field
+    test_fraction: StrictFloat = 0.1
 
     def __post_init__(self) -> None:
         if min(self.validation_fraction, self.test_fraction) < 0 or self.validation_fraction + self.test_fraction >= 1:
             raise ConfigError("data.local: validation_fraction and test_fraction must be >= 0 and sum to < 1")
 
 
-@dataclass
+@validated
 class DataConfig:
     source: Literal["synthetic", "hf", "local"] = "synthetic"
     synthetic: SyntheticData = field(default_factory=SyntheticData)
     hf: HubData = field(default_factory=HubData)
     local: LocalData = field(default_factory=LocalData)
-    max_bad_fraction: float = 0.01  # preprocess fails when more records than this are quarantined
-    max_image_pixels: int = 100_000_000  # larger images are quarantined as decompression bombs
-    num_workers: int = 0  # processes rendering synthetic pages and preprocessing images; 0 means one per CPU core
+    max_bad_fraction: StrictFloat = 0.01  # preprocess fails when more records than this are quarantined
+    max_image_pixels: StrictInt = 100_000_000  # larger images are quarantined as decompression bombs
+    num_workers: StrictInt = 0  # processes rendering synthetic pages and preprocessing images; 0 means one per CPU core
     unlabeled_splits: list[str] = field(default_factory=list)  # splits kept without answers (DocVQA's test)
 
     def __post_init__(self) -> None:
@@ -113,34 +116,34 @@ class DataConfig:
             raise ConfigError("data.local.path: required when data.source is 'local'")
 
 
-@dataclass
+@validated
 class TinyModel:
     """The architecture of Florence-2 at toy size, built from a config: no download, trains on CPU."""
 
-    image_size: int = 256
-    vision_dims: list[int] = field(default_factory=lambda: [32, 64, 96, 128])
-    vision_heads: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
-    d_model: int = 128
-    layers: int = 2  # encoder layers and decoder layers each
-    heads: int = 4
-    ffn_dim: int = 256
-    vocab_size: int = 1024  # byte-level BPE trained on the synthetic corpus
+    image_size: StrictInt = 256
+    vision_dims: list[StrictInt] = field(default_factory=lambda: [32, 64, 96, 128])
+    vision_heads: list[StrictInt] = field(default_factory=lambda: [1, 2, 3, 4])
+    d_model: StrictInt = 128
+    layers: StrictInt = 2  # encoder layers and decoder layers each
+    heads: StrictInt = 4
+    ffn_dim: StrictInt = 256
+    vocab_size: StrictInt = 1024  # byte-level BPE trained on the synthetic corpus
 
 
 LOCAL_MODELS = ("tiny", "base-shape", "large-shape")  # built by the download stage, nothing downloaded
 
 
-@dataclass
+@validated
 class ModelConfig:
     # 'tiny', 'base-shape' / 'large-shape' (Florence-2-base/-large architecture, random weights, built locally from
     # `reference_files`), a hub id (e.g. florence-community/Florence-2-base-ft) or a local HF directory
     name: str = "tiny"
     revision: str | None = None  # pin a hub commit for reproducible runs
-    trust_remote_code: bool = False  # only for the original remote-code checkpoints
+    trust_remote_code: StrictBool = False  # only for the original remote-code checkpoints
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     reference_files: str = "../shared/reference/florence-2-base-ft"  # checkpoint config/tokenizer files for *-shape
-    vision_batch_size: int = 32  # pages per vision-tower call when building the feature cache
-    vision_compile: bool = False  # torch.compile the vision tower where it runs without gradients
+    vision_batch_size: StrictInt = 32  # pages per vision-tower call when building the feature cache
+    vision_compile: StrictBool = False  # torch.compile the vision tower where it runs without gradients
     tiny: TinyModel = field(default_factory=TinyModel)
 
     def __post_init__(self) -> None:
@@ -148,40 +151,40 @@ class ModelConfig:
             raise ConfigError("model.vision_batch_size must be >= 1")
 
 
-@dataclass
+@validated
 class LoraSettings:
-    enabled: bool = False
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
+    enabled: StrictBool = False
+    r: StrictInt = 8
+    alpha: StrictInt = 16
+    dropout: StrictFloat = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
 
 
 FREEZABLE = ("vision_tower", "projector", "text_encoder")
 
 
-@dataclass
+@validated
 class TrainConfig:
     prompt: str = "<DocVQA>"  # task prefix put before every question
     freeze: list[str] = field(default_factory=lambda: ["vision_tower"])  # parts of FREEZABLE kept fixed
-    grad_accum_steps: int = 1
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
+    grad_accum_steps: StrictInt = 1
+    max_grad_norm: StrictFloat = 1.0
+    weight_decay: StrictFloat = 0.01
+    warmup_ratio: StrictFloat = 0.1
     schedule: Literal["linear", "cosine", "constant"] = "cosine"
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    max_question_tokens: int = 64
-    max_answer_tokens: int = 32
-    vision_cache: bool = True  # cache the frozen vision tower's output once per image
-    length_grouping: int = 1  # batches per pool sorted by question length (1: plain shuffling)
-    num_workers: int = 0  # DataLoader workers
-    compile: bool = False  # torch.compile the model's forward
-    gradient_checkpointing: bool = False
-    checkpoint_every: int = 100  # optimizer steps between resumable checkpoints (also at every epoch end)
-    eval_every_epoch: bool = True  # validation score each epoch, keeps the best model
-    max_eval_questions: int | None = 256  # validation questions scored each epoch (all: null)
-    early_stopping_patience: int | None = None  # epochs without improvement before stopping
-    num_processes: int = 1  # >1 launches data-parallel training through accelerate
+    max_question_tokens: StrictInt = 64
+    max_answer_tokens: StrictInt = 32
+    vision_cache: StrictBool = True  # cache the frozen vision tower's output once per image
+    length_grouping: StrictInt = 1  # batches per pool sorted by question length (1: plain shuffling)
+    num_workers: StrictInt = 0  # DataLoader workers
+    compile: StrictBool = False  # torch.compile the model's forward
+    gradient_checkpointing: StrictBool = False
+    checkpoint_every: StrictInt = 100  # optimizer steps between resumable checkpoints (also at every epoch end)
+    eval_every_epoch: StrictBool = True  # validation score each epoch, keeps the best model
+    max_eval_questions: StrictInt | None = 64  # validation questions scored each epoch (all: null)
+    early_stopping_patience: StrictInt | None = None  # epochs without improvement before stopping
+    num_processes: StrictInt = 1  # >1 launches data-parallel training through accelerate
     distributed: Literal["ddp", "fsdp"] = "ddp"
     lora: LoraSettings = field(default_factory=LoraSettings)
 
@@ -197,29 +200,29 @@ class TrainConfig:
             )
 
 
-@dataclass
+@validated
 class EvalConfig:
     split: str = "validation"
-    batch_size: int = 32
-    num_beams: int = 1
-    max_new_tokens: int | None = None  # answer-token cap (None: train.max_answer_tokens, what training teaches)
-    max_questions: int | None = None  # score a prefix of the split (all: null)
-    report_examples: int = 8  # best and worst examples shown in the HTML report
-    num_processes: int = 1  # >1 shares the questions among that many processes (one per GPU)
-    num_workers: int = 0  # DataLoader workers that decode pages (or read cached features) ahead of the device
+    batch_size: StrictInt = 32
+    num_beams: StrictInt = 1
+    max_new_tokens: StrictInt | None = None  # answer-token cap (None: train.max_answer_tokens, what training teaches)
+    max_questions: StrictInt | None = None  # score a prefix of the split (all: null)
+    report_examples: StrictInt = 8  # best and worst examples shown in the HTML report
+    num_processes: StrictInt = 1  # >1 shares the questions among that many processes (one per GPU)
+    num_workers: StrictInt = 0  # DataLoader workers that decode pages (or read cached features) ahead of the device
 
 
-@dataclass
+@validated
 class PromotionConfig:
     metric: str = "anls"  # key of reports/metrics.json compared with the champion's
-    margin: float = 0.0  # the candidate must beat the champion (none yet: the base model) by more than this
+    margin: StrictFloat = 0.0  # the candidate must beat the champion (none yet: the base model) by more than this
     champion_dir: str = "models/champion"
 
 
-@dataclass
+@validated
 class PredictConfig:
-    batch_size: int = 32  # questions per generate call of `florence-ops predict`
-    pdf_dpi: int = 150  # PDF pages are rendered at this resolution, then resized to the model's input like images
+    batch_size: StrictInt = 32  # questions per generate call of `florence-ops predict`
+    pdf_dpi: StrictInt = 150  # PDF pages are rendered at this resolution, then resized to the model's input like images
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or not 36 <= self.pdf_dpi <= 600:
@@ -229,25 +232,25 @@ class PredictConfig:
 SERVE_HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # the bind addresses LitServe accepts
 
 
-@dataclass
+@validated
 class ServeConfig:
     host: str = "127.0.0.1"  # 127.0.0.1: this machine only; 0.0.0.0 or :: expose the server to the network
-    port: int = 8000
-    max_batch_size: int = 64  # requests answered by one generate call
-    batch_timeout_s: float = 0.02  # longest wait for a batch to fill before it is answered
+    port: StrictInt = 8000
+    max_batch_size: StrictInt = 64  # requests answered by one generate call
+    batch_timeout_s: StrictFloat = 0.02  # longest wait for a batch to fill before it is answered
     accelerator: Literal["auto", "cpu", "cuda"] = "auto"
-    devices: int | None = None  # GPUs used (null: all visible)
-    workers_per_device: int = 1  # model copies per device; 2 overlaps one's CPU work with the other's GPU work
-    api_servers: int = 1  # HTTP server processes that parse, validate and decode requests
-    request_timeout_s: float = 60.0  # a request still queued after this long gets 504
-    max_body_bytes: int = 25_000_000  # larger request bodies get 413
-    max_image_pixels: int = 50_000_000  # larger images get 400 (decompression bombs)
-    allow_remote_images: bool = False  # fetch http(s) image URLs (off: only data: URLs)
+    devices: StrictInt | None = None  # GPUs used (null: all visible)
+    workers_per_device: StrictInt = 1  # model copies per device; 2 overlaps one's CPU work with the other's GPU work
+    api_servers: StrictInt = 1  # HTTP server processes that parse, validate and decode requests
+    request_timeout_s: StrictFloat = 60.0  # a request still queued after this long gets 504
+    max_body_bytes: StrictInt = 25_000_000  # larger request bodies get 413
+    max_image_pixels: StrictInt = 50_000_000  # larger images get 400 (decompression bombs)
+    allow_remote_images: StrictBool = False  # fetch http(s) image URLs (off: only data: URLs)
     api_token_env: str = "FLORENCE_OPS_API_TOKEN"  # env variable holding the bearer token; unset or empty: no token
-    reload_interval_s: float = 2.0  # seconds between checks of the model directory for a new model (0: never)
-    header_timeout_s: float = 10.0  # a client that has not sent a request's headers after this long gets 408
-    body_timeout_s: float = 60.0  # a request whose body has not arrived whole after this long gets 408
-    max_connections: int = 1000  # open connections per HTTP process; more are answered 503 and closed
+    reload_interval_s: StrictFloat = 2.0  # seconds between checks of the model directory for a new model (0: never)
+    header_timeout_s: StrictFloat = 10.0  # a client that has not sent a request's headers after this long gets 408
+    body_timeout_s: StrictFloat = 60.0  # a request whose body has not arrived whole after this long gets 408
+    max_connections: StrictInt = 1000  # open connections per HTTP process; more are answered 503 and closed
 
     def __post_init__(self) -> None:
         if self.host not in SERVE_HOSTS:
@@ -264,18 +267,18 @@ class ServeConfig:
             raise ConfigError("serve.batch_timeout_s must be less than serve.request_timeout_s")
 
 
-@dataclass
+@validated
 class ScheduleConfig:
     cron: str = "0 3 * * 1"  # weekly, Monday 03:00
     timezone: str = "UTC"
 
 
-@dataclass
+@validated
 class Params:
-    lr: float = 3e-4  # peak learning rate of AdamW
-    epochs: int = 10
-    batch_size: int = 16  # per optimizer step, across processes (global batch)
-    seed: int = 1234
+    lr: StrictFloat = 0.001  # peak learning rate of AdamW (after warmup)
+    epochs: StrictInt = 40  # passes over the training split
+    batch_size: StrictInt = 16  # per optimizer step, across processes (global batch)
+    seed: StrictInt = 1234
     paths: Paths = field(default_factory=Paths)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -302,35 +305,41 @@ class Params:
 
 
 def read_yaml(path: str | Path) -> Any:
-    """Parse a YAML file, reading `1e-06` and other YAML 1.2 floats as floats.
-
-    A missing file or a syntax error raises `ConfigError` with one line naming the file and the line to fix.
-    """
+    """A YAML file parsed as YAML 1.2 like DVC does (`1e-06` is a float) into plain dicts, lists and scalars; a missing
+    file or a syntax error raises `ConfigError`, one line naming the file and the line to fix."""
     try:
-        with open(path, encoding="utf-8") as stream:
-            return yaml.load(stream, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        return _yaml().load(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8") from None
-    except yaml.YAMLError as error:
+    except YAMLError as error:
         raise ConfigError(f"{path}: {_yaml_problem(error)}; fix the YAML syntax there") from None
 
 
-def _yaml_problem(error: yaml.YAMLError) -> str:
-    """Where and what PyYAML found wrong, on one line (its own message spans several)."""
-    if not isinstance(error, yaml.MarkedYAMLError) or error.problem_mark is None:
+def parse_value(text: str) -> Any:
+    """A value as YAML 1.2 reads it (`1e-06` a float, `null` None, `[a, b]` a list), for `--set key=value` overrides."""
+    try:
+        return _yaml().load(text)
+    except YAMLError as error:
+        raise ConfigError(f"{text!r}: {_yaml_problem(error)}") from None
+
+
+def _yaml() -> YAML:
+    # DVC reads params.yaml with ruamel.yaml's safe loader too, so both see the same values. pure: the same parser and
+    # error positions with or without the C extension; a new one per call, as a YAML instance is not thread-safe.
+    return YAML(typ="safe", pure=True)
+
+
+def _yaml_problem(error: YAMLError) -> str:
+    """Where and what the parser found wrong, on one line (its own message spans several)."""
+    if not isinstance(error, MarkedYAMLError) or error.problem_mark is None:
         return "invalid YAML: " + " ".join(str(error).split())
     mark = error.problem_mark
     where = f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {error.problem}"
     if error.context and error.context_mark is not None:
         where += f" ({error.context} opened at line {error.context_mark.line + 1})"
     return where
-
-
-def parse_value(text: str) -> Any:
-    """A scalar as YAML 1.2 reads it (`1e-06` is a float), for `--set key=value` overrides."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def load_params(path: str | Path = PARAMS_FILE, overrides: dict[str, Any] | None = None) -> Params:
@@ -349,44 +358,32 @@ def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
     return raw
 
 
-def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types by their dotted name."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'params'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
-    kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
+def from_dict(cls: type[T], data: Any) -> T:
+    """Build config class `cls` from plain data (parsed YAML); `ConfigError` names the first bad key."""
     try:
-        return cls(**kwargs)
-    except TypeError as error:  # a required field missing
-        raise ConfigError(f"{prefix or 'params'}: {error}") from None
+        return TypeAdapter(cls).validate_python(data)
+    except ValidationError as error:
+        raise ConfigError(_problem(error, cls)) from None
 
 
-def _coerce(hint: Any, value: Any, key: str) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, f"{key}.")
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(args[0], item, f"{key}[{i}]") for i, item in enumerate(value)]
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float, str, bool) and (type(value) is not hint):
-        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
-    return value
+EXPECTED = {"int_type": "int", "float_type": "float", "bool_type": "bool", "string_type": "str", "list_type": "a list"}
+
+
+def _problem(error: ValidationError, cls: type) -> str:
+    """pydantic's first complaint on one line naming its key: `model.tiny.vision_dims[1]: expected int, got 'x'`."""
+    first = error.errors()[0]
+    kind, loc, ctx = first["type"], first["loc"], first.get("ctx", {})
+    if isinstance(ctx.get("error"), ConfigError):  # a __post_init__ check, already one line
+        return str(ctx["error"])
+    key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".") or "params"
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        for name in loc[:-1]:
+            cls = cls.__pydantic_fields__[name].annotation
+        return f"{key}: unknown key (known: {', '.join(sorted(cls.__pydantic_fields__))})"
+    if kind == "literal_error":
+        return f"{key}: expected one of {ctx['expected']}, got {first['input']!r}"
+    expected = "a mapping" if kind.startswith("dataclass") else EXPECTED.get(kind)
+    return f"{key}: {f'expected {expected}' if expected else first['msg'].lower()}, got {first['input']!r}"
 
 
 def pick(params: Params, keys: tuple[str, ...]) -> dict[str, Any]:

@@ -1,8 +1,19 @@
 import dataclasses
+import json
 
 import pytest
 
-from florence_ops.config import ConfigError, Params, from_dict, load_params, read_yaml
+from florence_ops.config import (
+    ConfigError,
+    Params,
+    TinyModel,
+    TrainConfig,
+    from_dict,
+    load_params,
+    parse_value,
+    read_yaml,
+    to_dict,
+)
 from tests.conftest import REPO
 
 
@@ -16,6 +27,24 @@ def test_repository_params_load_and_cover_every_field():
         assert set(raw[section]) == {f.name for f in dataclasses.fields(node)}, section
 
 
+def _leaves(node: dict, prefix: str = "") -> dict:
+    """Each setting of a nested mapping by its dotted key (lists are settings, not sections)."""
+    leaves = {}
+    for key, value in node.items():
+        leaves.update(_leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return leaves
+
+
+def test_class_defaults_are_params_yaml():
+    """One source of defaults: `Params()` (what serve uses beside a bare model directory) holds params.yaml's values."""
+    defaults = _leaves(to_dict(Params()))
+    assert set(defaults) == set(_leaves(read_yaml(REPO / "params.yaml"))), "params.yaml must set every key"
+    documented = _leaves(to_dict(load_params(REPO / "params.yaml")))
+    differ = [f"{key}: {defaults[key]!r} in config.py, {documented[key]!r} in params.yaml"
+              for key in defaults if defaults[key] != documented[key]]  # fmt: skip
+    assert not differ, "; ".join(differ)
+
+
 def test_dvc_written_float_is_read_as_float(tmp_path):
     # `dvc exp run -S lr=1e-6` writes exactly this line; YAML 1.1 (PyYAML safe_load) would return the string '1e-06'.
     text = (REPO / "params.yaml").read_text()
@@ -25,6 +54,39 @@ def test_dvc_written_float_is_read_as_float(tmp_path):
     params = load_params(path)
     assert isinstance(params.lr, float) and params.lr == 1e-6
     assert read_yaml(path)["lr"] == 1e-6
+
+
+def test_params_written_by_dvc_set_param_read_as_float(tmp_path):
+    """DVC's own writer, as `dvc exp run -S lr=1e-6` calls it, then our reader: the float survives the round trip."""
+    from dvc.utils.hydra import apply_overrides as dvc_set_params
+
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    dvc_set_params(path, ["lr=1e-6"])
+    assert "\nlr: 1e-06 " in path.read_text()
+    params = load_params(path)
+    assert type(params.lr) is float and params.lr == 1e-06
+    assert load_params(path, {"lr": parse_value("1e-6")}).lr == 1e-06
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("1e-6", 1e-06), ("1e-06", 1e-06), (".5", 0.5), ("null", None), ("[]", []), ("12", 12), ("yes", "yes")],
+)
+def test_set_values_parse_as_yaml12(text, value):
+    assert parse_value(text) == value and type(parse_value(text)) is type(value)
+
+
+def test_invalid_set_value_is_one_line():
+    with pytest.raises(ConfigError, match=r"^'\[1,': invalid YAML at line 1, column 4: .*opened at line 1\)$"):
+        parse_value("[1,")
+
+
+def test_yaml_is_read_as_plain_data(tmp_path):
+    """The stages compare, hash and json.dumps what read_yaml returns: plain dicts and lists, not parser types."""
+    raw = read_yaml(REPO / "params.yaml")
+    assert type(raw) is dict and type(raw["train"]) is dict and type(raw["train"]["freeze"]) is list
+    assert json.loads(json.dumps(raw)) == raw
 
 
 @pytest.mark.parametrize("text", ["1e-06", "1.5e3", "-2E-4", "3.0", ".5"])
@@ -56,11 +118,22 @@ def test_unknown_key_is_named():
         ({"train": {"freeze": ["decoder"]}}, r"train\.freeze: unknown part"),
         ({"model": {"tiny": {"vision_dims": [32, "x"]}}}, r"model\.tiny\.vision_dims\[1\]: expected int"),
         ({"train": {"vision_cache": "yes"}}, r"train\.vision_cache: expected bool"),
+        ({"epochs": "12"}, r"^epochs: expected int, got '12'$"),
+        ({"seed": True}, r"^seed: expected int, got True$"),
+        ({"data": {"hf": None}}, r"^data\.hf: expected a mapping, got None$"),
     ],
 )
 def test_wrong_types_are_named(data, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as error:
         from_dict(Params, data)
+    assert "\n" not in str(error.value)
+
+
+def test_sections_built_in_code_are_validated_too():
+    with pytest.raises(ConfigError, match=r"^image_size: expected int, got 'x'$"):
+        TinyModel(image_size="x")
+    with pytest.raises(ConfigError, match=r"^grad_acum_steps: unknown key \(known: checkpoint_every, compile, "):
+        TrainConfig(grad_acum_steps=2)
 
 
 def test_int_accepted_where_float_expected():
