@@ -55,8 +55,8 @@ from gpu_train_step import (  # noqa: E402
 from transformers import BatchEncoding  # noqa: E402
 
 from florence_ops.artifacts import write_json  # noqa: E402
-from florence_ops.batching import Collator  # noqa: E402
 from florence_ops.generation import Decoding, answer  # noqa: E402
+from florence_ops.model_inputs import Collator  # noqa: E402
 
 QUESTIONS_PER_DOCUMENT = 4
 

@@ -11,8 +11,8 @@ answers of 3-6 tokens padded to 6). Variants, each on the same model with a fres
   frozen vision tower every step, plain `torch.optim.AdamW` (not fused), linear schedule, `loss.item()` each step.
 - engine_pixels: `florence_ops.training.train_window` (the engine's own optimizer step: bf16 autocast, summed masked
   cross-entropy over answer tokens from `DocVQAObjective` divided by the step's token count, grad clipping at 1.0)
-  with `make_optimizer` (fused AdamW), attention masks and -100 labels as `florence_ops.batching` builds them, pixels
-  through the frozen tower.
+  with `make_optimizer` (fused AdamW), attention masks and -100 labels as `florence_ops.model_inputs` builds them,
+  pixels through the frozen tower.
 - engine_cached: the same with the vision cache: `CachedSource` over a real `VisionFeatureCache` folder (bf16
   (N, 1024, 24, 24) memory-mapped .npy, read and copied to the GPU inside the step).
 - engine_cached_loader: the cache read as training reads it: `WithVision` in DataLoader workers, pinned memory.
@@ -60,7 +60,7 @@ from transformers import (  # noqa: E402
 )
 
 from florence_ops.artifacts import write_json  # noqa: E402
-from florence_ops.batching import IGNORE_INDEX, TextBatch  # noqa: E402
+from florence_ops.model_inputs import IGNORE_INDEX, TextBatch  # noqa: E402
 from florence_ops.modeling import train_mode  # noqa: E402
 from florence_ops.training import DocVQAObjective, make_optimizer, train_window  # noqa: E402
 from florence_ops.vision.cache import build_cache  # noqa: E402
@@ -143,7 +143,7 @@ def processor_ids(shapes: Shapes, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def text_batch(text: dict[str, torch.Tensor], image_ids: list[str]) -> TextBatch:
-    """The engine's batch, built as florence_ops.batching's Collator/encode_labels build it."""
+    """The engine's batch, built as florence_ops.model_inputs's Collator/encode_labels build it."""
     labels = text["labels_padded"].masked_fill(text["answer_mask"] == 0, IGNORE_INDEX)
     return TextBatch(text["input_ids"], text["attention_mask"], image_ids, labels, text["answer_mask"])
 

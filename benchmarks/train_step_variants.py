@@ -51,7 +51,7 @@ from transformers.models.bart.modeling_bart import shift_tokens_right  # noqa: E
 from benchmarks.gpu_train_step import DeviceFeatures  # noqa: E402
 from florence_ops.artifacts import write_json  # noqa: E402
 from florence_ops.base_models import build_reference_model, build_reference_processor  # noqa: E402
-from florence_ops.batching import IGNORE_INDEX, TextBatch, embed_inputs, project_vision  # noqa: E402
+from florence_ops.model_inputs import IGNORE_INDEX, TextBatch, embed_inputs, project_vision  # noqa: E402
 from florence_ops.modeling import freeze, train_mode, unwrap  # noqa: E402
 from florence_ops.training import DocVQAObjective, make_optimizer, train_window  # noqa: E402
 from florence_ops.vision.sources import tower_output  # noqa: E402

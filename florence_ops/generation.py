@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
-from florence_ops.batching import Collator, TextBatch, embed_inputs, project_vision
+from florence_ops.model_inputs import Collator, TextBatch, embed_inputs, project_vision
 from florence_ops.modeling import unwrap
 from florence_ops.precision import autocast, autocast_dtype
 from florence_ops.vision.sources import WithVision, tower_output

@@ -21,7 +21,7 @@ from transformers import (
 from transformers.models.florence2.processing_florence2 import Florence2PostProcessor
 
 from florence_ops.config import LoraSettings, ModelConfig
-from florence_ops.hub import model_fetch_error
+from florence_ops.hub_errors import model_fetch_error
 
 log = logging.getLogger(__name__)
 MAX_WRAPPERS = 8  # DDP/FSDP, compile, the training objective, peft: never more than a few deep

@@ -24,10 +24,17 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.models.florence2.modeling_florence2 import shift_tokens_right
 
-from florence_ops.batching import IGNORE_INDEX, Collator, LengthGroupedBatches, TextBatch, embed_inputs, project_vision
 from florence_ops.config import Params
 from florence_ops.data.parallel import batched
 from florence_ops.generation import Decoding, answer_across_processes
+from florence_ops.model_inputs import (
+    IGNORE_INDEX,
+    Collator,
+    LengthGroupedBatches,
+    TextBatch,
+    embed_inputs,
+    project_vision,
+)
 from florence_ops.modeling import ModelWrapper, train_mode, unwrap
 from florence_ops.precision import autocast_dtype
 from florence_ops.step_log import StepLog, StepLoss

@@ -19,10 +19,10 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 @cuda
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_fsdp_validates_and_saves_the_model_it_validated(workspace, lora):
-    from florence_ops.batching import Collator
     from florence_ops.data.processed import ImageTable, read_questions
     from florence_ops.generation import Decoding, answer
     from florence_ops.metrics import anls
+    from florence_ops.model_inputs import Collator
     from florence_ops.modeling import load_trained
     from florence_ops.stages.evaluate import evaluate
     from florence_ops.stages.export import export

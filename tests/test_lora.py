@@ -29,9 +29,9 @@ def test_lora_trains_evaluates_and_exports_merged_weights(workspace):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from florence_ops.batching import Collator
     from florence_ops.data.processed import ImageTable, read_questions
     from florence_ops.generation import Decoding, answer
+    from florence_ops.model_inputs import Collator
     from florence_ops.stages.evaluate import evaluate
     from florence_ops.stages.export import export
     from florence_ops.vision.sources import PixelSource

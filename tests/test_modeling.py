@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from florence_ops.base_models import build_tiny_model, build_tiny_processor
-from florence_ops.batching import IGNORE_INDEX, Collator, embed_inputs, project_vision
 from florence_ops.config import TinyModel
+from florence_ops.model_inputs import IGNORE_INDEX, Collator, embed_inputs, project_vision
 from florence_ops.modeling import freeze, model_parts
 from florence_ops.training import DocVQAObjective, make_optimizer
 from florence_ops.vision.sources import PixelSource

@@ -12,8 +12,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from florence_ops.base_models import build_tiny_model, build_tiny_processor
-from florence_ops.batching import Collator
 from florence_ops.config import TinyModel, to_dict
+from florence_ops.model_inputs import Collator
 from florence_ops.vision.sources import PixelSource
 from tests.conftest import tiny_params
 

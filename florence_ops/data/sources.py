@@ -28,7 +28,7 @@ from florence_ops.data.parallel import ordered_map, worker_count
 from florence_ops.data.raw import REJECTED_LINES_FILE, RawWriter, image_id
 from florence_ops.data.synthetic import document_records, make_document
 from florence_ops.errors import DataSourceError
-from florence_ops.hub import dataset_fetch_error
+from florence_ops.hub_errors import dataset_fetch_error
 
 log = logging.getLogger(__name__)
 

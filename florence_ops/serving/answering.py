@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from florence_ops.batching import Collator, build_prompt
 from florence_ops.config import Params
 from florence_ops.data.validation import QUESTION_TOO_LONG, Problem
 from florence_ops.errors import UserError
 from florence_ops.generation import Decoding, answer
+from florence_ops.model_inputs import Collator, build_prompt
 from florence_ops.modeling import load_pretrained, load_processor
 from florence_ops.serving.model_dir import AskSettings, read_settings, version_of
 from florence_ops.vision.sources import PixelSource

@@ -49,10 +49,10 @@ from florence_ops.serving.openai_api import (
     question_and_image,
     refuse,
 )
-from florence_ops.serving.page import PAGE_HTML
 from florence_ops.serving.pages import model_page_pixels, page_id
 from florence_ops.serving.protection import BodyLimits, DocsNeedToken, http_protocol, raise_open_files_limit
 from florence_ops.serving.supervision import SupervisedServer, children_die_with_this_process
+from florence_ops.serving.web_page import PAGE_HTML
 from florence_ops.serving.worker import API_PATH, DocVQAAPI
 
 log = logging.getLogger(__name__)

@@ -24,13 +24,13 @@ from florence_ops.artifacts import (
     TYPE_PLOTS_DIR,
     write_json,
 )
-from florence_ops.batching import Collator
 from florence_ops.config import Params
 from florence_ops.data.processed import ImageTable, read_questions
 from florence_ops.errors import UserError
 from florence_ops.generation import Decoding, answer_across_processes
 from florence_ops.launch import launch, needs_launch
 from florence_ops.metrics import aggregate, score_predictions
+from florence_ops.model_inputs import Collator
 from florence_ops.modeling import load_model, load_trained
 from florence_ops.reports import write_html_report, write_predictions, write_type_plot_data
 from florence_ops.vision.sources import PixelSource, cached_source

@@ -18,12 +18,12 @@ import torch
 from accelerate.utils import DistributedType, set_seed
 
 from florence_ops.artifacts import SUMMARY_FILE, TRAINED_MODEL_DIR, move_directory, publish_directory, write_json
-from florence_ops.batching import Collator
 from florence_ops.checkpointing import CheckpointStore, run_fingerprint
 from florence_ops.config import Params, pick
 from florence_ops.data.processed import ImageTable, read_questions
 from florence_ops.errors import UserError
 from florence_ops.launch import launch, needs_launch
+from florence_ops.model_inputs import Collator
 from florence_ops.modeling import apply_lora, freeze, load_pretrained, save_processor, unwrap
 from florence_ops.training import Run, fit, make_accelerator
 from florence_ops.vision.sources import PixelSource, cached_source

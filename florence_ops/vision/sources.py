@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
-from florence_ops.batching import Collator, TextBatch
+from florence_ops.model_inputs import Collator, TextBatch
 
 log = logging.getLogger(__name__)
 

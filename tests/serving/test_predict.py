@@ -178,7 +178,7 @@ def test_pixel_limit_errors_name_predicts_setting(served, capsys, tmp_path):
 
 def question_of(tokenizer, prompt: str, tokens: int) -> str:
     """A question whose encoder text (<s>, prompt, question, </s>) is exactly `tokens` tokens long."""
-    from florence_ops.batching import build_prompt
+    from florence_ops.model_inputs import build_prompt
 
     question = "date"
     while len(tokenizer(build_prompt(prompt, question)).input_ids) < tokens:
@@ -200,7 +200,7 @@ def asking(served):
 
 
 def test_question_limit_refuses_exactly_what_the_collator_would_cut(asking):
-    from florence_ops.batching import Collator, build_prompt
+    from florence_ops.model_inputs import Collator, build_prompt
     from florence_ops.serving.answering import question_problem
 
     tokenizer, settings = asking

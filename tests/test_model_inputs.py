@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from florence_ops.batching import LengthGroupedBatches
+from florence_ops.model_inputs import LengthGroupedBatches
 
 _RNG = random.Random(0)
 LENGTHS = [_RNG.randint(5, 80) for _ in range(50)]  # 50 questions: 6 batches of 8 and one of 2
