@@ -26,7 +26,8 @@ from florence_ops.config import Params, to_dict
 
 log = logging.getLogger(__name__)
 
-NOT_MODEL_INPUTS = ("promotion", "schedule", "predict", "serve")  # params sections that cannot change the model
+# params sections that cannot change the model
+NOT_MODEL_INPUTS = ("promotion", "registry", "schedule", "predict", "serve")
 
 
 class MetricsError(ValueError):
