@@ -31,12 +31,13 @@ import gto.api
 from gto.constants import VersionSort
 from gto.exceptions import ArtifactNotFound
 
-from florence_ops.artifacts import METRICS_FILE, REGISTRY_FILE, publish_directory, write_json
+from florence_ops.artifacts import CHAMPION_FILE, METRICS_FILE, REGISTRY_FILE, publish_directory, write_json
 from florence_ops.config import Params, RegistryConfig
 from florence_ops.errors import UserError
-from florence_ops.promotion import MetricsError, Verdict, judge
+from florence_ops.promotion import MetricsError, Verdict, judge, read_champion
 
 log = logging.getLogger(__name__)
+LOCK_FILE = "dvc.lock"  # DVC's record of the pipeline's outputs: at a version's commit, it names the model
 
 
 class RegistryError(UserError):
@@ -222,15 +223,19 @@ def rollback(repo: Path, params: Params, version: str) -> ModelVersion:
     return resolve(repo, params)
 
 
-def model_commit(repo: Path, message: str) -> str:
-    """A commit of the workspace's tracked files as they are now (dvc.lock naming the model, its metrics) on top of
-    HEAD, made through a private index: the branch, the index and the files stay as they are. HEAD if nothing changed.
-    """
+def model_commit(repo: Path, params: Params, message: str) -> str:
+    """A commit of the workspace as it is now, on top of HEAD: its tracked files, dvc.lock (which names the model)
+    and the metrics file, made through a private index: the branch, the index and the files stay as they are. HEAD
+    when nothing changed."""
     index = Path(repo, _git(repo, "rev-parse", "--git-path", "index"))
+    model_files = [name for name in (LOCK_FILE, Path(params.paths.reports, METRICS_FILE).as_posix())
+                   if (repo / name).is_file()]  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="florence-registry-index-") as folder:
         private = {"GIT_INDEX_FILE": str(Path(folder, "index"))}
-        shutil.copy2(index, private["GIT_INDEX_FILE"])
+        if index.exists():
+            shutil.copy2(index, private["GIT_INDEX_FILE"])
         _git(repo, "add", "--update", env=private)
+        _git(repo, "add", "--", *model_files, env=private)
         tree = _git(repo, "write-tree", env=private)
     head = _git(repo, "rev-parse", "HEAD")
     if tree == _git(repo, "rev-parse", "HEAD^{tree}"):
@@ -295,10 +300,15 @@ def promote_if_better(repo: Path, params: Params, candidate_metrics: Mapping[str
     3. On a win: commit the workspace's tracked files (dvc.lock, metrics) without moving HEAD (`model_commit`), push
        the model's bytes to the DVC remote when there is a git remote (other machines fetch them from there), then
        register the commit as the next version and assign it the stage, tags pushed. `models/champion` is the
-       caller's local copy, if it keeps one. Raises RegistryError (one line) when the registry cannot be read or
-       written, MetricsError for metrics without `promotion.metric`.
+       caller's local copy, if it keeps one.
+    Outside git (no git remote, `repo` not a clone) there is no registry: the candidate is judged against the local
+    champion's record (`paths.reports/champion.json`) and nothing is registered. Raises RegistryError (one line)
+    when the registry cannot be read or written, MetricsError for metrics without `promotion.metric`.
     """
     cfg, metric = params.registry, params.promotion.metric
+    if git_remote(repo, cfg) is None and not (repo / ".git").exists():
+        record = read_champion(repo / params.paths.reports / CHAMPION_FILE)  # no git: the local champion's record
+        return Promotion(judge(candidate_metrics, record, metric, params.promotion.margin), None, None)
     with registry_view(source_of(repo, cfg)) as view:
         champion = resolve(view, params)
     if champion is not None and champion.metrics is None:
@@ -307,7 +317,7 @@ def promote_if_better(repo: Path, params: Params, candidate_metrics: Mapping[str
     verdict = judge(candidate_metrics, champion and {"metrics": champion.metrics}, metric, params.promotion.margin)
     if not verdict.promote:
         return Promotion(verdict, champion, None)
-    commit = model_commit(repo, f"{cfg.artifact}: {verdict.reason}")
+    commit = model_commit(repo, params, f"{cfg.artifact}: {verdict.reason}")
     if git_remote(repo, cfg) is not None:
         push_model(repo, params)
     return Promotion(verdict, champion, register(repo, params, commit))

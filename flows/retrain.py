@@ -25,7 +25,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from florence_ops import promotion
+from florence_ops import promotion, registry
 from florence_ops.artifacts import CHAMPION_FILE, METRICS_FILE
 from florence_ops.config import PARAMS_FILE, Params, load_params, parse_value, to_dict
 from florence_ops.prefect_server import prefect_api
@@ -155,6 +155,12 @@ def fingerprint_data(params: Params, repo: Path) -> dict[str, Any]:
     return promotion.data_fingerprint(params, repo)
 
 
+@task(name="gate and register", cache_policy=NO_CACHE)
+def promote_in_registry(repo: Path, params: Params, metrics: dict[str, Any]) -> registry.Promotion:
+    """Compare with the version holding `registry.stage`; register and assign a winner (see `registry`)."""
+    return registry.promote_if_better(repo, params, metrics)
+
+
 @task(name="promote", cache_policy=NO_CACHE)
 def promote_champion(export_dir: Path, champion_dir: Path, record: dict[str, Any], record_path: Path) -> None:
     """Atomically make the exported model the champion (see `promotion.promote`)."""
@@ -214,12 +220,17 @@ def _train_and_judge(repo: Path, record: dict[str, Any], force: bool, overrides:
         run_pipeline(params, overrides, repo)
     metrics = promotion.read_metrics(repo / params.paths.reports / METRICS_FILE, params.promotion.metric)
     record["metrics"] = metrics
-    verdict = promotion.judge(metrics, champion, params.promotion.metric, params.promotion.margin)
-    record["comparison"] = verdict.as_dict()
+    try:
+        outcome = promote_in_registry(repo, params, metrics)
+    except registry.RegistryError:
+        record["decision"] = "promotion_failed"
+        raise
+    verdict = outcome.verdict
+    record["comparison"], record["registry"] = verdict.as_dict(), outcome.as_dict()
     logger.info(verdict.reason)
     record["reason"] = verdict.reason
     if verdict.promote:
-        try:
+        try:  # the local copy of what the registry now holds
             promote_champion(repo / params.paths.export, champion_dir, champion_record(record), champion_path)
         except promotion.PromotionError:
             record["decision"] = "promotion_failed"  # the gate passed: `comparison` and `reason` say so
@@ -229,7 +240,7 @@ def _train_and_judge(repo: Path, record: dict[str, Any], force: bool, overrides:
 
 def champion_record(record: dict[str, Any]) -> dict[str, Any]:
     """What the champion keeps of the run that trained it."""
-    keys = ("run_id", "git", "params", "overrides", "data_fingerprint", "metrics")
+    keys = ("run_id", "git", "params", "overrides", "data_fingerprint", "metrics", "registry")
     return {**{key: record[key] for key in keys}, "promoted_at": datetime.now(UTC).isoformat()}
 
 
@@ -274,7 +285,7 @@ def retrain(force: bool = False, overrides: dict[str, Any] | None = None, repo_d
         "reason": None,
         "forced": force,
         "overrides": overrides,
-        **dict.fromkeys(("git", "params", "data_fingerprint", "champion", "metrics", "comparison")),
+        **dict.fromkeys(("git", "params", "data_fingerprint", "champion", "metrics", "comparison", "registry")),
     }
     try:
         with pipeline_lock(repo / LOCK_FILE, record["run_id"]) as left_by_killed_run:
