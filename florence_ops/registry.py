@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import gto.api
+import yaml
 from gto.constants import VersionSort
 from gto.exceptions import ArtifactNotFound
 
 from florence_ops.artifacts import CHAMPION_FILE, METRICS_FILE, REGISTRY_FILE, publish_directory, write_json
-from florence_ops.config import Params, RegistryConfig
+from florence_ops.config import PARAMS_FILE, Params, RegistryConfig
 from florence_ops.errors import UserError
 from florence_ops.promotion import MetricsError, Verdict, judge, read_champion
 
@@ -121,11 +122,12 @@ def tags_digest(source: str) -> str:
     return hashlib.sha1(_git(None, "ls-remote", "--tags", source).encode()).hexdigest()
 
 
-def _metrics_at(view: Path, commit: str, params: Params) -> dict[str, Any] | None:
-    path = Path(params.paths.reports, METRICS_FILE).as_posix()
+def _metrics_at(view: Path, commit: str) -> dict[str, Any] | None:
+    """The metrics file of `commit`, where that commit's params.yaml puts it; None when it has none."""
     try:
-        return json.loads(_git(view, "show", f"{commit}:{path}"))
-    except (RegistryError, json.JSONDecodeError):
+        reports = yaml.safe_load(_git(view, "show", f"{commit}:{PARAMS_FILE}"))["paths"]["reports"]
+        return json.loads(_git(view, "show", f"{commit}:{Path(reports, METRICS_FILE).as_posix()}"))
+    except (RegistryError, yaml.YAMLError, json.JSONDecodeError, KeyError, TypeError):
         return None
 
 
@@ -147,7 +149,7 @@ def versions(view: Path, params: Params) -> list[ModelVersion]:
             tuple(s["stage"] for s in entry["stages"]),
             entry["ref"],
             entry["commit_hexsha"],
-            _metrics_at(view, entry["commit_hexsha"], params),
+            _metrics_at(view, entry["commit_hexsha"]),
         )  # fmt: skip
         for entry in shown
     ]
