@@ -91,7 +91,7 @@ def dvc_remote(request, tmp_path) -> str:
 def git_remote(tmp_path) -> str:
     """A bare git repository, reached by URL as any git remote is."""
     bare = tmp_path / "registry.git"
-    subprocess.run(["git", "init", "--quiet", "--bare", str(bare)], check=True)
+    subprocess.run(["git", "init", "--quiet", "--bare", "--initial-branch=main", str(bare)], check=True)
     return bare.as_uri()
 
 

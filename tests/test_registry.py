@@ -4,6 +4,7 @@ assigns with GTO, any clone resolves and fetches what holds the stage, and a rol
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,7 +98,7 @@ def test_a_version_is_fetched_from_the_dvc_remote_and_corrupt_bytes_are_refused(
     assert not (tmp_path / "replica/again").exists()
 
 
-def test_rollback_history_and_the_cli(registry_repo, git_remote, monkeypatch, capsys):
+def test_rollback_history_and_the_cli(registry_repo, git_remote, monkeypatch, capsys, tmp_path):
     params = params_of(registry_repo)
     for anls in (0.3, 0.4):
         metrics = record_model(registry_repo, str(anls).encode(), {"anls": anls, "before": {"anls": 0.0}})
@@ -106,6 +107,10 @@ def test_rollback_history_and_the_cli(registry_repo, git_remote, monkeypatch, ca
 
     assert main(["registry", "rollback", "v0.0.1"]) == 0
     assert holder(git_remote, params).version == "v0.0.1"
+    # DVC's own client reads the tags alike: the last assignment holds the stage
+    get = ["artifacts", "get", git_remote, "florence-docvqa", "--stage", "prod", "-o", str(tmp_path / "got")]
+    subprocess.run([sys.executable, "-m", "dvc", *get], check=True, capture_output=True)
+    assert (tmp_path / "got/model.safetensors").read_bytes() == b"0.3"
     with registry.registry_view(git_remote) as view:
         events = [(e["event"], e["version"]) for e in registry.history(view, params) if e["event"] == "assignment"]
     assert events == [("assignment", "v0.0.1"), ("assignment", "v0.0.2"), ("assignment", "v0.0.1")]
