@@ -1,19 +1,25 @@
-"""Serving load: throughput and latency of `florence-ops serve` under 1, 8 and 64 concurrent clients, against
-answering one request at a time.
+"""Serving load: sustained throughput and latency of `florence-ops serve` under closed-loop clients (1, 8 and 64 by
+default), against the engine's batched ceiling and against answering one request at a time.
 
-- **one_at_a_time**: in this process, each question answered alone (`Answerer.answer` on one row, batch 1), page
-  decoding and resizing included, as a server without batching would answer;
-- **engine_batched** (inside one_at_a_time): the same questions through `answer` in one batch of
-  `serve.max_batch_size`, pages decoded beforehand: the model's ceiling, without HTTP, queues or page decoding;
-- **server_c{1,8,64}**: `florence-ops serve` in a subprocess, `c` clients each sending its next request as soon as
-  the last is answered (closed loop), over keep-alive HTTP, the page as a base64 PNG data URL.
+- **engine_batched**: in this process, the model alone: `Answerer.answer` on repeated batches of
+  `serve.max_batch_size` questions (cycling over the question set), pages decoded and resized beforehand, for at
+  least `--ceiling-s` (default a quarter of `--duration-s`) after a warm-up: what the server's workers could reach at
+  most, without HTTP, queues or page decoding;
+- **one_at_a_time** (skipped with `--skip-one-at-a-time`): each question answered alone (batch 1), page decoding and
+  resizing included, as a server without batching would answer;
+- **server_c{N}** for each N of `--clients`: `florence-ops serve` in a subprocess, N clients each sending its next
+  request as soon as the last is answered (closed loop), over keep-alive HTTP, the page as a base64 PNG data URL,
+  looping over the question set for `--warmup-s` (not counted) and then `--duration-s` (measured). Counted: the
+  requests answered (200) within the measured window; throughput is their number over the window's length, latency
+  their percentiles, `mean_batch_size` the mean of their `X-Batch-Size` header. `failures` counts every request of
+  the level that got another status or a connection error, warm-up and the end of the window included.
 
 Questions are DocVQA-shaped: synthetic pages (about 930x1340 pixels, 4 questions each) sent as PNG, resized by the
 server to the model's input size. Any model directory in the Hugging Face layout works (`--model`); a random-weight
 model answers with `max_new_tokens` tokens, the worst case. Needs torch, transformers, pillow, pyyaml, numpy, tqdm
 and the server's packages (litserve, fastapi, starlette, uvicorn, pydantic); neither datasets nor openai.
 
-    PYTHONPATH=. python benchmarks/serve_load.py --model models/export --questions 256
+    PYTHONPATH=. python benchmarks/serve_load.py --model models/export --duration-s 60 --clients 1 8 64
 
 Writes reports/benchmarks/serve_<device-slug>.json and prints a table last.
 """
@@ -22,11 +28,13 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import dataclasses
 import datetime
 import gc
 import http.client
 import io
+import itertools
 import json
 import os
 import platform
@@ -56,14 +64,19 @@ from florence_ops.serving.pages import model_page, page_id  # noqa: E402
 
 START_TIMEOUT_S = 300
 SERVE_KEYS = ("max_batch_size", "batch_timeout_s", "workers_per_device", "api_servers")
+RECONNECT_PAUSE_S = 0.1  # after a connection error, so that a dead server is not hammered in a tight loop
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="model directory in the Hugging Face layout")
-    parser.add_argument("--questions", type=int, default=256, help="questions per server run (default 256)")
-    parser.add_argument("--baseline-questions", type=int, default=64, help="questions answered one at a time")
+    parser.add_argument("--questions", type=int, default=256, help="distinct questions the clients loop over")
+    parser.add_argument("--duration-s", type=float, default=60.0, help="measured seconds per client level")
+    parser.add_argument("--warmup-s", type=float, default=5.0, help="seconds before each measurement, not counted")
+    parser.add_argument("--ceiling-s", type=float, help="seconds of the engine ceiling (default duration-s / 4)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 64], help="concurrency levels")
+    parser.add_argument("--baseline-questions", type=int, default=64, help="questions answered one at a time")
+    parser.add_argument("--skip-one-at-a-time", action="store_true", help="leave out the one-at-a-time baseline")
     parser.add_argument("--params", default=str(REPO / "params.yaml"), help="params file (serve section)")
     parser.add_argument("--set", action="append", default=[], metavar="serve.KEY=VALUE",
                         help="override a serve setting for this run, e.g. --set serve.max_batch_size=128")  # fmt: skip
@@ -86,22 +99,46 @@ def make_questions(n: int) -> list[dict]:
 
 
 def summary(latencies: list[float], seconds: float, **extra) -> dict:
-    """Questions per second over the wall time, and latency percentiles in milliseconds."""
+    """Questions per second over `seconds`, and latency percentiles (nearest rank) in milliseconds."""
     ordered = sorted(latencies)
-    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+
+    def percentile(q: float) -> float | None:
+        return round(1000 * ordered[round(q * (len(ordered) - 1))], 1) if ordered else None
+
     return {
         "questions": len(latencies),
         "seconds": round(seconds, 3),
         "questions_per_s": round(len(latencies) / seconds, 2),
-        "p50_ms": round(1000 * statistics.median(ordered), 1),
-        "p95_ms": round(1000 * p95, 1),
+        "p50_ms": percentile(0.5),
+        "p95_ms": percentile(0.95),
+        "p99_ms": percentile(0.99),
         **extra,
     }
 
 
-def one_at_a_time(model_dir: str, params, questions: list[dict], device: torch.device) -> dict:
+def measure_engine(args: argparse.Namespace, params, questions: list[dict], device: torch.device) -> dict:
+    """The engine's figures in this process: the model's shape, one at a time (unless skipped), the batched ceiling."""
+    answerer = load_answerer(args.model, params, batch_size=1, device=device)
+    result = {"model_shape": {
+        "parameters": sum(p.numel() for p in answerer.model.parameters()),
+        "image_size": list(answerer.input_size),
+        "num_beams": answerer.decoding.num_beams,
+        "max_new_tokens": answerer.decoding.max_new_tokens,
+    }}  # fmt: skip
+    if not args.skip_one_at_a_time:
+        result["one_at_a_time"] = one_at_a_time(answerer, params, questions[: args.baseline_questions], device)
+    ceiling_s = args.ceiling_s if args.ceiling_s is not None else args.duration_s / 4
+    result["engine_batched"] = engine_batched(answerer, params, questions[: args.questions], device, args.warmup_s,
+                                              ceiling_s)  # fmt: skip
+    answerer.model = None  # free the weights before the server loads its copy
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def one_at_a_time(answerer, params, questions: list[dict], device: torch.device) -> dict:
     """Each question alone through the engine: decode and resize its page, then `answer` with batch 1."""
-    answerer = load_answerer(model_dir, params, batch_size=1, device=device)
 
     def run(item: dict) -> str:
         image = model_page(item["png"], answerer.input_size, params.serve.max_image_pixels)
@@ -116,36 +153,35 @@ def one_at_a_time(model_dir: str, params, questions: list[dict], device: torch.d
         run(item)
         _sync(device)
         latencies.append(time.perf_counter() - begin)
-    result = summary(latencies, time.perf_counter() - start)
-    result["model_shape"] = {
-        "parameters": sum(p.numel() for p in answerer.model.parameters()),
-        "image_size": list(answerer.input_size),
-        "num_beams": answerer.decoding.num_beams,
-        "max_new_tokens": answerer.decoding.max_new_tokens,
-    }
-    result["engine_batched"] = engine_batched(answerer, params, questions, device)
-    answerer.model = None  # free the weights before the server loads its copy
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return result
+    return summary(latencies, time.perf_counter() - start)
 
 
-def engine_batched(answerer, params, questions: list[dict], device: torch.device) -> dict:
-    """The model's ceiling: all questions through `answer` in batches of `serve.max_batch_size`, pages decoded and
-    resized beforehand (no HTTP, no queues, no page decoding): what the server's workers could reach at most."""
-    answerer.decoding = dataclasses.replace(answerer.decoding, batch_size=params.serve.max_batch_size)
+def engine_batched(answerer, params, questions: list[dict], device: torch.device, warmup_s: float,
+                   ceiling_s: float) -> dict:  # fmt: skip
+    """The model's ceiling: batches of `serve.max_batch_size` questions (cycling over `questions`) through `answer`
+    for `warmup_s` (at least one batch, not counted) and then at least `ceiling_s`, pages decoded and resized
+    beforehand (no HTTP, no queues, no page decoding): what the server's workers could reach at most."""
+    size = params.serve.max_batch_size
+    answerer.decoding = dataclasses.replace(answerer.decoding, batch_size=size)
     images = {page_id(item["png"]): model_page(item["png"], answerer.input_size, params.serve.max_image_pixels)
               for item in questions}  # fmt: skip
     rows = [{"question": item["question"], "image_id": page_id(item["png"])} for item in questions]
-    answerer.answer(rows[: params.serve.max_batch_size], images)  # warm-up at the full batch size
-    _sync(device)
-    start = time.perf_counter()
-    answerer.answer(rows, images)
-    _sync(device)
-    seconds = time.perf_counter() - start
-    return {"questions": len(rows), "batch_size": params.serve.max_batch_size, "seconds": round(seconds, 3),
-            "questions_per_s": round(len(rows) / seconds, 2)}  # fmt: skip
+    batches = (
+        [rows[(start + i) % len(rows)] for i in range(size)] for start in itertools.count(0, size)
+    )  # every batch full, the question set repeated as often as needed
+
+    def run_for(seconds: float) -> tuple[int, float]:
+        count, start = 0, time.perf_counter()
+        while count == 0 or time.perf_counter() - start < seconds:
+            answerer.answer(next(batches), images)
+            _sync(device)
+            count += 1
+        return count, time.perf_counter() - start
+
+    run_for(warmup_s)
+    count, seconds = run_for(ceiling_s)
+    return {"questions": count * size, "batch_size": size, "batches": count, "warmup_s": warmup_s,
+            "seconds": round(seconds, 3), "questions_per_s": round(count * size / seconds, 2)}  # fmt: skip
 
 
 def _sync(device: torch.device) -> None:
@@ -186,39 +222,48 @@ def stop_server(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def load(port: int, questions: list[dict], clients: int) -> dict:
-    """`clients` closed-loop clients answer all `questions`; latency per request and the batches they joined."""
-    latencies, batches, errors, lock = [], [], [], threading.Lock()
-    pending = iter(range(len(questions)))
+def load(port: int, questions: list[dict], clients: int, warmup_s: float, duration_s: float) -> dict:
+    """`clients` closed-loop clients loop over `questions` for `warmup_s` and then `duration_s`: the requests answered
+    within the measured window (latency, the batch they joined) and every failure, whenever it happened."""
+    answered, failures, lock, order = [], collections.Counter(), threading.Lock(), itertools.count()
+    start = time.perf_counter()
+    window_start, window_end = start + warmup_s, start + warmup_s + duration_s
 
     def client() -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-        while True:
+        connection = None
+        while time.perf_counter() < window_end:
             with lock:
-                index = next(pending, None)
-            if index is None:
-                return
+                body = questions[next(order) % len(questions)]["body"]
+            connection = connection or http.client.HTTPConnection("127.0.0.1", port, timeout=600)
             begin = time.perf_counter()
-            connection.request("POST", "/v1/chat/completions", questions[index]["body"],
-                               {"Content-Type": "application/json"})  # fmt: skip
-            response = connection.getresponse()
-            body = response.read()
-            elapsed = time.perf_counter() - begin
+            try:
+                connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+                response = connection.getresponse()
+                response.read()
+            except (OSError, http.client.HTTPException) as error:
+                connection.close()
+                connection = None
+                with lock:
+                    failures[type(error).__name__] += 1
+                time.sleep(RECONNECT_PAUSE_S)
+                continue
+            end = time.perf_counter()
             with lock:
                 if response.status != 200:
-                    errors.append(f"{response.status}: {body[:200]!r}")
-                    continue
-                latencies.append(elapsed)
-                batches.append(int(response.getheader("X-Batch-Size", "0")))
+                    failures[f"HTTP {response.status}"] += 1
+                elif window_start <= end <= window_end:
+                    answered.append((end - begin, int(response.getheader("X-Batch-Size", "0"))))
+        if connection is not None:
+            connection.close()
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
-    start = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    seconds = time.perf_counter() - start
-    return summary(latencies, seconds, clients=clients, errors=len(errors),
+    batches = [batch for _, batch in answered]
+    return summary([latency for latency, _ in answered], duration_s, clients=clients, duration_s=duration_s,
+                   warmup_s=warmup_s, failures=sum(failures.values()), failure_kinds=dict(failures),
                    mean_batch_size=round(statistics.fmean(batches), 1) if batches else 0)  # fmt: skip
 
 
@@ -237,7 +282,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     overrides = dict(item.split("=", 1) for item in args.set)
     if any(not key.startswith("serve.") for key in overrides):
-        raise SystemExit("--set takes serve.* keys only")
+        raise SystemExit("error: --set takes serve.* keys only")
+    if args.duration_s <= 0 or args.warmup_s < 0 or min(args.clients) < 1 or args.questions < 1:
+        raise SystemExit("error: --duration-s, --clients and --questions must be positive, --warmup-s not negative")
     params = load_params(args.params, {key: parse_value(value) for key, value in overrides.items()})
     params_file = Path(tempfile.mkdtemp(prefix="serve-load-")) / "params.yaml"
     params_file.write_text(yaml.safe_dump(to_dict(params)))
@@ -255,21 +302,27 @@ def main(argv=None) -> dict:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "load_average": os.getloadavg()[0],
         "serve": {key: getattr(params.serve, key) for key in SERVE_KEYS},
+        "questions": args.questions,
     }
-    report["one_at_a_time"] = one_at_a_time(args.model, params, questions[: args.baseline_questions], device)
+    report.update(measure_engine(args, params, questions, device))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     process = start_server(args, params_file, port, Path(tempfile.gettempdir()) / f"florence-ops-serve-{slug}.log")
     try:
-        load(port, questions[: max(args.clients)], max(args.clients))  # warm-up at the highest concurrency
         for clients in args.clients:
-            report[f"server_c{clients}"] = load(port, questions[: args.questions], clients)
+            report[f"server_c{clients}"] = load(port, questions[: args.questions], clients, args.warmup_s,
+                                                args.duration_s)  # fmt: skip
     finally:
         stop_server(process)
-    base = report["one_at_a_time"]["questions_per_s"]
-    report["speedup_vs_one_at_a_time"] = {f"c{c}": round(report[f"server_c{c}"]["questions_per_s"] / base, 2)
-                                          for c in args.clients}  # fmt: skip
+    ceiling = report["engine_batched"]["questions_per_s"]
+    for clients in args.clients:
+        level = report[f"server_c{clients}"]
+        level["fraction_of_ceiling"] = round(level["questions_per_s"] / ceiling, 3)
+    if "one_at_a_time" in report:
+        base = report["one_at_a_time"]["questions_per_s"]
+        report["speedup_vs_one_at_a_time"] = {f"c{c}": round(report[f"server_c{c}"]["questions_per_s"] / base, 2)
+                                              for c in args.clients}  # fmt: skip
     write_json(out / f"serve_{slug}.json", report)
     print_table(report, args.clients)
     return report
@@ -277,21 +330,23 @@ def main(argv=None) -> dict:
 
 def print_table(report: dict, clients: list[int]) -> None:
     settings = ", ".join(f"{key} {value}" for key, value in report["serve"].items())
+    engine = report["engine_batched"]
     print(f"\nserve_load on {report['device']} ({settings})")
-    print(f"{'run':<16}{'q/s':>10}{'p50 ms':>10}{'p95 ms':>10}{'batch':>8}{'x one-at-a-time':>18}{'errors':>8}")
-    engine = report["one_at_a_time"]["engine_batched"]
     print(f"engine ceiling (batches of {engine['batch_size']}, pages decoded beforehand): "
-          f"{engine['questions_per_s']} q/s")  # fmt: skip
-    rows = [("one_at_a_time", report["one_at_a_time"], 1, 1.0, 0)]
+          f"{engine['questions_per_s']} q/s over {engine['seconds']} s ({engine['questions']} questions)")  # fmt: skip
+    print(f"{'run':<16}{'q/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'batch':>7}{'ceiling':>9}"
+          f"{'x one':>7}{'failed':>8}")  # fmt: skip
+    speedups = report.get("speedup_vs_one_at_a_time", {})
+    rows = [("one_at_a_time", report["one_at_a_time"], 1, "", 1.0, 0)] if "one_at_a_time" in report else []
     for c in clients:
         row = report[f"server_c{c}"]
-        rows.append(
-            (f"server_c{c}", row, row["mean_batch_size"], report["speedup_vs_one_at_a_time"][f"c{c}"], row["errors"])
-        )
-    for name, row, batch, speedup, errors in rows:
-        print(
-            f"{name:<16}{row['questions_per_s']:>10}{row['p50_ms']:>10}{row['p95_ms']:>10}{batch:>8}{speedup:>18}{errors:>8}"
-        )
+        rows.append((f"server_c{c}", row, row["mean_batch_size"], row["fraction_of_ceiling"], speedups.get(f"c{c}", ""),
+                     row["failures"]))  # fmt: skip
+    for name, row, batch, fraction, speedup, failed in rows:
+        print(f"{name:<16}{row['questions_per_s']:>9}{row['p50_ms']!s:>9}{row['p95_ms']!s:>9}{row['p99_ms']!s:>9}"
+              f"{batch:>7}{fraction:>9}{speedup:>7}{failed:>8}")  # fmt: skip
+    print(f"server levels: {report[f'server_c{clients[0]}']['warmup_s']} s warm-up, then "
+          f"{report[f'server_c{clients[0]}']['duration_s']} s measured each")  # fmt: skip
 
 
 if __name__ == "__main__":
