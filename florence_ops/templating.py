@@ -1,4 +1,5 @@
-"""The package's Jinja2 templates (`florence_ops/templates/*.html.j2`), rendered with autoescaping on."""
+"""The package's Jinja2 templates (`florence_ops/templates/`): HTML rendered with autoescaping on, and the sources of
+the others (the model card, which `huggingface_hub.ModelCard` renders)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,9 @@ def _environment() -> jinja2.Environment:
 def render(name: str, **context: Any) -> str:
     """The template `name` rendered with `context`; every value is HTML-escaped unless marked safe."""
     return _environment().get_template(name).render(**context)
+
+
+def template_source(name: str) -> str:
+    """The text of the template `name`, for a library that renders it itself."""
+    environment = _environment()
+    return environment.loader.get_source(environment, name)[0]
