@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from florence_ops.cli import STAGES
-from florence_ops.config import Params, from_dict, read_yaml
+from florence_ops.config import Params, from_dict
+from florence_ops.params_file import read_yaml
 from tests.conftest import REPO
 
 PIPELINE = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
