@@ -41,7 +41,8 @@ def export(params: Params) -> Path:
         model.save_pretrained(staging, safe_serialization=True)
         save_processor(processor, staging)
         model_card(params, metrics).save(staging / "README.md")
-        write_settings(staging, params.train.prompt, params.train.max_question_tokens, metrics)  # for predict, serve
+        train = params.train
+        write_settings(staging, train.prompt, train.max_question_tokens, train.precision, metrics)  # predict, serve
     log.info("exported to %s", target)
     return target
 
