@@ -227,7 +227,7 @@ def _attributes(files: set[str]) -> set[str]:
     """Every attribute name the code of `files` reads (`params.train.lr` gives train and lr), and the parts of the
     dotted names it passes as strings (`pick(params, ("train.prompt",))`)."""
     names = set()
-    for file in files:
+    for file in (file for file in files if file.endswith(".py")):  # templates hold no settings
         for node in ast.walk(ast.parse((REPO / file).read_text())):
             if isinstance(node, ast.Attribute):
                 names.add(node.attr)
