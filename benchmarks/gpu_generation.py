@@ -57,6 +57,7 @@ from transformers import BatchEncoding  # noqa: E402
 from florence_ops.artifacts import write_json  # noqa: E402
 from florence_ops.generation import Decoding, answer  # noqa: E402
 from florence_ops.model_inputs import Collator  # noqa: E402
+from florence_ops.precision import autocast_dtype, describe  # noqa: E402
 
 QUESTIONS_PER_DOCUMENT = 4
 
@@ -200,7 +201,7 @@ def main(argv=None) -> dict:
     with torch.no_grad():
         features = torch.cat([model.model.vision_tower(pixels[i : i + 8]).last_hidden_state.to(torch.bfloat16)
                               for i in range(0, documents, 8)])  # fmt: skip
-    precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+    precision = describe(autocast_dtype(Decoding().precision, device))  # what `answer` decides
     variants = [  # name, source, questions per document
         ("engine", DevicePixels(pixels), QUESTIONS_PER_DOCUMENT),
         ("engine_1q_per_doc", DevicePixels(pixels), 1),

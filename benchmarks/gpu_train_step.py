@@ -62,6 +62,7 @@ from transformers import (  # noqa: E402
 from florence_ops.artifacts import write_json  # noqa: E402
 from florence_ops.model_inputs import IGNORE_INDEX, TextBatch  # noqa: E402
 from florence_ops.modeling import train_mode  # noqa: E402
+from florence_ops.precision import autocast_dtype, describe, mixed_precision  # noqa: E402
 from florence_ops.training import DocVQAObjective, make_optimizer, train_window  # noqa: E402
 from florence_ops.vision.cache import build_cache  # noqa: E402
 from florence_ops.vision.sources import CachedSource, WithVision  # noqa: E402
@@ -70,6 +71,7 @@ PAD, BOS, EOS = 1, 0, 2
 # Work per sample counted with torch.utils.flop_counter on this architecture and these shapes (shared/reference).
 TOWER_GFLOP = 380.0  # vision tower forward, one 768x768 image
 REST_GFLOP = 206.0  # projector + encoder + decoder, forward and backward, one sample
+PRECISION = "auto"  # train.precision as params.yaml sets it; florence_ops.precision decides what it means here
 
 
 @dataclass
@@ -314,7 +316,7 @@ def run_engine(name, model, shapes, source, pool, batch, args, device, accelerat
         return {"variant": name, "batch": batch, "error": "out of memory"}  # the next variant's reset frees it
     finally:
         model.train()
-    precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+    precision = describe(autocast_dtype(PRECISION, device))
     fused = any(g.get("fused") for g in optimizer.param_groups)
     return summarise(name, batch, times, loss, device, source.cached, precision, f"AdamW fused={fused}")
 
@@ -385,7 +387,7 @@ def main(argv=None) -> dict:
     from accelerate import Accelerator
 
     device = torch.device(args.device)
-    accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no", cpu=device.type == "cpu")
+    accelerator = Accelerator(mixed_precision=mixed_precision(PRECISION, device), cpu=device.type == "cpu")
     model, shapes = build_model(args.tiny, device)
     for param in model.model.vision_tower.parameters():
         param.requires_grad = False

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from florence_ops.artifacts import write_json  # noqa: E402
-from florence_ops.config import apply_overrides, parse_value, read_yaml  # noqa: E402
+from florence_ops.params_file import apply_overrides, parse_value, read_yaml  # noqa: E402
 
 STAGES = ("download", "preprocess", "train", "evaluate", "export")
 # What a user with one GPU sets in params.yaml (README: "One GPU"); the scale keys come from the command line.

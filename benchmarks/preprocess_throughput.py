@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from florence_ops.artifacts import write_json  # noqa: E402
 from florence_ops.config import DataConfig, SyntheticData, load_params  # noqa: E402 - after the path fix
-from florence_ops.data import validation  # noqa: E402
+from florence_ops.data import images  # noqa: E402
 from florence_ops.data.parallel import worker_count  # noqa: E402
 from florence_ops.data.raw import PAGES_FILE, RawWriter  # noqa: E402
 from florence_ops.data.sources import materialize_raw  # noqa: E402
@@ -123,9 +123,9 @@ def breakdown(raw_dir: Path, size: int, samples: int = 5) -> dict[str, float]:
     times = {"decode_ms": 0.0, "resize_and_png_ms": 0.0}
     for row in rows:
         start = time.perf_counter()
-        image = validation.decode_image(row["bytes"], 10**9)
+        image = images.decode_image(row["bytes"], 10**9)
         middle = time.perf_counter()
-        validation.encode_model_image(image, (size, size))
+        images.encode_model_image(image, (size, size))
         times["decode_ms"] += (middle - start) * 1000 / len(rows)
         times["resize_and_png_ms"] += (time.perf_counter() - middle) * 1000 / len(rows)
     return {key: round(value, 1) for key, value in times.items()}

@@ -57,8 +57,9 @@ import transformers  # noqa: E402
 import yaml  # noqa: E402
 
 from florence_ops.artifacts import write_json  # noqa: E402
-from florence_ops.config import load_params, parse_value, to_dict  # noqa: E402
+from florence_ops.config import load_params, to_dict  # noqa: E402
 from florence_ops.data.synthetic import generate_split  # noqa: E402
+from florence_ops.params_file import parse_value  # noqa: E402
 from florence_ops.serving.answering import default_device, load_answerer  # noqa: E402
 from florence_ops.serving.pages import model_page, page_id  # noqa: E402
 

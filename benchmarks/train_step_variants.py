@@ -53,10 +53,12 @@ from florence_ops.artifacts import write_json  # noqa: E402
 from florence_ops.base_models import build_reference_model, build_reference_processor  # noqa: E402
 from florence_ops.model_inputs import IGNORE_INDEX, TextBatch, embed_inputs, project_vision  # noqa: E402
 from florence_ops.modeling import freeze, train_mode, unwrap  # noqa: E402
+from florence_ops.precision import mixed_precision  # noqa: E402
 from florence_ops.training import DocVQAObjective, make_optimizer, train_window  # noqa: E402
 from florence_ops.vision.sources import tower_output  # noqa: E402
 
 WARM_STEPS = 12
+PRECISION = "auto"  # train.precision as params.yaml sets it; florence_ops.precision decides what it means here
 
 
 def text_batch(i: int, size: int, pool: int, device) -> TextBatch:
@@ -140,7 +142,7 @@ def run(name: str, base, batches: list[TextBatch], source, steps: int, device) -
     model = copy.deepcopy(base).to(device)
     freeze(model, ["vision_tower"])
     VARIANTS[name](model)
-    accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no", cpu=device.type == "cpu")
+    accelerator = Accelerator(mixed_precision=mixed_precision(PRECISION, device), cpu=device.type == "cpu")
     objective = DocVQAObjective(model)
     train_mode(objective)
     optimizer = make_optimizer(objective, 1e-4, 0.01, device)

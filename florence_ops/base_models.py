@@ -34,7 +34,8 @@ from transformers import (
     Florence2VisionConfig,
 )
 
-from florence_ops.config import ConfigError, TinyModel
+from florence_ops.config import TinyModel
+from florence_ops.errors import ConfigError
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]

@@ -10,7 +10,8 @@ import logging
 import sys
 import time
 
-from florence_ops.config import ConfigError, load_params
+from florence_ops.config import load_params
+from florence_ops.errors import ConfigError
 
 STAGES = ("download", "preprocess", "train", "evaluate", "export")
 COMMANDS = {

@@ -7,6 +7,10 @@ class UserError(Exception):
     """A problem with the user's data or settings; its message is one line that says what to fix."""
 
 
+class ConfigError(ValueError):
+    """params.yaml is missing or not valid YAML, or one of its keys is unknown, missing or of the wrong type."""
+
+
 class DataSourceError(UserError):
     """A data source cannot be read at all (a missing folder or annotations file)."""
 

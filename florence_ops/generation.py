@@ -25,7 +25,7 @@ class Decoding:
     batch_size: int = 32
     num_beams: int = 1
     max_new_tokens: int = 20
-    precision: str = "auto"  # as `train.precision` (see `florence_ops.precision`); no stage sets it: bf16 on CUDA
+    precision: str = "auto"  # `train.precision` (see `florence_ops.precision`): bf16 autocast on CUDA unless fp32
 
 
 @torch.no_grad()

@@ -1,8 +1,9 @@
 """The precision rule, written once: bf16 on CUDA when precision is auto or bf16; fp32 everywhere else.
 
 fp16 gives NaN losses with Florence-2, so bf16 is the only reduced precision. Training (the accelerator's mixed
-precision), answering (autocast around generation) and the vision-feature cache (the encoder's bf16 copy of the tower,
-and the cache key that records it) take the decision from `autocast_dtype` and pass it down.
+precision, `mixed_precision`), answering (autocast around generation, in evaluation, predict and serve alike) and the
+vision-feature cache (the encoder's bf16 copy of the tower, and the cache key that records it) take the decision from
+`autocast_dtype` and pass it down; the benchmarks ask the same functions.
 """
 
 from __future__ import annotations
@@ -16,6 +17,17 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The reduced dtype to compute in on `device` for `precision` (`train.precision`'s values): bf16 on CUDA unless
     fp32 is asked for; None (plain fp32) elsewhere."""
     return torch.bfloat16 if device.type == "cuda" and precision in ("auto", "bf16") else None
+
+
+def mixed_precision(precision: str, device: torch.device) -> str:
+    """accelerate's `mixed_precision` for `precision` on `device`: "bf16" where `autocast_dtype` gives bf16, else
+    "no"."""
+    return "bf16" if autocast_dtype(precision, device) is not None else "no"
+
+
+def describe(dtype: torch.dtype | None) -> str:
+    """How a benchmark labels what `autocast_dtype` decided."""
+    return "bf16 autocast" if dtype is not None else "fp32"
 
 
 def autocast(dtype: torch.dtype | None, device: torch.device):

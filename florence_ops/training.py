@@ -36,7 +36,7 @@ from florence_ops.model_inputs import (
     project_vision,
 )
 from florence_ops.modeling import ModelWrapper, train_mode, unwrap
-from florence_ops.precision import autocast_dtype
+from florence_ops.precision import mixed_precision
 from florence_ops.step_log import StepLog, StepLoss
 from florence_ops.vision.sources import WithVision, tower_output
 
@@ -93,7 +93,7 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, devic
 
 
 def make_accelerator(params: Params) -> Accelerator:
-    """The accelerator for this run: mixed precision as `train.precision` decides (`precision.autocast_dtype`), batches
+    """The accelerator for this run: mixed precision as `train.precision` decides (`precision.mixed_precision`), batches
     split over processes.
 
     Gradient accumulation is done by `train_window`, not by accelerate, which would divide every micro-batch by the
@@ -101,7 +101,7 @@ def make_accelerator(params: Params) -> Accelerator:
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return Accelerator(
-        mixed_precision="bf16" if autocast_dtype(params.train.precision, device) is not None else "no",
+        mixed_precision=mixed_precision(params.train.precision, device),
         dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=torch.cuda.is_available()),
         cpu=not torch.cuda.is_available(),
     )
@@ -220,7 +220,7 @@ def fit(run: Run) -> tuple[Progress, torch.nn.Module]:
         progress = Progress(**run.checkpoints.load(acc, latest))
         log.info("resuming from %s: epoch %d, step %d", latest, progress.epoch, progress.step)
     # Per-epoch validation decodes as far as training teaches: the answer-token budget.
-    decoding = Decoding(params.evaluate.batch_size, 1, params.train.max_answer_tokens)
+    decoding = Decoding(params.evaluate.batch_size, 1, params.train.max_answer_tokens, params.train.precision)
     clip = params.train.max_grad_norm
     train_mode(objective)
     with _progress_bar(acc, total_steps, progress.step) as bar:

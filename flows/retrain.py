@@ -27,7 +27,8 @@ from prefect.runtime import flow_run
 
 from florence_ops import promotion, registry
 from florence_ops.artifacts import CHAMPION_FILE, METRICS_FILE
-from florence_ops.config import PARAMS_FILE, Params, load_params, parse_value, to_dict
+from florence_ops.config import PARAMS_FILE, Params, load_params, to_dict
+from florence_ops.params_file import parse_value
 from florence_ops.prefect_server import prefect_api
 from florence_ops.processes import dies_with_this_process
 from florence_ops.run_history import RUNNING, record_crashed_runs, report_markdown, write_history

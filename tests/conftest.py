@@ -42,10 +42,15 @@ TINY_OVERRIDES = {
 
 def tiny_params(root: Path, **overrides):
     """Params of the repository's params.yaml with small sizes and every path under `root`."""
+    return workspace_params(root, **{**TINY_OVERRIDES, **overrides})
+
+
+def workspace_params(root: Path, **overrides):
+    """Params of the repository's params.yaml with `overrides` and every path under `root`."""
     from florence_ops.config import Paths, load_params
 
     paths = {f"paths.{name}": str(root / value) for name, value in vars(Paths()).items()}
-    return load_params(REPO / "params.yaml", {**paths, **TINY_OVERRIDES, **overrides})
+    return load_params(REPO / "params.yaml", {**paths, **overrides})
 
 
 @pytest.fixture(scope="session")

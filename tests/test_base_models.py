@@ -111,7 +111,7 @@ def bart_parameters(text: dict, vocab: int) -> int:
 
 
 def test_reference_files_missing_is_a_config_error(tmp_path: Path):
-    from florence_ops.config import ConfigError
+    from florence_ops.errors import ConfigError
 
     with pytest.raises(ConfigError, match="model.reference_files"):
         build_reference_processor(tmp_path)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from florence_ops.config import read_yaml
+from florence_ops.params_file import read_yaml
 from tests.conftest import REPO
 
 SMALL_DATA = {"train_documents": 2, "validation_documents": 1, "test_documents": 0, "questions_per_document": 1}

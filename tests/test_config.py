@@ -3,17 +3,9 @@ import json
 
 import pytest
 
-from florence_ops.config import (
-    ConfigError,
-    Params,
-    TinyModel,
-    TrainConfig,
-    from_dict,
-    load_params,
-    parse_value,
-    read_yaml,
-    to_dict,
-)
+from florence_ops.config import Params, TinyModel, TrainConfig, from_dict, load_params, to_dict
+from florence_ops.errors import ConfigError
+from florence_ops.params_file import parse_value, read_yaml
 from tests.conftest import REPO
 
 

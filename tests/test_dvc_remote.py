@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from florence_ops.config import apply_overrides, read_yaml
+from florence_ops.params_file import apply_overrides, read_yaml
 from tests.conftest import REPO, TINY_OVERRIDES
 
 pytestmark = [

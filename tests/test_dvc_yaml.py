@@ -5,11 +5,14 @@ import dataclasses
 import importlib
 from pathlib import Path
 
+import jinja2
+import jinja2.meta
 import pytest
 import yaml
 
 from florence_ops.cli import STAGES
-from florence_ops.config import Params, from_dict, read_yaml
+from florence_ops.config import Params, from_dict
+from florence_ops.params_file import read_yaml
 from tests.conftest import REPO
 
 PIPELINE = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
@@ -85,7 +88,7 @@ DERIVED = {"evaluate.max_new_tokens": ("train.max_answer_tokens",)}
 
 def code_closure(module: Path) -> set[str]:
     """The florence_ops modules `module` imports, directly or through others, anywhere in their bodies (function-level
-    imports included); package `__init__.py` files hold no code and are left out."""
+    imports included), and the templates they render; package `__init__.py` files hold no code and are left out."""
     seen, todo = set(), [module]
     while todo:
         path = todo.pop()
@@ -101,7 +104,31 @@ def code_closure(module: Path) -> set[str]:
             for name in names:
                 if name.split(".")[0] == "florence_ops" and (found := _module_file(name)) is not None:
                     todo.append(found)
-    return {str(path.relative_to(REPO)) for path in seen if path.name != "__init__.py"}
+    code = {str(path.relative_to(REPO)) for path in seen if path.name != "__init__.py"}
+    return code | templates_read(code)
+
+
+TEMPLATES = REPO / "florence_ops" / "templates"
+
+
+def templates_read(files: set[str]) -> set[str]:
+    """The package templates that `files` name in their string constants, and those these templates include, extend
+    or import in turn (package data a stage reads is as much a dependency as its code)."""
+    available = {path.name for path in TEMPLATES.iterdir()}
+    names = {
+        node.value
+        for file in files
+        for node in ast.walk(ast.parse((REPO / file).read_text()))
+        if isinstance(node, ast.Constant) and node.value in available
+    }
+    todo = list(names)
+    while todo:
+        source = (TEMPLATES / todo.pop()).read_text()
+        for name in jinja2.meta.find_referenced_templates(jinja2.Environment().parse(source)):
+            if name not in names:
+                names.add(name)
+                todo.append(name)
+    return {str((TEMPLATES / name).relative_to(REPO)) for name in names}
 
 
 def _module_file(name: str) -> Path | None:
@@ -122,6 +149,27 @@ def test_package_init_files_hold_no_code():
 def test_stage_code_deps_are_exactly_its_import_closure(name):
     declared = {_resolve(d) for d in PIPELINE[name].get("deps", []) if _resolve(d).startswith("florence_ops/")}
     assert declared == code_closure(REPO / f"florence_ops/stages/{name}.py")
+
+
+def test_templates_a_report_loads_are_evaluate_deps(monkeypatch, tmp_path):
+    """What the derivation above finds by reading the code is what rendering really loads."""
+    from florence_ops import templating
+    from florence_ops.report_html import render_html_report
+
+    loaded = []
+    original = jinja2.PackageLoader.get_source
+
+    def recording(self, environment, template):
+        loaded.append(template)
+        return original(self, environment, template)
+
+    monkeypatch.setattr(jinja2.PackageLoader, "get_source", recording)
+    templating._environment.cache_clear()
+    try:
+        render_html_report({"n_questions": 0}, None, [], lambda image_id: None)
+    finally:
+        templating._environment.cache_clear()
+    assert loaded and {f"florence_ops/templates/{name}" for name in loaded} <= set(PIPELINE["evaluate"]["deps"])
 
 
 class _Reads:
@@ -179,7 +227,7 @@ def _attributes(files: set[str]) -> set[str]:
     """Every attribute name the code of `files` reads (`params.train.lr` gives train and lr), and the parts of the
     dotted names it passes as strings (`pick(params, ("train.prompt",))`)."""
     names = set()
-    for file in files:
+    for file in (file for file in files if file.endswith(".py")):  # templates hold no settings
         for node in ast.walk(ast.parse((REPO / file).read_text())):
             if isinstance(node, ast.Attribute):
                 names.add(node.attr)

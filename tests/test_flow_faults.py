@@ -24,7 +24,7 @@ import psutil
 import pytest
 import yaml
 
-from florence_ops.config import read_yaml
+from florence_ops.params_file import read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 120  # the first start of a temporary server migrates a new database: 7-16 s here

@@ -32,7 +32,8 @@ from prefect.artifacts import Artifact  # noqa: E402
 from prefect.settings import temporary_settings  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from florence_ops.config import load_params, read_yaml  # noqa: E402
+from florence_ops.config import load_params  # noqa: E402
+from florence_ops.params_file import read_yaml  # noqa: E402
 from florence_ops.promotion import read_champion  # noqa: E402
 from flows import retrain as retrain_module  # noqa: E402
 from flows.deploy import retrain_deployment  # noqa: E402

@@ -5,7 +5,7 @@ import contextlib
 import pytest
 import torch
 
-from florence_ops.precision import autocast, autocast_dtype
+from florence_ops.precision import autocast, autocast_dtype, mixed_precision
 from florence_ops.vision.encoder import computed_with
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
@@ -16,6 +16,11 @@ def test_bf16_on_cuda_unless_fp32_is_asked_for(precision):
     assert autocast_dtype(precision, CUDA) is torch.bfloat16
     assert autocast_dtype("fp32", CUDA) is None
     assert autocast_dtype(precision, CPU) is None
+
+
+def test_accelerate_mixes_in_bf16_where_the_rule_says():
+    assert [mixed_precision(p, CUDA) for p in ("auto", "bf16", "fp32")] == ["bf16", "bf16", "no"]
+    assert mixed_precision("auto", CPU) == "no"
 
 
 def test_no_autocast_without_a_dtype():

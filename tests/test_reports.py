@@ -87,7 +87,7 @@ def test_html_report_escapes_text(tmp_path: Path) -> None:
     rows[0]["anls"] = 0.0
     html_text = _report(tmp_path, rows, None)
     assert "<script>" not in html_text
-    assert "&lt;script&gt;alert(&#x27;owned&#x27;)&lt;/script&gt; &amp; what?" in html_text
+    assert "&lt;script&gt;alert(&#39;owned&#39;)&lt;/script&gt; &amp; what?" in html_text
     assert "<b>bold</b>" not in html_text
 
 

@@ -13,7 +13,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from florence_ops.config import apply_overrides, read_yaml, to_dict
+from florence_ops.config import to_dict
+from florence_ops.params_file import apply_overrides, read_yaml
 from tests.conftest import REPO, TINY_OVERRIDES, tiny_params
 
 pytestmark = pytest.mark.slow

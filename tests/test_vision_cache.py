@@ -92,6 +92,26 @@ def test_open_checks_size_and_verify_checks_every_chunk(tmp_path):
     assert open_cache(tmp_path, "key") is None, "a truncated cache must not even open"
 
 
+def test_a_failed_build_leaves_the_cache_in_place_and_nothing_beside_it(tmp_path):
+    """A build that stops halfway (a tower that fails, a kill) leaves the published cache of that key as it was, and
+    no half-written folder on the disk."""
+    import torch
+
+    from florence_ops.vision.cache import build_cache, open_cache
+
+    ids = ["page0", "page1", "page2"]
+    build_cache(tmp_path, "key", ids, [(ids, torch.ones(3, 2))], lambda rows: rows)
+
+    def failing_pages():
+        yield ids[:2], torch.zeros(2, 2)
+        raise RuntimeError("the page loader died")
+
+    with pytest.raises(RuntimeError, match="page loader died"):
+        build_cache(tmp_path, "key", ids, failing_pages(), lambda rows: rows)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["key"]
+    assert torch.equal(open_cache(tmp_path, "key", verify=True).features(ids).float(), torch.ones(3, 2))
+
+
 def test_resident_features_equal_the_mapped_ones(tmp_path):
     """Features held in device memory (here the CPU's) are the cache's, row for row, gathered by page id; they are
     read in chunks (here of two pages: a full chunk and a short one)."""

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def default_device() -> torch.device:
-    """CUDA when available (answers in bf16 autocast there), else the CPU."""
+    """CUDA when available (answers in bf16 autocast there unless the model's precision is fp32), else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -155,10 +155,11 @@ def load_answerer(
     model, processor = load_pretrained(model_dir, params.model)
     model.to(device).eval()
     collator = Collator(processor.tokenizer, settings.prompt, settings.max_question_tokens, 0, train=False)
-    decoding = Decoding(batch_size, settings.num_beams, settings.max_new_tokens)
+    decoding = Decoding(batch_size, settings.num_beams, settings.max_new_tokens, settings.precision)
     pool = pool or ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="pixels")
-    log.info("loaded %s on %s (prompt and token limit from %s; %d beam(s), %d new tokens)", model_dir, device,
-             settings.source, settings.num_beams, settings.max_new_tokens)  # fmt: skip
+    log.info("loaded %s on %s (prompt, token limit and precision from %s; %d beam(s), %d new tokens, precision %s)",
+             model_dir, device, settings.source, settings.num_beams, settings.max_new_tokens,
+             settings.precision)  # fmt: skip
     return Answerer(model_dir, model, processor, collator, decoding, device, settings, version, pool)
 
 

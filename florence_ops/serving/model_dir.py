@@ -1,9 +1,10 @@
 """What a model directory says about how to ask it questions, and which version of it is on disk.
 
-A directory that `florence-ops export` wrote holds `florence_ops.json` beside the weights: the task prompt and the
-question-token limit the model was trained with, and its headline metrics. Decoding (beams, answer length) is in its
-`generation_config.json`, which export also writes. Any other directory in the Hugging Face layout is asked with the
-params.yaml values (`train.prompt`, `train.max_question_tokens`, `evaluate.num_beams`, `evaluate.max_new_tokens`).
+A directory that `florence-ops export` wrote holds `florence_ops.json` beside the weights: the task prompt, the
+question-token limit and the precision the model was trained and evaluated with, and its headline metrics. Decoding
+(beams, answer length) is in its `generation_config.json`, which export also writes. Any other directory in the Hugging
+Face layout is asked with the params.yaml values (`train.prompt`, `train.max_question_tokens`, `train.precision`,
+`evaluate.num_beams`, `evaluate.max_new_tokens`).
 
 This module reads JSON and file metadata only, so export and the HTTP processes of the server import it cheaply.
 """
@@ -34,6 +35,7 @@ class AskSettings:
     max_question_tokens: int
     num_beams: int
     max_new_tokens: int
+    precision: str  # train.precision's values, resolved by florence_ops.precision as in evaluation
     source: str  # where prompt and limit came from: the settings file or params.yaml
 
     @property
@@ -44,29 +46,35 @@ class AskSettings:
         return "train.max_question_tokens in params.yaml"
 
 
-def write_settings(folder: Path, prompt: str, max_question_tokens: int, metrics: dict[str, Any]) -> None:
-    """Write `florence_ops.json` into an exported model directory: prompt, question-token limit, headline metrics."""
+def write_settings(
+    folder: Path, prompt: str, max_question_tokens: int, precision: str, metrics: dict[str, Any]
+) -> None:
+    """Write `florence_ops.json` into an exported model directory: prompt, question-token limit, precision, headline
+    metrics."""
     settings = {
         "prompt": prompt,
         "max_question_tokens": max_question_tokens,
+        "precision": precision,
         "metrics": {name: metrics.get(name) for name in HEADLINE_METRICS},
     }
     write_json(folder / SETTINGS_FILE, settings)
 
 
 def read_settings(model_dir: Path, params: Params) -> AskSettings:
-    """The prompt, question-token limit and decoding of `model_dir`; params.yaml's values where it has none."""
+    """The prompt, question-token limit, precision and decoding of `model_dir`; params.yaml's values where it has
+    none (an export written before precision was recorded gives params.yaml's precision)."""
     saved = _read_json(model_dir / SETTINGS_FILE)
+    train, evaluate = params.train, params.evaluate
     if saved is None:
-        train, evaluate = params.train, params.evaluate
         return AskSettings(train.prompt, train.max_question_tokens, evaluate.num_beams, evaluate.max_new_tokens,
-                           "params.yaml")  # fmt: skip
+                           train.precision, "params.yaml")  # fmt: skip
     generation = _read_json(model_dir / GENERATION_FILE) or {}
     return AskSettings(
         prompt=str(saved["prompt"]),
         max_question_tokens=int(saved["max_question_tokens"]),
-        num_beams=int(generation.get("num_beams") or params.evaluate.num_beams),
-        max_new_tokens=int(generation.get("max_new_tokens") or params.evaluate.max_new_tokens),
+        num_beams=int(generation.get("num_beams") or evaluate.num_beams),
+        max_new_tokens=int(generation.get("max_new_tokens") or evaluate.max_new_tokens),
+        precision=str(saved.get("precision", train.precision)),
         source=SETTINGS_FILE,
     )
 

@@ -1,6 +1,6 @@
 """Page images as the model sees them: decoded, upright RGB, resized exactly as preprocess resizes them.
 
-Images go through `data.validation.decode_image` (the checks and reasons preprocess quarantines by) and
+Images go through `data.images.decode_image` (the checks and reasons preprocess quarantines by) and
 `resize_for_model`, so an answer from predict or serve is the answer evaluation gives for the same page. PDF pages
 are rendered with pypdfium2 (PDFium, the renderer of Chromium) at `predict.pdf_dpi` and then resized the same way.
 """
@@ -12,12 +12,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from florence_ops.data.validation import (
-    IMAGE_TOO_LARGE,
-    InvalidImage,
-    decode_image,
-    resize_for_model,
-)
+from florence_ops.data.images import InvalidImage, decode_image, resize_for_model
+from florence_ops.data.validation import IMAGE_TOO_LARGE
 
 PDF_SIGNATURE = b"%PDF-"
 PDF_UNREADABLE = "pdf_unreadable"

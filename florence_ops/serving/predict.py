@@ -22,6 +22,7 @@ from tqdm import tqdm
 from florence_ops.artifacts import write_text_atomic
 from florence_ops.config import Params
 from florence_ops.data import validation as checks
+from florence_ops.data.images import InvalidImage
 from florence_ops.data.parallel import batched
 from florence_ops.errors import UserError
 from florence_ops.serving.answering import Answerer
@@ -47,7 +48,7 @@ def answer_page(answerer: Answerer, data: bytes, question: str, params: Params, 
         raise UserError(f"{problem.reason}: {problem.detail}")
     try:
         image = _model_page(answerer, data, page, params)
-    except checks.InvalidImage as error:
+    except InvalidImage as error:
         raise UserError(f"{error.problem.reason}: {error.problem.detail}") from None
     image_id = page_id(data, page)
     return answerer.answer([{"question": question, "image_id": image_id}], {image_id: image})[0]
@@ -142,7 +143,7 @@ def _load_page(
         return checks.Problem(checks.IMAGE_MISSING, f"{image} {detail}")
     try:
         pixels = _model_page(answerer, data, page, params)
-    except checks.InvalidImage as error:
+    except InvalidImage as error:
         return error.problem
     return page_id(data, page), pixels
 

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import AutoProcessor
 
 from florence_ops.config import Params
-from florence_ops.data.validation import InvalidImage
+from florence_ops.data.images import InvalidImage
 from florence_ops.processes import return_large_frees_to_the_system
 from florence_ops.serving.answering import QuestionLimit, check_model_dir, input_size
 from florence_ops.serving.handoff import PageHandoff

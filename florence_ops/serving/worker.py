@@ -34,7 +34,7 @@ from fastapi import Depends, HTTPException
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from florence_ops.config import Params
-from florence_ops.data.validation import resize_for_model
+from florence_ops.data.images import resize_for_model
 from florence_ops.processes import die_with_parent
 from florence_ops.serving.answering import Answerer, load_answerer
 from florence_ops.serving.handoff import PageHandoff

@@ -112,7 +112,7 @@ def predict(accelerator, loaded, rows: list[dict], source, params: Params) -> li
     model.to(accelerator.device)
     cfg = params.evaluate
     collator = Collator(processor.tokenizer, params.train.prompt, params.train.max_question_tokens, 0, train=False)
-    decoding = Decoding(cfg.batch_size, cfg.num_beams, cfg.max_new_tokens)
+    decoding = Decoding(cfg.batch_size, cfg.num_beams, cfg.max_new_tokens, params.train.precision)
     return answer_across_processes(accelerator, model, rows, collator, source, decoding, cfg.num_workers)
 
 

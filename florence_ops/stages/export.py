@@ -13,12 +13,18 @@ import json
 import logging
 from pathlib import Path
 
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
 from florence_ops.artifacts import HEADLINE_METRICS, METRICS_FILE, TRAINED_MODEL_DIR, publish_directory
 from florence_ops.config import Params, pick
 from florence_ops.modeling import load_trained, save_processor
 from florence_ops.serving.model_dir import write_settings
+from florence_ops.templating import template_source
 
 log = logging.getLogger(__name__)
+MODEL_CARD_TEMPLATE = "model_card.md.j2"
+CARD_TITLE = "Florence-2 fine-tuned for document question answering"
+LICENSE = "mit"  # Florence-2's license, which a fine-tune of it inherits
 
 
 def export(params: Params) -> Path:
@@ -34,62 +40,61 @@ def export(params: Params) -> Path:
     with publish_directory(target) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         save_processor(processor, staging)
-        (staging / "README.md").write_text(model_card(params, metrics), encoding="utf-8")
-        write_settings(staging, params.train.prompt, params.train.max_question_tokens, metrics)  # for predict, serve
+        model_card(params, metrics).save(staging / "README.md")
+        train = params.train
+        write_settings(staging, train.prompt, train.max_question_tokens, train.precision, metrics)  # predict, serve
     log.info("exported to %s", target)
     return target
 
 
-def model_card(params: Params, metrics: dict) -> str:
-    """A short Hugging Face model card: what the model is, how to load it, its metrics and training params."""
+def model_card(params: Params, metrics: dict) -> ModelCard:
+    """A short Hugging Face model card: what the model is, how to load it, its metrics and training params; its front
+    matter is what the hub reads (license, base model, dataset, ANLS in model-index, tags, pipeline)."""
     before = metrics.get("before", {})
-    rows = "\n".join(f"| {name} | {_fmt(metrics.get(name))} | {_fmt(before.get(name))} |" for name in HEADLINE_METRICS)
-    types = "\n".join(
-        f"| {name} | {_fmt(v.get('anls'))} | {v.get('n_questions')} |" for name, v in metrics.get("by_type", {}).items()
+    return ModelCard.from_template(
+        card_data(params, metrics),
+        template_str=template_source(MODEL_CARD_TEMPLATE),
+        base_model=params.model.name,
+        revision=params.model.revision,
+        source=params.data.source,
+        prompt_literal=json.dumps(params.train.prompt),
+        split=params.evaluate.split,
+        metric_rows=[(name, _fmt(metrics.get(name)), _fmt(before.get(name))) for name in HEADLINE_METRICS],
+        type_rows=[(name, _fmt(v.get("anls")), v.get("n_questions")) for name, v in metrics.get("by_type", {}).items()],
+        hyperparameters=json.dumps(pick(params, ("lr", "epochs", "batch_size", "seed", "train")), indent=2),
     )
-    hyper = pick(params, ("lr", "epochs", "batch_size", "seed", "train"))
-    return f"""---
-library_name: transformers
-pipeline_tag: image-text-to-text
-tags: [florence-2, docvqa, florence-ops]
----
-# Florence-2 fine-tuned for document question answering
 
-Base model: `{params.model.name}`{f" @ `{params.model.revision}`" if params.model.revision else ""}; data source:
-`{params.data.source}`. Produced by the florence-ops pipeline (`dvc repro`).
 
-```python
-from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
-
-model = AutoModelForImageTextToText.from_pretrained("path/to/this/dir")
-processor = AutoProcessor.from_pretrained("path/to/this/dir")
-image = Image.open("page.png").convert("RGB")
-task = {json.dumps(params.train.prompt)}
-inputs = processor(text=task + "What is the invoice number?", images=image, return_tensors="pt")
-generated = model.generate(**inputs)  # decoding as in the evaluation, from generation_config.json
-text = processor.batch_decode(generated, skip_special_tokens=False)[0]
-answer = processor.post_process_generation(text, task=task, image_size=image.size)[task]
-print(answer)
-```
-
-## Evaluation ({params.evaluate.split} split)
-ANLS is the official DocVQA metric; Levenshtein similarity is the popular tutorial's score (first answer only,
-case-sensitive) and is shown only for comparison.
-
-| metric | fine-tuned | before fine-tuning |
-| --- | --- | --- |
-{rows}
-
-| question type | ANLS | questions |
-| --- | --- | --- |
-{types}
-
-## Training parameters
-```json
-{json.dumps(hyper, indent=2)}
-```
-"""
+def card_data(params: Params, metrics: dict) -> ModelCardData:
+    """The card's front matter, with the fine-tuned model's ANLS as a model-index result on the evaluated split."""
+    if params.data.source == "hf":
+        dataset_id = dataset_name = params.data.hf.dataset
+    else:
+        dataset_id, dataset_name = params.data.source, f"{params.data.source} documents (florence-ops)"
+    results = [
+        EvalResult(
+            task_type="document-question-answering",
+            dataset_type=dataset_id,
+            dataset_name=dataset_name,
+            dataset_split=params.evaluate.split,
+            metric_type=name,
+            metric_name=label,
+            metric_value=metrics[name],
+        )
+        for name, label in (("anls", "ANLS"), ("exact_match", "Exact match"))
+        if metrics.get(name) is not None
+    ]
+    return ModelCardData(
+        license=LICENSE,
+        base_model=params.model.name,
+        datasets=[dataset_id] if params.data.source == "hf" else None,
+        metrics=["anls"],
+        model_name=CARD_TITLE,
+        eval_results=results or None,
+        library_name="transformers",
+        pipeline_tag="image-text-to-text",
+        tags=["florence-2", "docvqa", "florence-ops"],
+    )
 
 
 def _fmt(value) -> str:

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from florence_ops.artifacts import DATA_QUALITY_FILE, publish_directory, write_json
 from florence_ops.config import Params
 from florence_ops.data import validation as checks
+from florence_ops.data.images import ImageResult, normalize_images
 from florence_ops.data.parallel import batched, ordered_map, worker_count
 from florence_ops.data.processed import (
     IMAGE_FEATURES,
@@ -197,11 +198,11 @@ class Preprocessor:
 
 def normalize_pages(
     pages: list[tuple[str, int | None]], path: Path, size: tuple[int, int], max_pixels: int
-) -> list[checks.ImageResult]:
+) -> list[ImageResult]:
     """Read (image_id, row) pages from pages.parquet at `path` and normalise them; run in the workers."""
     stat = path.stat()
     reader = _page_reader(path, (stat.st_mtime_ns, stat.st_size))
-    return checks.normalize_images([(page, None if row is None else reader.read(row)) for page, row in pages],
+    return normalize_images([(page, None if row is None else reader.read(row)) for page, row in pages],
                                    size, max_pixels)  # fmt: skip
 
 

@@ -8,9 +8,10 @@ those three inputs; a change to any of them selects a new folder, so a stale ent
 A cache is never trusted blindly: `index.json` records its shape and a SHA-256 per 64 MiB chunk of the array, hashed
 in parallel threads as the array is written (no extra pass). Every open checks the file's size and shape; `verify`
 (when the train and evaluate stages open it) re-hashes the chunks in parallel threads. A damaged cache is deleted and
-rebuilt, never read. The index is fsynced before the folder is renamed into place; the features file is not: waiting
+rebuilt, never read. The folder is built beside its place and renamed into it (`artifacts.publish_directory`), its
+index written atomically and fsynced (`artifacts.write_text_atomic`) before; the features file is not fsynced: waiting
 for the disk to take gigabytes would bound the build by its write speed, and a file torn by a crash fails the
-checksums before anything reads it.
+checksums before anything reads it (a folder without its index does not open, and is rebuilt).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from florence_ops.artifacts import publish_directory, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -174,16 +177,32 @@ def build_cache(
     `encode` runs the tower on the device and returns bf16 features still on the device. The device computes batch k
     while batch k-1's features come back to the host on a CUDA stream of their own and a writer thread writes them;
     hashing threads take each complete chunk. `warm_up` (a compiling tower's first call) runs once the workers have
-    started on the first batches, so that both happen at once; its time counts as the first batch's.
+    started on the first batches, so that both happen at once; its time counts as the first batch's. The folder is
+    built beside its place and renamed into it with its index written (`artifacts.publish_directory`).
     """
-    root.mkdir(parents=True, exist_ok=True)
-    for leftover in root.glob(f".{key}.tmp-*"):  # a build that was killed
-        shutil.rmtree(leftover, ignore_errors=True)
-    tmp = root / f".{key}.tmp-{os.getpid()}"
-    tmp.mkdir(parents=True)
+    start = time.perf_counter()
+    with publish_directory(Path(root) / key) as staging:
+        meta, timing = _write_features(staging / FEATURES, image_ids, batches, encode, warm_up, start)
+        write_text_atomic(staging / INDEX, json.dumps({"ids": image_ids, **meta}))
+        _drop_stale(Path(root), keep=key)
+    seconds = time.perf_counter() - start
+    looped, (warm_seconds, warm_pages), waited = timing
+    log.info("vision cache built: %d images in %.1f s (first batch of %d, compile and warm-up: %.1f s; then %.1f "
+             "pages/s, %.1f s of it waiting for pages and %.1f s for the writer; closing %.1f s) -> %s",
+             len(image_ids), seconds, warm_pages, warm_seconds,
+             (len(image_ids) - warm_pages) / max(looped - warm_seconds, 1e-9), waited["pages"], waited["writer"],
+             seconds - looped, Path(root) / key)  # fmt: skip
+    return VisionFeatureCache(Path(root) / key)
+
+
+def _write_features(
+    path: Path, image_ids: list[str], batches: Iterable[tuple[list[str], torch.Tensor]],
+    encode: Callable[[torch.Tensor], torch.Tensor], warm_up: Callable[[], object] | None, start: float,
+) -> tuple[dict, tuple]:  # fmt: skip
+    """Encode every batch and write the features to `path`; the index fields and the loop's timing."""
     hashing = ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="cache-sha256")
-    writer = _FeatureWriter(tmp / FEATURES, len(image_ids), ChunkedDigest(hashing))
-    done, start, first_batch = 0, time.perf_counter(), None
+    writer = _FeatureWriter(path, len(image_ids), ChunkedDigest(hashing))
+    done, first_batch = 0, None
     waited = {"pages": 0.0, "writer": 0.0}  # steady-state seconds the device loop spent waiting on either side
     downloads = None  # the CUDA stream that brings features back, made with the first batch's device
     with hashing, ThreadPoolExecutor(1) as pool:
@@ -224,22 +243,7 @@ def build_cache(
         looped = time.perf_counter() - start
         if done != len(image_ids):
             raise RuntimeError(f"vision cache got {done} of {len(image_ids)} pages")
-        meta = writer.close()
-    _write_durably(tmp / INDEX, json.dumps({"ids": image_ids, **meta}).encode())
-    _fsync_dir(tmp)
-    _drop_stale(root, keep=key)
-    folder = root / key
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    _fsync_dir(root)
-    seconds = time.perf_counter() - start
-    warm_seconds, warm_pages = first_batch
-    log.info("vision cache built: %d images in %.1f s (first batch of %d, compile and warm-up: %.1f s; then %.1f "
-             "pages/s, %.1f s of it waiting for pages and %.1f s for the writer; closing %.1f s) -> %s",
-             len(image_ids), seconds, warm_pages, warm_seconds,
-             (len(image_ids) - warm_pages) / max(looped - warm_seconds, 1e-9), waited["pages"], waited["writer"],
-             seconds - looped, folder)  # fmt: skip
-    return VisionFeatureCache(folder)
+        return writer.close(), (looped, first_batch, waited)
 
 
 class _FeatureWriter:
@@ -271,21 +275,6 @@ class _FeatureWriter:
         self.stream.close()
         return {"shape": list(self.shape), "dtype": "bfloat16", "data_offset": self.offset,
                 "chunk_bytes": CHUNK_BYTES, "chunk_sha256": self.digest.finish()}  # fmt: skip
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    with open(path, "wb") as stream:
-        stream.write(data)
-        stream.flush()
-        os.fsync(stream.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    handle = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
 
 
 def _drop_stale(root: Path, keep: str) -> None:

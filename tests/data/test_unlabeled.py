@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from florence_ops.config import ConfigError, DataConfig
+from florence_ops.config import DataConfig
 from florence_ops.data import validation as checks
 from florence_ops.data.processed import ImageTable, read_questions
 from florence_ops.data.sources import materialize_raw
-from florence_ops.errors import DataQualityError
+from florence_ops.errors import ConfigError, DataQualityError
 from florence_ops.stages.preprocess import preprocess
 from tests.conftest import tiny_params
 from tests.data.offline_hub import emulate_hub, png, write_hub_split

@@ -1,7 +1,7 @@
 """Bad input of every kind is quarantined with its reason while every good record is kept; odd images are kept.
 
 Pipeline cases run a local folder (four good records plus the bad input) through `materialize_raw` and
-`preprocess`; the image-mode cases call `decode_image` directly and check pixel values.
+`preprocess`; tests/data/test_images.py checks the pixel values of odd image modes.
 """
 
 from __future__ import annotations
@@ -168,66 +168,7 @@ def test_odd_but_valid_images_are_all_kept(tmp_path):
     assert all(table[i].mode == "RGB" and table[i].size == (MODEL_SIZE, MODEL_SIZE) for i in table.ids)
 
 
-def rgb_pixels(image: Image.Image) -> np.ndarray:
-    decoded = checks.decode_image(encode(image, "TIFF" if image.mode in ("CMYK", "I;16") else "PNG"), 10**8)
-    assert decoded.mode == "RGB"
-    return np.asarray(decoded).astype(int)
-
-
-def test_alpha_is_composited_on_white():
-    rgba = Image.new("RGBA", (2, 1))
-    rgba.putdata([(255, 0, 0, 0), (255, 0, 0, 128)])
-    assert rgb_pixels(rgba)[0].tolist() == [[255, 255, 255], [255, 127, 127]]
-    la = Image.new("LA", (2, 1))
-    la.putdata([(0, 0), (0, 255)])
-    assert rgb_pixels(la)[0].tolist() == [[255, 255, 255], [0, 0, 0]]
-
-
-def test_palette_with_transparency_goes_through_rgba():
-    palette = Image.new("P", (2, 1))
-    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
-    palette.putdata([0, 1])
-    palette.info["transparency"] = 0
-    assert rgb_pixels(palette)[0].tolist() == [[255, 255, 255], [255, 0, 0]]
-    palette.info.pop("transparency")
-    assert rgb_pixels(palette)[0].tolist() == [[0, 0, 0], [255, 0, 0]]
-
-
-def test_cmyk_and_grayscale_convert_to_rgb():
-    cmyk = Image.new("CMYK", (2, 1))
-    cmyk.putdata([(0, 0, 0, 0), (255, 0, 0, 0)])
-    assert rgb_pixels(cmyk)[0].tolist() == [[255, 255, 255], [0, 255, 255]]
-    assert rgb_pixels(Image.new("L", (1, 1), 77))[0].tolist() == [[77, 77, 77]]
-
-
-def test_sixteen_bit_is_scaled_not_clipped():
-    deep = Image.fromarray(np.array([[0, 32896, 65535]], dtype=np.uint16))
-    assert deep.mode == "I;16"
-    assert rgb_pixels(deep)[0, :, 0].tolist() == [0, 128, 255]
-
-
-def test_exif_orientation_is_applied():
-    stored = Image.new("RGB", (40, 20), (255, 0, 0))
-    stored.paste((0, 0, 255), (20, 0, 40, 20))  # left half red, right half blue
-    exif = Image.Exif()
-    exif[0x0112] = 6  # displayed rotated 90 degrees clockwise
-    upright = checks.decode_image(encode(stored, "JPEG", exif=exif.tobytes(), quality=95), 10**8)
-    assert upright.size == (20, 40)
-    top, bottom = np.asarray(upright)[5, 10], np.asarray(upright)[35, 10]
-    assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0]
-
-
 def test_record_checks_accept_good_fields():
     assert checks.check_fields("What?", ["a", "b"]) is None
     assert checks.check_fields(None, ["a"]).reason == checks.QUESTION_EMPTY
     assert checks.check_fields("What?", None).reason == checks.ANSWERS_EMPTY
-
-
-def test_pixel_limit_message_names_the_setting_that_applied():
-    """Preprocess's limit is data.max_image_pixels; the server names its own (serve.max_image_pixels)."""
-    bomb = png_header_only(100_000, 100_000)
-    with pytest.raises(checks.InvalidImage, match=r"over data\.max_image_pixels=1000: "):
-        checks.decode_image(bomb, 1000)
-    with pytest.raises(checks.InvalidImage, match=r"over serve\.max_image_pixels=1000: ") as raised:
-        checks.decode_image(bomb, 1000, "serve.max_image_pixels")
-    assert "data.max_image_pixels" not in str(raised.value)

@@ -16,16 +16,18 @@ from tests.conftest import tiny_params
 
 def test_exported_dir_describes_itself_and_other_dirs_use_params(served, tmp_path):
     export = served / "models/export"
-    params = tiny_params(tmp_path, **{"train.prompt": "<Other>", "evaluate.num_beams": 3, "evaluate.max_new_tokens": 9})
+    overrides = {"train.prompt": "<Other>", "evaluate.num_beams": 3, "evaluate.max_new_tokens": 9,
+                 "train.precision": "fp32"}  # fmt: skip
+    params = tiny_params(tmp_path, **overrides)
     saved = read_settings(export, params)
     assert (saved.prompt, saved.max_question_tokens, saved.num_beams, saved.max_new_tokens) == ("<DocVQA>", 64, 1, 8)
-    assert saved.source == SETTINGS_FILE
+    assert saved.precision == "auto" and saved.source == SETTINGS_FILE  # the precision it was trained with
     bare = tmp_path / "bare"
     shutil.copytree(export, bare)
     (bare / SETTINGS_FILE).unlink()
     fallback = read_settings(bare, params)
-    assert (fallback.prompt, fallback.num_beams, fallback.max_new_tokens, fallback.source) == (
-        "<Other>", 3, 9, "params.yaml")  # fmt: skip
+    assert (fallback.prompt, fallback.num_beams, fallback.max_new_tokens, fallback.precision, fallback.source) == (
+        "<Other>", 3, 9, "fp32", "params.yaml")  # fmt: skip
 
 
 def test_server_resizes_pages_to_the_size_preprocess_uses(served):

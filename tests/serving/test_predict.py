@@ -120,7 +120,7 @@ def two_page_pdf(served, folder) -> tuple[str, list[str]]:
 
 def test_page_counts_from_one(served, capsys, tmp_path):
     """--page 0 or below is an error, not the first page; a page asked of the library from 0 is `page_missing`."""
-    from florence_ops.data.validation import InvalidImage
+    from florence_ops.data.images import InvalidImage
     from florence_ops.serving.pages import model_page
 
     pdf, _ = two_page_pdf(served, tmp_path)

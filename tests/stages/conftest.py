@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from florence_ops.config import read_yaml
+from florence_ops.params_file import read_yaml
 from tests.conftest import REPO, tiny_params
 
 PIPELINE = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]

@@ -5,6 +5,7 @@ import json
 import shutil
 
 import torch
+from huggingface_hub import ModelCard
 
 from tests.conftest import tiny_params
 from tests.stages.conftest import TRAINED, declared_outputs, files, written
@@ -25,6 +26,12 @@ def test_export_writes_exactly_its_outputs(evaluated, tmp_path):
     card = (target / "README.md").read_text()
     anls = json.loads((root / "reports/metrics.json").read_text())["anls"]
     assert f"| anls | {anls:.4f} |" in card
+    # the front matter the hub reads: the base model, and ANLS as a model-index result
+    data = ModelCard.load(target / "README.md").data
+    assert data.base_model == "tiny" and data.license == "mit" and data.pipeline_tag == "image-text-to-text"
+    result = next(result for result in data.eval_results if result.metric_type == "anls")
+    assert result.metric_value == anls and result.dataset_split == "validation"
+    assert result.task_type == "document-question-answering"
 
 
 def test_exported_model_loads_offline_with_auto_classes(evaluated, tmp_path):

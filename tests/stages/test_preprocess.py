@@ -14,11 +14,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from florence_ops.config import read_yaml
 from florence_ops.data import validation as checks
 from florence_ops.data.processed import QUESTION_FEATURES, ImageTable, model_input_size, read_questions
 from florence_ops.data.sources import materialize_raw
 from florence_ops.errors import DataQualityError, DataSourceError, UserError
+from florence_ops.params_file import read_yaml
 from florence_ops.stages.preprocess import preprocess
 from tests.conftest import REPO, tiny_params
 from tests.stages.conftest import declared_outputs, files, under
