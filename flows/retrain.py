@@ -7,7 +7,6 @@ Run it once now with `python flows/retrain.py [--force] [--set key=value ...]`; 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -28,8 +28,8 @@ from prefect.runtime import flow_run
 from florence_ops import promotion
 from florence_ops.artifacts import CHAMPION_FILE, METRICS_FILE
 from florence_ops.config import PARAMS_FILE, Params, load_params, parse_value, to_dict
+from florence_ops.dvc_runs import run_dvc
 from florence_ops.prefect_server import prefect_api
-from florence_ops.processes import dies_with_this_process
 from florence_ops.run_history import RUNNING, record_crashed_runs, report_markdown, write_history
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -44,35 +44,34 @@ class PipelineBusy(RuntimeError):
     """Another retraining run holds the pipeline lock."""
 
 
-class PipelineFailed(RuntimeError):
-    """A `dvc` command exited with an error."""
-
-
 @contextmanager
 def pipeline_lock(path: Path, run_id: str) -> Iterator[str | None]:
     """Hold the exclusive, non-blocking lock on `path` for this run; PipelineBusy names the holder otherwise.
 
     Yields the note a killed holder left behind ("pid N, run X"; a run that ends clears its note), or None.
+    The lock guards one checkout; across machines the Prefect server's concurrency slot does (flows/pool.py).
     """
-    handle = path.open("a+", encoding="utf-8")  # "a+": reading the holder must not truncate its note
+    lock = FileLock(path, timeout=0)  # the lock file stays after release: deleting it races with lockers
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "an unknown process"
-        handle.close()
+        lock.acquire()
+    except Timeout:
+        holder = _read_note(path) or "an unknown process"
         raise PipelineBusy(f"another retraining run holds the pipeline ({holder}); try again when it ends") from None
     try:
-        handle.seek(0)
-        left_by_killed_run = handle.read().strip() or None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}, run {run_id}\n")
-        handle.flush()
+        left_by_killed_run = _read_note(path)
+        path.write_text(f"pid {os.getpid()}, run {run_id}\n", encoding="utf-8")
         yield left_by_killed_run
     finally:
-        handle.truncate(0)
-        handle.close()  # closing releases the lock; the file stays, as deleting a lock file races with lockers
+        path.write_text("", encoding="utf-8")
+        lock.release()
+
+
+def _read_note(path: Path) -> str | None:
+    """The holder's note in the lock file, or None when it is empty."""
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except FileNotFoundError:
+        return None
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, str]:
@@ -116,37 +115,6 @@ def git_state(repo: Path) -> dict[str, Any]:
     revision = git("rev-parse", "HEAD")
     dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if revision else None
     return {"revision": revision, "dirty": dirty}
-
-
-@task(name="dvc", cache_policy=NO_CACHE)
-def run_dvc(args: list[str], repo: Path) -> None:
-    """Run `dvc <args>` in `repo`, streaming its output to the run log; PipelineFailed on a non-zero exit."""
-    logger = get_run_logger()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.setdefault("DVC_NO_ANALYTICS", "1")
-    # dvc and the stages it starts, in a group of their own that stops when this process dies or is stopped
-    command = [sys.executable, "-m", "florence_ops.processes", sys.executable, "-m", "dvc", *args]
-    logger.info("$ dvc %s", " ".join(args))
-    last = "no output"
-    with subprocess.Popen(
-        command,
-        cwd=repo,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        preexec_fn=dies_with_this_process(),
-    ) as process:
-        try:
-            for line in process.stdout or ():
-                logger.info(line.rstrip())
-                last = line.strip() or last
-        except BaseException:  # interrupted: do not leave dvc running on its own, holding DVC's lock
-            process.terminate()
-            raise
-    if process.returncode:
-        raise PipelineFailed(f"`dvc {' '.join(args)}` exited with {process.returncode}: {last}")
 
 
 @task(name="fingerprint data", cache_policy=NO_CACHE)

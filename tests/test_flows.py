@@ -33,10 +33,11 @@ from prefect.settings import temporary_settings  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from florence_ops.config import load_params, read_yaml  # noqa: E402
+from florence_ops.dvc_runs import PipelineFailed  # noqa: E402
 from florence_ops.promotion import read_champion  # noqa: E402
 from flows import retrain as retrain_module  # noqa: E402
 from flows.deploy import retrain_deployment  # noqa: E402
-from flows.retrain import PipelineBusy, PipelineFailed, pipeline_lock, retrain  # noqa: E402
+from flows.retrain import PipelineBusy, pipeline_lock, retrain  # noqa: E402
 from tests.test_promotion import refuse_renames_onto  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
