@@ -39,7 +39,8 @@ def stage_outcomes(lines: list[str]) -> dict[str, list[str]]:
 def run_dvc(args: list[str], repo: Path) -> dict[str, list[str]]:
     """Run `dvc <args>` in `repo`, streaming its output to the run log; PipelineFailed on a non-zero exit.
 
-    Returns the stages it ran, restored from the run-cache and found unchanged (see `stage_outcomes`).
+    Returns the stages it ran, restored from the run-cache and found unchanged (see `stage_outcomes`). The error
+    quotes DVC's first ERROR line (its last line is often an invitation to ask for help), else its last line.
     """
     logger = get_run_logger()
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
@@ -69,6 +70,7 @@ def run_dvc(args: list[str], repo: Path) -> dict[str, list[str]]:
             process.terminate()
             raise
     if process.returncode:
-        last = next((line.strip() for line in reversed(lines) if line.strip()), "no output")
-        raise PipelineFailed(f"`dvc {' '.join(args)}` exited with {process.returncode}: {last}")
+        said = [line.strip() for line in lines if line.strip()]
+        cause = next((line for line in said if line.startswith("ERROR")), said[-1] if said else "no output")
+        raise PipelineFailed(f"`dvc {' '.join(args)}` exited with {process.returncode}: {cause}")
     return stage_outcomes(lines)

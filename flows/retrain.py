@@ -25,7 +25,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from florence_ops import promotion
+from florence_ops import pool, promotion
 from florence_ops.artifacts import CHAMPION_FILE, METRICS_FILE
 from florence_ops.config import PARAMS_FILE, Params, load_params, parse_value, to_dict
 from florence_ops.dvc_runs import run_dvc
@@ -90,10 +90,12 @@ def typed_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
     return {key: parse_value(value) if isinstance(value, str) else value for key, value in overrides.items()}
 
 
-def dvc_args(overrides: dict[str, Any], target: str | None = None) -> list[str]:
-    """`dvc repro [target]`, or `dvc exp run --set-param k=v ... [target]` when there are overrides."""
+def dvc_args(overrides: dict[str, Any], target: str | None = None, pull: bool = False) -> list[str]:
+    """`dvc repro [target]`, or `dvc exp run --set-param k=v ... [target]` when there are overrides; with `pull`,
+    missing outputs and run-cache entries come from the DVC remote (`--pull`)."""
     pairs = (f"--set-param={k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items())
-    return (["exp", "run", *pairs] if overrides else ["repro"]) + ([target] if target else [])
+    command = ["exp", "run", *pairs] if overrides else ["repro"]
+    return command + (["--pull"] if pull else []) + ([target] if target else [])
 
 
 def download_uses_network(params: Params, repo: Path) -> bool:
@@ -129,14 +131,18 @@ def promote_champion(export_dir: Path, champion_dir: Path, record: dict[str, Any
     promotion.promote(export_dir, champion_dir, record, record_path)
 
 
-def run_pipeline(params: Params, overrides: dict[str, Any], repo: Path) -> None:
-    """The DVC pipeline, its download stage first and with retries when that stage goes to the network."""
+def run_pipeline(params: Params, overrides: dict[str, Any], repo: Path, remotes: bool = False) -> dict | None:
+    """The DVC pipeline, its download stage first and with retries when that stage goes to the network; with
+    `remotes`, stages restored from the DVC remote's run-cache where it can. Returns what it did per stage."""
     if download_uses_network(params, repo):
         download = run_dvc.with_options(
             name="dvc download", retries=DOWNLOAD_RETRIES, retry_delay_seconds=DOWNLOAD_RETRY_DELAYS
         )
-        download(dvc_args(overrides, "download"), repo)
-    run_dvc(dvc_args(overrides), repo)
+        download(dvc_args(overrides, "download", remotes), repo)
+    stages = run_dvc(dvc_args(overrides, pull=remotes), repo)
+    if stages and not stages["ran"]:
+        get_run_logger().info("no stage ran: restored from the run-cache %s, unchanged %s", *stages.values())
+    return stages
 
 
 @contextmanager
@@ -156,7 +162,9 @@ def restore_interrupted_params(repo: Path) -> None:
         os.replace(repo / PARAMS_BACKUP, repo / PARAMS_FILE)
 
 
-def _train_and_judge(repo: Path, record: dict[str, Any], force: bool, overrides: dict[str, Any]) -> None:
+def _train_and_judge(
+    repo: Path, record: dict[str, Any], force: bool, overrides: dict[str, Any], remotes: bool = False
+) -> None:
     """The locked part of a run: decide whether to train, run the pipeline, gate and promote. Fills `record`."""
     logger = get_run_logger()
     restore_interrupted_params(repo)
@@ -179,7 +187,10 @@ def _train_and_judge(repo: Path, record: dict[str, Any], force: bool, overrides:
         logger.info("skipping training: %s", skip)
         return
     with params_restored(repo) if overrides else nullcontext():
-        run_pipeline(params, overrides, repo)
+        record["stages"] = run_pipeline(params, overrides, repo, remotes)
+        if remotes:  # before the gate: what a promotion names is on the remotes first
+            pool.push_outputs(repo)
+            record["branch"] = pool.commit_run(repo, record["run_id"])
     metrics = promotion.read_metrics(repo / params.paths.reports / METRICS_FILE, params.promotion.metric)
     record["metrics"] = metrics
     verdict = promotion.judge(metrics, champion, params.promotion.metric, params.promotion.margin)
@@ -213,7 +224,13 @@ def _publish(repo: Path, record: dict[str, Any]) -> None:
 
 
 @flow(name="florence-retrain")
-def retrain(force: bool = False, overrides: dict[str, Any] | None = None, repo_dir: str | None = None) -> dict:
+def retrain(
+    force: bool = False,
+    overrides: dict[str, Any] | None = None,
+    repo_dir: str | None = None,
+    remotes: bool = False,
+    slot_lease_s: float = pool.SLOT_LEASE_S,
+) -> dict:
     """Retrain on the current data, compare with the champion (none yet: the base model) on `promotion.metric`,
     promote only a winner.
 
@@ -229,6 +246,10 @@ def retrain(force: bool = False, overrides: dict[str, Any] | None = None, repo_d
     Every run writes `reports/history/<UTC time>-<run id>.json` (status "running" once it holds the pipeline lock,
     its outcome at the end; the next run marks a killed run's entry "crashed") and a markdown artifact. `repo_dir`
     defaults to the repository holding this file. Returns the history record; raises when the run failed.
+
+    Remotes (the work-pool deployment, from a clean clone): `remotes` holds the Prefect server's one retraining
+    slot (lease `slot_lease_s`) for the run, restores stages from the DVC remote's run-cache, pushes the outputs and
+    commits the run to `retrain/<run id>` of the git remote before the gate (see `florence_ops.pool`).
     """
     repo = Path(repo_dir).resolve() if repo_dir else PROJECT_ROOT
     overrides = dict(overrides or {})
@@ -242,13 +263,14 @@ def retrain(force: bool = False, overrides: dict[str, Any] | None = None, repo_d
         "reason": None,
         "forced": force,
         "overrides": overrides,
-        **dict.fromkeys(("git", "params", "data_fingerprint", "champion", "metrics", "comparison")),
+        **dict.fromkeys(("git", "params", "data_fingerprint", "champion", "metrics", "comparison", "stages")),
     }
     try:
-        with pipeline_lock(repo / LOCK_FILE, record["run_id"]) as left_by_killed_run:
+        slot = pool.pool_slot(record, slot_lease_s) if remotes else nullcontext()
+        with slot, pipeline_lock(repo / LOCK_FILE, record["run_id"]) as left_by_killed_run:
             if left_by_killed_run:
                 get_run_logger().warning("the previous holder of the pipeline (%s) was killed", left_by_killed_run)
-            _train_and_judge(repo, record, force, overrides)
+            _train_and_judge(repo, record, force, overrides, remotes)
         record["status"] = "completed"
         return record
     except BaseException as error:

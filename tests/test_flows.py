@@ -273,7 +273,10 @@ def test_deployment_follows_params_schedule_and_runs_one_at_a_time():
     assert declared["name"] == deployment.name and declared["entrypoint"] == "flows/retrain.py:retrain"
     assert declared["schedules"][0]["cron"] == params.schedule.cron
     assert declared["schedules"][0]["timezone"] == params.schedule.timezone
-    assert declared["concurrency_limit"]["limit"] == 1
+    # on a pool: a clean clone for every run, one at a time through the flow's global concurrency slot
+    assert declared["parameters"] == {"remotes": True}
+    [step] = read_yaml(ROOT / "prefect.yaml")["pull"]
+    assert step["prefect.deployments.steps.git_clone"]["repository"] == "{{ $FLORENCE_OPS_GIT_URL }}"
 
 
 def run(command: list[str], cwd: Path) -> None:
