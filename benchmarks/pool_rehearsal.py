@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = {key: parse_value(value) for key, _, value in (pair.partition("=") for pair in args.set)}
     root = args.root or Path(tempfile.mkdtemp(prefix="florence-ops-pool-"))
+    root.mkdir(parents=True, exist_ok=True)
     result = rehearse(root, overrides)
     write_json(args.out, {"date": datetime.now(UTC).isoformat(), "overrides": overrides, "root": str(root), **result})
     print(json.dumps(result, indent=2))
