@@ -131,18 +131,26 @@ def prefect_server(root: Path) -> Iterator[str]:
         stop(server)
 
 
+def run(command: list[str], cwd: Path, env: dict[str, str]) -> str:
+    """Run `command` to its end; its output, or RuntimeError with the command and the end of its output."""
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    if done.returncode:
+        said = (done.stdout + done.stderr).strip()[-2000:]
+        raise RuntimeError(f"{' '.join(command)} exited with {done.returncode}:\n{said}")
+    return done.stdout
+
+
 def git(cwd: Path, *args: str) -> str:
-    """Run git in `cwd` (no user config); CalledProcessError with its output when it fails."""
+    """Run git in `cwd` (no user config)."""
     env = {**os.environ, **GIT, "GIT_AUTHOR_NAME": "rehearsal", "GIT_AUTHOR_EMAIL": "rehearsal@localhost"}
     env.update(GIT_COMMITTER_NAME="rehearsal", GIT_COMMITTER_EMAIL="rehearsal@localhost")
-    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
+    return run(["git", *args], cwd, env)
 
 
 def dvc(cwd: Path, *args: str) -> str:
     """Run the dvc CLI of this interpreter in `cwd`."""
     env = {**os.environ, **QUIET, "DVC_SITE_CACHE_DIR": str(cwd.parent / "dvc-site")}
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, check=True, capture_output=True,
-                          text=True).stdout  # fmt: skip
+    return run([sys.executable, "-m", "dvc", *args], cwd, env)
 
 
 def git_remote(root: Path, params: dict, endpoint: str) -> tuple[Path, Path]:
@@ -172,11 +180,10 @@ def git_remote(root: Path, params: dict, endpoint: str) -> tuple[Path, Path]:
 
 
 def prefect_cli(cwd: Path, api_url: str, *args: str, **env: str) -> str:
-    """Run the prefect CLI against `api_url` in `cwd`; CalledProcessError with its output when it fails."""
+    """Run the prefect CLI against `api_url` in `cwd`."""
     full_env = {**os.environ, **QUIET, "PREFECT_API_URL": api_url, **env}
     full_env["PREFECT_HOME"] = str(cwd.parent / "prefect-cli")
-    return subprocess.run([str(BIN / "prefect"), *args], cwd=cwd, env=full_env, check=True, capture_output=True,
-                          text=True).stdout  # fmt: skip
+    return run([str(BIN / "prefect"), *args], cwd, full_env)
 
 
 def start_worker(root: Path, name: str, api_url: str) -> subprocess.Popen:
