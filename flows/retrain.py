@@ -141,7 +141,8 @@ def run_pipeline(params: Params, overrides: dict[str, Any], repo: Path, remotes:
         download(dvc_args(overrides, "download", remotes), repo)
     stages = run_dvc(dvc_args(overrides, pull=remotes), repo)
     if stages and not stages["ran"]:
-        get_run_logger().info("no stage ran: restored from the run-cache %s, unchanged %s", *stages.values())
+        restored, unchanged = stages["restored"], stages["unchanged"]
+        get_run_logger().info("no stage ran: restored from the run-cache %s, unchanged %s", restored, unchanged)
     return stages
 
 
