@@ -75,6 +75,9 @@ def machine_env(root: Path, api_url: str) -> dict[str, str]:
     for name in ("home", "tmp"):
         (root / name).mkdir(parents=True, exist_ok=True)
     env = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "PYTHONPATH"))}
+    identity = {f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER")
+                for what, value in (("NAME", root.name), ("EMAIL", f"{root.name}@localhost"))}  # fmt: skip
+    env.update(identity)  # the machine's git identity: the run's commit and the registry's tags name it
     return {**env, **QUIET, **GIT, **S3_CREDENTIALS, "HOME": str(root / "home"), "TMPDIR": str(root / "tmp"),
             "PREFECT_HOME": str(root / "prefect"), "PREFECT_API_URL": api_url, "DVC_SITE_CACHE_DIR": str(root / "dvc"),
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip

@@ -177,7 +177,8 @@ def phase_s3_stops(root: Path, s3, workers: dict) -> dict:
 def rehearse(root: Path, overrides: dict) -> dict:
     """Start the pool on `root`, run the three phases, and return what happened."""
     started = time.monotonic()
-    params = apply_overrides(read_yaml(machines.REPO / "params.yaml"), overrides)
+    # the registry on the git remote: a run's clone, and any tag kept only there, is deleted when the run ends
+    params = apply_overrides(read_yaml(machines.REPO / "params.yaml"), {"registry.git_remote": "origin", **overrides})
     with machines.s3_server(root) as (endpoint, s3), machines.prefect_server(root) as api_url:
         os.environ.update(PREFECT_API_URL=api_url, PREFECT_HOME=str(root / "prefect-control"))
         origin, seed = machines.git_remote(root, params, endpoint)

@@ -1,5 +1,6 @@
 """`florence-ops <stage>`: run one pipeline stage with params.yaml (what each `dvc.yaml` stage calls);
-`florence-ops predict` and `florence-ops serve`: answer questions with a trained model."""
+`florence-ops predict` and `florence-ops serve`: answer questions with a trained model; `florence-ops registry`: the
+model registry."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ STAGES = ("download", "preprocess", "train", "evaluate", "export")
 COMMANDS = {
     **{stage: f"run the {stage} stage" for stage in STAGES},
     "predict": "answer questions about pages with a model directory",
-    "serve": "serve a model directory over HTTP (OpenAI chat completions, a page at /)",
+    "serve": "serve a model directory (or a registry entry) over HTTP (OpenAI chat completions, a page at /)",
+    "registry": "show the model registry's versions and history, or roll a stage back",
 }
 
 
@@ -46,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     add_predict_arguments(commands.choices["predict"])
     add_serve_arguments(commands.choices["serve"])
+    from florence_ops.registry_commands import add_registry_arguments, run_registry
+
+    add_registry_arguments(commands.choices["registry"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from florence_ops.errors import UserError
@@ -56,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_predict(args)
         if args.command == "serve":
             return run_serve(args)
+        if args.command == "registry":
+            return run_registry(args)
         result = run_stage(args.command, args.params)
     except (ConfigError, UserError) as error:
         print(f"error: {error}", file=sys.stderr)

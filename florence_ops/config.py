@@ -220,6 +220,20 @@ class PromotionConfig:
 
 
 @validated
+class RegistryConfig:
+    artifact: str = "florence-docvqa"  # the exported model's name: dvc.yaml `artifacts`, and the GTO tags
+    stage: str = "prod"  # the stage a promotion assigns, and what replicas serve
+    git_remote: str = ""  # git URL or a remote's name holding the tags ("": this clone only, one machine)
+    dvc_remote: str = ""  # DVC remote (a name in .dvc/config) holding the model bytes ("": the default remote)
+    poll_interval_s: StrictFloat = 10.0  # seconds between a serving replica's checks for a new assignment
+    replica_dir: str = "models/replica"  # where a serving replica keeps the versions it fetched
+
+    def __post_init__(self) -> None:
+        if not self.artifact or not self.stage or self.poll_interval_s <= 0:
+            raise ConfigError("registry: artifact and stage must be set, poll_interval_s > 0")
+
+
+@validated
 class PredictConfig:
     batch_size: StrictInt = 32  # questions per generate call of `florence-ops predict`
     pdf_dpi: StrictInt = 150  # PDF pages are rendered at this resolution, then resized to the model's input like images
@@ -285,6 +299,7 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)

@@ -26,12 +26,22 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
+from florence_ops.config import Params
 from florence_ops.dvc_runs import PipelineFailed, run_dvc
+from florence_ops.errors import UserError
 
 SLOT_NAME = "florence-ops-retrain"  # the global concurrency limit every pool run takes its slot from
 SLOT_LEASE_S = 60.0  # renewed every 45 s by the run's process; a dead machine's slot frees within this (+ 15 s)
 BRANCH_PREFIX = "retrain/"
 GIT_IDENTITY = ("-c", "user.name=florence-ops", "-c", "user.email=florence-ops@localhost")  # when none is set
+
+
+def require_shared_registry(params: Params) -> None:
+    """UserError unless the registry is on a git remote: a pool run's clone, with any tag kept only there, is deleted
+    when the run ends."""
+    if not params.registry.git_remote.strip():
+        raise UserError("a run on a work pool needs registry.git_remote (e.g. origin) in params.yaml: the tags of a "
+                        "promotion written only to its clone are lost when the run ends")  # fmt: skip
 
 
 def _ensure_slot_limit() -> None:

@@ -26,7 +26,8 @@ from florence_ops.config import Params, to_dict
 
 log = logging.getLogger(__name__)
 
-NOT_MODEL_INPUTS = ("promotion", "schedule", "predict", "serve")  # params sections that cannot change the model
+# params sections that cannot change the model
+NOT_MODEL_INPUTS = ("promotion", "registry", "schedule", "predict", "serve")
 
 
 class MetricsError(ValueError):
@@ -242,7 +243,7 @@ def promote(
         shutil.rmtree(version, ignore_errors=True)
         raise PromotionError(_copy_failure(error, export_dir, version, champion_dir.parent)) from error
     try:
-        _switch(champion_dir, version)
+        switch_link(champion_dir, version)
     except OSError as error:
         _recover_quietly(champion_dir)  # drops the new version, puts a champion moved aside back
         raise PromotionError(
@@ -254,8 +255,9 @@ def promote(
     log.info("promoted %s to %s", export_dir, champion_dir)
 
 
-def _switch(champion_dir: Path, version: Path) -> None:
-    """Point `champion_dir` at `version` by renaming a new symlink over it."""
+def switch_link(champion_dir: Path, version: Path) -> None:
+    """Point `champion_dir` at `version` by renaming a new symlink over it (one atomic step; also what a serving
+    replica switches its `current` version with)."""
     link = _sibling(champion_dir, "link")
     link.unlink(missing_ok=True)
     os.symlink(os.path.relpath(version, champion_dir.parent), link)  # relative: the folder can move or be mounted

@@ -25,7 +25,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from florence_ops import pool, promotion
+from florence_ops import pool, promotion, registry
 from florence_ops.artifacts import CHAMPION_FILE, METRICS_FILE
 from florence_ops.config import PARAMS_FILE, Params, load_params, parse_value, to_dict
 from florence_ops.dvc_runs import run_dvc
@@ -125,6 +125,12 @@ def fingerprint_data(params: Params, repo: Path) -> dict[str, Any]:
     return promotion.data_fingerprint(params, repo)
 
 
+@task(name="gate and register", cache_policy=NO_CACHE)
+def promote_in_registry(repo: Path, params: Params, metrics: dict[str, Any]) -> registry.Promotion:
+    """Compare with the version holding `registry.stage`; register and assign a winner (see `registry`)."""
+    return registry.promote_if_better(repo, params, metrics)
+
+
 @task(name="promote", cache_policy=NO_CACHE)
 def promote_champion(export_dir: Path, champion_dir: Path, record: dict[str, Any], record_path: Path) -> None:
     """Atomically make the exported model the champion (see `promotion.promote`)."""
@@ -194,12 +200,17 @@ def _train_and_judge(
             record["branch"] = pool.commit_run(repo, record["run_id"])
     metrics = promotion.read_metrics(repo / params.paths.reports / METRICS_FILE, params.promotion.metric)
     record["metrics"] = metrics
-    verdict = promotion.judge(metrics, champion, params.promotion.metric, params.promotion.margin)
-    record["comparison"] = verdict.as_dict()
+    try:
+        outcome = promote_in_registry(repo, params, metrics)
+    except registry.RegistryError:
+        record["decision"] = "promotion_failed"
+        raise
+    verdict = outcome.verdict
+    record["comparison"], record["registry"] = verdict.as_dict(), outcome.as_dict()
     logger.info(verdict.reason)
     record["reason"] = verdict.reason
     if verdict.promote:
-        try:
+        try:  # the local copy of what the registry now holds
             promote_champion(repo / params.paths.export, champion_dir, champion_record(record), champion_path)
         except promotion.PromotionError:
             record["decision"] = "promotion_failed"  # the gate passed: `comparison` and `reason` say so
@@ -209,7 +220,7 @@ def _train_and_judge(
 
 def champion_record(record: dict[str, Any]) -> dict[str, Any]:
     """What the champion keeps of the run that trained it."""
-    keys = ("run_id", "git", "params", "overrides", "data_fingerprint", "metrics")
+    keys = ("run_id", "git", "params", "overrides", "data_fingerprint", "metrics", "registry")
     return {**{key: record[key] for key in keys}, "promoted_at": datetime.now(UTC).isoformat()}
 
 
@@ -264,9 +275,13 @@ def retrain(
         "reason": None,
         "forced": force,
         "overrides": overrides,
-        **dict.fromkeys(("git", "params", "data_fingerprint", "champion", "metrics", "comparison", "stages")),
+        **dict.fromkeys(
+            ("git", "params", "data_fingerprint", "champion", "metrics", "comparison", "registry", "stages")
+        ),
     }
     try:
+        if remotes:
+            pool.require_shared_registry(load_params(repo / PARAMS_FILE, typed_overrides(overrides)))
         slot = pool.pool_slot(record, slot_lease_s) if remotes else nullcontext()
         with slot, pipeline_lock(repo / LOCK_FILE, record["run_id"]) as left_by_killed_run:
             if left_by_killed_run:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import errno
+import functools
+import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,3 +77,63 @@ def disk_full_after(n_bytes: int):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
 
     return copyfile
+
+
+@pytest.fixture(params=["local"])
+def dvc_remote(request, tmp_path) -> str:
+    """The DVC remote's URL: a local directory (the parameter names the kind, so other kinds can join)."""
+    folder = tmp_path / "dvc-remote"
+    folder.mkdir()
+    return str(folder)
+
+
+@pytest.fixture
+def git_remote(tmp_path) -> str:
+    """A bare git repository, reached by URL as any git remote is."""
+    bare = tmp_path / "registry.git"
+    subprocess.run(["git", "init", "--quiet", "--bare", "--initial-branch=main", str(bare)], check=True)
+    return bare.as_uri()
+
+
+@pytest.fixture
+def registry_repo(tmp_path, git_remote, dvc_remote) -> Path:
+    """A clone holding the project's `artifacts:` entry and an export stage (recorded, never run), with the project's
+    params.yaml pointing `registry.git_remote` at `git_remote` and DVC's default remote at `dvc_remote`."""
+    import yaml
+
+    repo = tmp_path / "clone"
+    repo.mkdir()
+    run = functools.partial(subprocess.run, cwd=repo, check=True, capture_output=True)
+    run(["git", "init", "--quiet"])
+    run([sys.executable, "-m", "dvc", "init", "--quiet"])
+    run([sys.executable, "-m", "dvc", "remote", "add", "--default", "storage", dvc_remote])
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["registry"]["git_remote"] = "origin"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    metrics = [{"${paths.reports}/metrics.json": {"cache": False}}]
+    export = {"cmd": "true", "outs": ["${paths.export}"], "metrics": metrics}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"export": export}, "artifacts": pipeline["artifacts"]}))
+    record_model(repo, b"initial", {"anls": 0.0, "before": {"anls": 0.0}})
+    run(["git", "add", "--all"])
+    run(["git", "commit", "--quiet", "-m", "pipeline"])
+    run(["git", "remote", "add", "origin", git_remote])
+    run(["git", "push", "--quiet", "origin", "HEAD:refs/heads/main"])
+    return repo
+
+
+def record_model(repo: Path, weights: bytes | Path, metrics: dict) -> dict:
+    """Put a model in the clone's `models/export` (a copy of a model directory, or one file of `weights`), its
+    metrics in `reports/metrics.json`, and record them in dvc.lock as the export stage would (`dvc commit`)."""
+    export = repo / "models/export"
+    shutil.rmtree(export, ignore_errors=True)
+    if isinstance(weights, Path):
+        shutil.copytree(weights, export)
+    else:
+        export.mkdir(parents=True)
+        (export / "model.safetensors").write_bytes(weights)
+    (repo / "reports").mkdir(exist_ok=True)
+    (repo / "reports/metrics.json").write_text(json.dumps(metrics))
+    dvc_commit = [sys.executable, "-m", "dvc", "commit", "--force", "--quiet", "export"]
+    subprocess.run(dvc_commit, cwd=repo, check=True, capture_output=True)
+    return metrics

@@ -34,7 +34,12 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """`serve`: the model directory and the few settings people change on the command line."""
-    parser.add_argument("--model", help="model directory (default: paths.export; models/champion for the champion)")
+    parser.add_argument(
+        "--model",
+        help="model directory (default: paths.export; models/champion for the champion), "
+        "or registry:<artifact>#<stage> to serve and follow the registry (registry:florence-docvqa#prod)",
+    )
+    parser.add_argument("--git-remote", help="git URL of the registry for --model registry:... (registry.git_remote)")
     parser.add_argument("--host", help="bind address: 127.0.0.1 (default, this machine only) or 0.0.0.0 / :: to "
                         "expose the server to the network (set a token first: serve.api_token_env)")  # fmt: skip
     parser.add_argument("--port", type=int, help="port (default: serve.port)")
@@ -83,10 +88,11 @@ def run_predict(args: argparse.Namespace) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Run the server until interrupted."""
+    from florence_ops.serving.replica import Replica, is_reference
     from florence_ops.serving.server import ServerFailed, serve
 
     overrides = {"serve.host": args.host, "serve.port": args.port, "serve.max_batch_size": args.max_batch_size,
-                 "serve.batch_timeout_s": args.batch_timeout}  # fmt: skip
+                 "serve.batch_timeout_s": args.batch_timeout, "registry.git_remote": args.git_remote}  # fmt: skip
     params = params_for(args.params, overrides)
     if params.serve.host != "127.0.0.1":
         print(
@@ -94,8 +100,12 @@ def run_serve(args: argparse.Namespace) -> int:
             f"{'' if _token_set(params) else ' (no token set: ' + params.serve.api_token_env + ')'}",
             file=sys.stderr,
         )
+    model, replica = args.model or params.paths.export, None
+    if is_reference(model):  # fetched before the server starts: a registry that cannot be read is one line
+        replica = Replica.for_reference(model, params)
+        model = replica.start()
     try:
-        serve(Path(args.model or params.paths.export), params)
+        serve(Path(model), params, replica)
     except ServerFailed as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -1,9 +1,11 @@
 """What the server's processes know of each other: the model each worker serves, and whether it is alive.
 
 Each model worker writes `worker-<id>.json` into the server's private runtime directory (on /dev/shm, see
-`handoff.py`) whenever it loads a model or fails to: its pid, the version and metrics it serves, and the last load
-that failed. The HTTP processes read these files to answer `/healthz` with what is actually served, and to answer
-503 at once to the requests a worker had taken when it died (`InFlightGuard`) instead of letting them wait.
+`handoff.py`) whenever it loads a model or fails to: its pid, the version and metrics it serves (and the registry
+version, for a fetched one), and the last load that failed. A replica that follows the registry (`replica.py`) writes
+`replica.json` there: what it follows, and its last failed fetch. The HTTP processes read these files to answer
+`/healthz` with what is actually served, and to answer 503 at once to the requests a worker had taken when it died
+(`InFlightGuard`) instead of letting them wait.
 """
 
 from __future__ import annotations
@@ -24,12 +26,35 @@ from florence_ops.serving.supervision import POLL_S
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 5  # what a 503 tells clients to wait: about the time a model worker takes to restart
+REPLICA_FILE = "replica.json"
 
 
 def write_worker_status(root: Path, worker_id: str, status: dict[str, Any]) -> None:
     """Replace worker `worker_id`'s status file in `root` (atomically: readers never see half of it)."""
     record = {"worker_id": worker_id, "pid": os.getpid(), **status}
     write_text_atomic(Path(root) / f"worker-{worker_id}.json", json.dumps(record))
+
+
+def write_replica_status(root: Path, status: dict[str, Any]) -> None:
+    """Replace the registry replica's status file in `root` (atomically)."""
+    write_text_atomic(Path(root) / REPLICA_FILE, json.dumps(status))
+
+
+def registry_status(root: Path, served: dict[str, Any]) -> dict[str, Any] | None:
+    """`/healthz`'s `registry`: the registry version served (artifact, version, stage, tag, commit, metrics), what
+    the replica follows and its last failed fetch; None when the model did not come from the registry."""
+    try:
+        replica = json.loads((Path(root) / REPLICA_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        replica = {}
+    entry = served.get("registry") or {}
+    if not replica and not entry:
+        return None
+    stages = entry.get("stages") or [None]
+    return {"artifact": entry.get("artifact", replica.get("artifact")), "version": entry.get("version"),
+            "stage": replica.get("stage", stages[0]), "tag": entry.get("tag"), "commit": entry.get("commit"),
+            "metrics": entry.get("metrics"), "following": replica.get("following"),
+            "last_failed_fetch": replica.get("last_failed_fetch")}  # fmt: skip
 
 
 def read_worker_statuses(root: Path) -> list[dict[str, Any]]:
@@ -63,6 +88,7 @@ def health(root: Path, workers_ready: bool, expected_workers: int) -> tuple[int,
         "metrics_source": first.get("metrics_source"),
         "loaded_at": first.get("loaded_at"),
         "last_failed_load": max(failed, key=lambda f: f["at"]) if failed else None,
+        "registry": registry_status(root, first),
         "workers": [{key: s.get(key) for key in ("worker_id", "pid", "alive", "version")} for s in statuses],
     }
     return (200 if state == "ok" else 503), body

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from florence_ops.artifacts import CHAMPION_FILE, HEADLINE_METRICS, SETTINGS_FILE, write_json
+from florence_ops.artifacts import CHAMPION_FILE, HEADLINE_METRICS, REGISTRY_FILE, SETTINGS_FILE, write_json
 from florence_ops.config import Params
 from florence_ops.errors import UserError
 
@@ -81,6 +81,11 @@ def model_metrics(model_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
     if saved and isinstance(saved.get("metrics"), dict):
         return saved["metrics"], SETTINGS_FILE
     return None, None
+
+
+def registry_entry(model_dir: Path) -> dict[str, Any] | None:
+    """The registry version a fetched model directory holds (`registry.fetch` wrote it), or None."""
+    return _read_json(model_dir / REGISTRY_FILE)
 
 
 def version_of(model_dir: Path) -> str | None:

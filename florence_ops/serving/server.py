@@ -19,7 +19,7 @@ import os
 import signal
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import litserve as ls
 from fastapi import Depends, FastAPI, Request, Response
@@ -54,6 +54,9 @@ from florence_ops.serving.protection import BodyLimits, DocsNeedToken, http_prot
 from florence_ops.serving.supervision import SupervisedServer, children_die_with_this_process
 from florence_ops.serving.web_page import PAGE_HTML
 from florence_ops.serving.worker import API_PATH, DocVQAAPI
+
+if TYPE_CHECKING:  # the HTTP processes import this module: they need neither GTO nor DVC
+    from florence_ops.serving.replica import Replica
 
 log = logging.getLogger(__name__)
 REMOTE_TIMEOUT_S = 10  # fetching an http(s) image, where serve.allow_remote_images is on
@@ -247,13 +250,16 @@ def error_response(error: BadRequest) -> JSONResponse:
     return JSONResponse(error.body().model_dump(), status_code=error.status)
 
 
-def serve(model_dir: str | Path, params: Params) -> None:
-    """Run the server on `serve.host`:`serve.port` until interrupted (Ctrl+C, or SIGTERM as from Docker)."""
+def serve(model_dir: str | Path, params: Params, replica: Replica | None = None) -> None:
+    """Run the server on `serve.host`:`serve.port` until interrupted (Ctrl+C, or SIGTERM as from Docker); with
+    `replica`, `model_dir` is its link, switched whenever the registry assigns another version."""
     cfg = params.serve
     PageHandoff.remove_stale()
     pages = PageHandoff.create()
     try:
         server = build_server(model_dir, params, pages)
+        if replica is not None:
+            replica.follow(pages.root)
         raise_open_files_limit(cfg.max_connections * cfg.api_servers)
         children_die_with_this_process()
         return_large_frees_to_the_system()  # pages near serve.max_image_pixels are decoded in the HTTP processes

@@ -39,7 +39,7 @@ from florence_ops.processes import die_with_parent
 from florence_ops.serving.answering import Answerer, load_answerer
 from florence_ops.serving.handoff import PageHandoff
 from florence_ops.serving.health import write_worker_status
-from florence_ops.serving.model_dir import model_metrics, version_of
+from florence_ops.serving.model_dir import model_metrics, registry_entry, version_of
 from florence_ops.serving.openai_api import UNAUTHORIZED
 from florence_ops.serving.pages import open_pixels
 from florence_ops.vision.sources import PageRows
@@ -97,7 +97,8 @@ class DocVQAAPI(ls.LitAPI):
         metrics, source = model_metrics(answerer.model_dir)  # a further swap is caught by the version check
         self.answerer, self.last_failed_load = answerer, None
         self._served = {"model": str(answerer.model_dir.resolve()), "version": answerer.version, "metrics": metrics,
-                        "metrics_source": source, "loaded_at": _iso(time.time())}  # fmt: skip
+                        "metrics_source": source, "loaded_at": _iso(time.time()),
+                        "registry": registry_entry(answerer.model_dir)}  # fmt: skip
         self._report()
 
     def _report(self) -> None:

@@ -1,0 +1,136 @@
+"""Serving replicas that follow the registry (`--model registry:florence-docvqa#prod`), on a machine that has no
+clone: only params.yaml naming the git remote. A newly assigned version is fetched and swapped in while clients keep
+asking, with no failed request; a version whose bytes are corrupt in the DVC remote leaves the replica where it was."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from pathlib import Path
+
+from openai import OpenAI
+
+from florence_ops import registry
+from florence_ops.config import load_params
+from tests.conftest import record_model
+from tests.serving.conftest import METRICS, Server, ask, evaluation_answers, free_port, raw_pages, write_params
+
+POLL_S = 1.0
+LOAD_BUDGET_S = 60  # fetching and loading the tiny model beside the current one, on a busy 2-core machine
+
+
+def promote(repo: Path, model_dir: Path, anls: float) -> registry.ModelVersion:
+    """What the retraining flow does with a winner: the registry's gate on the workspace's model."""
+    metrics = record_model(repo, model_dir, {**METRICS, "anls": anls, "before": {"anls": 0.0}})
+    outcome = registry.promote_if_better(repo, load_params(repo / "params.yaml"), metrics)
+    assert outcome.verdict.promote
+    return outcome.registered
+
+
+def replica_server(tmp_path: Path, git_remote: str) -> Server:
+    """`florence-ops serve --model registry:florence-docvqa#prod` in a folder that is not a clone."""
+    host = tmp_path / "replica-host"
+    host.mkdir()
+    overrides = {"serve.reload_interval_s": 0.5, "registry.git_remote": git_remote,
+                 "registry.poll_interval_s": POLL_S, "registry.replica_dir": str(host / "models/replica")}  # fmt: skip
+    return Server("registry:florence-docvqa#prod", write_params(host, **overrides), free_port())
+
+
+def registry_health(server: Server) -> dict:
+    return server.healthz()["registry"]
+
+
+def test_a_replica_swaps_to_a_newly_assigned_version_without_failed_requests(served, registry_repo, git_remote,
+                                                                             tmp_path):  # fmt: skip
+    old = evaluation_answers(served, served / "models/export", "validation")
+    new = evaluation_answers(served, served / "models/other", "validation")
+    pages = [r for r in raw_pages(served, "validation") if old[r["questionId"]] != new[r["questionId"]]][:4]
+    assert pages, "the two models must answer differently for the switch to show"
+    promote(registry_repo, served / "models/export", 0.3)
+    server = replica_server(tmp_path, git_remote)
+    client = OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    replies, failures, stop = [], [], threading.Event()
+
+    def stream(offset: int) -> None:
+        for i in range(10_000):
+            if stop.is_set():
+                return
+            page = pages[(i + offset) % len(pages)]
+            try:
+                reply = ask(client, page["question"], page["image"]["bytes"])
+                replies.append((page["questionId"], reply.choices[0].message.content, reply.system_fingerprint))
+            except Exception as error:  # every failure is recorded and fails the test below
+                failures.append(repr(error))
+
+    clients = [threading.Thread(target=stream, args=(k,)) for k in range(3)]
+    try:
+        first = server.healthz()
+        assert first["registry"]["version"] == "v0.0.1" and first["registry"]["metrics"]["anls"] == 0.3
+        for thread in clients:
+            thread.start()
+        while len(replies) < 6 and not failures:
+            time.sleep(0.1)
+        assigned_at = time.monotonic()
+        promote(registry_repo, served / "models/other", 0.6)
+        while time.monotonic() - assigned_at < POLL_S + LOAD_BUDGET_S and not failures:
+            if registry_health(server)["version"] == "v0.0.2":
+                break
+            time.sleep(0.2)
+        swapped_after = time.monotonic() - assigned_at
+        while not failures and len({q for q, _, v in replies if v != first["version"]}) < len(pages):
+            time.sleep(0.2)
+        stop.set()
+        for thread in clients:
+            thread.join(timeout=120)
+        health = server.healthz()
+    finally:
+        stop.set()
+        server.stop()
+    print(f"v0.0.2 assigned -> served after {swapped_after:.1f} s (poll {POLL_S} s); {len(replies)} replies")
+    assert failures == []
+    assert swapped_after < POLL_S + LOAD_BUDGET_S
+    versions = [version for _, _, version in replies]
+    assert versions[0] == first["version"] and set(versions) == {first["version"], health["version"]}
+    for question, answer, version in replies:
+        assert answer == (old if version == first["version"] else new)[question]
+    served_entry = health["registry"]
+    assert (served_entry["artifact"], served_entry["version"], served_entry["stage"]) == ("florence-docvqa", "v0.0.2",
+                                                                                          "prod")  # fmt: skip
+    assert served_entry["metrics"]["anls"] == 0.6 and served_entry["last_failed_fetch"] is None
+
+
+def test_a_version_corrupt_in_the_dvc_remote_leaves_the_replica_on_its_version(served, registry_repo, git_remote,
+                                                                              dvc_remote, tmp_path):  # fmt: skip
+    promote(registry_repo, served / "models/export", 0.3)
+    server = replica_server(tmp_path, git_remote)
+    try:
+        before = server.healthz()
+        params = load_params(registry_repo / "params.yaml")
+        record_model(registry_repo, served / "models/other", {**METRICS, "anls": 0.6, "before": {"anls": 0.0}})
+        commit = registry.model_commit(registry_repo, params, "a model whose weights get corrupt in the remote")
+        registry.push_model(registry_repo, params)
+        weights = (served / "models/other/model.safetensors").read_bytes()
+        stored = Path(dvc_remote, "files/md5", *_split(hashlib.md5(weights).hexdigest()))
+        stored.chmod(0o644)
+        stored.write_bytes(weights[: len(weights) // 2])
+        registry.register(registry_repo, params, commit)
+        deadline = time.monotonic() + POLL_S * 3 + LOAD_BUDGET_S
+        while time.monotonic() < deadline and not registry_health(server)["last_failed_fetch"]:
+            time.sleep(0.2)
+        time.sleep(POLL_S * 2)  # a further poll changes nothing
+        health = server.healthz()
+        client = OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        page = raw_pages(served, "validation")[0]
+        reply = ask(client, page["question"], page["image"]["bytes"])
+    finally:
+        server.stop()
+    failed = health["registry"]["last_failed_fetch"]
+    assert failed["version"] == "v0.0.2" and "does not match the hash DVC recorded" in failed["error"]
+    assert health["registry"]["version"] == "v0.0.1" and health["registry"]["following"] == "v0.0.1"
+    assert health["version"] == before["version"] == reply.system_fingerprint and health["status"] == "ok"
+    assert "registry: v0.0.2 not fetched" in server.log.read_text()  # one line per attempt
+
+
+def _split(md5: str) -> tuple[str, str]:
+    return md5[:2], md5[2:]
