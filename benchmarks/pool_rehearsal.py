@@ -190,6 +190,7 @@ def rehearse(root: Path, overrides: dict) -> dict:
             result = {"two_at_once": phase_two_at_once(root)}
             result["machine_dies"] = phase_machine_dies(root, seed, endpoint, workers)
             result["s3_stops"] = phase_s3_stops(root, s3, workers)
+            result["registry_tags"] = machines.git(origin, "tag", "--list").split()  # versions and stages promoted
         finally:
             for worker in workers.values():
                 machines.stop(worker)

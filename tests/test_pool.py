@@ -15,7 +15,8 @@ import pytest
 
 from benchmarks.pool_machines import BUCKET, git
 from florence_ops import pool
-from tests.conftest import REPO, TINY_OVERRIDES
+from florence_ops.errors import UserError
+from tests.conftest import REPO, TINY_OVERRIDES, tiny_params
 from tests.remotes import s3_endpoint  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
@@ -81,6 +82,12 @@ def test_the_remote_is_named_with_its_endpoint(origin, tmp_path, s3_endpoint):  
     assert pool.default_remote(tmp_path / "clone") == f"'storage' (s3://{BUCKET}/dvc at {s3_endpoint})"
 
 
+def test_a_pool_run_needs_the_registry_on_the_git_remote(tmp_path):
+    with pytest.raises(UserError, match=r"needs registry.git_remote \(e.g. origin\)"):
+        pool.require_shared_registry(tiny_params(tmp_path))  # "": tags in the clone only
+    pool.require_shared_registry(tiny_params(tmp_path, **{"registry.git_remote": "origin"}))
+
+
 @pytest.mark.slow
 def test_pool_rehearsal_one_run_at_a_time_a_dead_machine_and_a_stopped_s3(tmp_path):
     """benchmarks/pool_rehearsal.py as its users run it, on the tiny params: see its docstring for the phases."""
@@ -114,3 +121,8 @@ def test_pool_rehearsal_one_run_at_a_time_a_dead_machine_and_a_stopped_s3(tmp_pa
     message = stopped["run"]["message"]
     assert "could not push to the DVC remote 'storage' (s3://florence-ops/dvc at http://127.0.0.1:" in message
     assert "\n" not in message.strip()
+
+    # every promoted run registered a version in the registry on the git remote, and only those
+    promoted = [run for run in (trained, waited, died["next_run"], stopped["run"]) if run["decision"] == "promoted"]
+    versions = [tag for tag in result["registry_tags"] if "@v" in tag]
+    assert len(versions) == len(promoted) >= 1 and any("#prod#" in tag for tag in result["registry_tags"])
