@@ -2,7 +2,8 @@
 
 Schedules need a running Prefect server (`prefect server start`, with PREFECT_API_URL pointing at it): the
 ephemeral server that `python flows/retrain.py` starts runs flows but schedules nothing. From the repository root:
-`python -m flows.deploy`. prefect.yaml declares the same deployment for a work pool instead (`prefect deploy`).
+`python -m flows.deploy`. prefect.yaml declares the deployment for a work pool of machines instead (`prefect
+deploy`): the same schedule, each run in a clean clone with `remotes=True`.
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ Run it once now with `python flows/retrain.py [--force] [--set key=value ...]`; 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import shutil
@@ -20,17 +19,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from florence_ops import promotion, registry
+from florence_ops import pool, promotion, registry
 from florence_ops.artifacts import CHAMPION_FILE, METRICS_FILE
 from florence_ops.config import PARAMS_FILE, Params, load_params, to_dict
+from florence_ops.dvc_runs import run_dvc
 from florence_ops.params_file import parse_value
 from florence_ops.prefect_server import prefect_api
-from florence_ops.processes import dies_with_this_process
 from florence_ops.run_history import RUNNING, record_crashed_runs, report_markdown, write_history
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -45,35 +45,34 @@ class PipelineBusy(RuntimeError):
     """Another retraining run holds the pipeline lock."""
 
 
-class PipelineFailed(RuntimeError):
-    """A `dvc` command exited with an error."""
-
-
 @contextmanager
 def pipeline_lock(path: Path, run_id: str) -> Iterator[str | None]:
     """Hold the exclusive, non-blocking lock on `path` for this run; PipelineBusy names the holder otherwise.
 
     Yields the note a killed holder left behind ("pid N, run X"; a run that ends clears its note), or None.
+    The lock guards one checkout; across machines the Prefect server's concurrency slot does (flows/pool.py).
     """
-    handle = path.open("a+", encoding="utf-8")  # "a+": reading the holder must not truncate its note
+    lock = FileLock(path, timeout=0)  # the lock file stays after release: deleting it races with lockers
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "an unknown process"
-        handle.close()
+        lock.acquire()
+    except Timeout:
+        holder = _read_note(path) or "an unknown process"
         raise PipelineBusy(f"another retraining run holds the pipeline ({holder}); try again when it ends") from None
     try:
-        handle.seek(0)
-        left_by_killed_run = handle.read().strip() or None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}, run {run_id}\n")
-        handle.flush()
+        left_by_killed_run = _read_note(path)
+        path.write_text(f"pid {os.getpid()}, run {run_id}\n", encoding="utf-8")
         yield left_by_killed_run
     finally:
-        handle.truncate(0)
-        handle.close()  # closing releases the lock; the file stays, as deleting a lock file races with lockers
+        path.write_text("", encoding="utf-8")
+        lock.release()
+
+
+def _read_note(path: Path) -> str | None:
+    """The holder's note in the lock file, or None when it is empty."""
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except FileNotFoundError:
+        return None
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, str]:
@@ -92,10 +91,12 @@ def typed_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
     return {key: parse_value(value) if isinstance(value, str) else value for key, value in overrides.items()}
 
 
-def dvc_args(overrides: dict[str, Any], target: str | None = None) -> list[str]:
-    """`dvc repro [target]`, or `dvc exp run --set-param k=v ... [target]` when there are overrides."""
+def dvc_args(overrides: dict[str, Any], target: str | None = None, pull: bool = False) -> list[str]:
+    """`dvc repro [target]`, or `dvc exp run --set-param k=v ... [target]` when there are overrides; with `pull`,
+    missing outputs and run-cache entries come from the DVC remote (`--pull`)."""
     pairs = (f"--set-param={k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items())
-    return (["exp", "run", *pairs] if overrides else ["repro"]) + ([target] if target else [])
+    command = ["exp", "run", *pairs] if overrides else ["repro"]
+    return command + (["--pull"] if pull else []) + ([target] if target else [])
 
 
 def download_uses_network(params: Params, repo: Path) -> bool:
@@ -119,37 +120,6 @@ def git_state(repo: Path) -> dict[str, Any]:
     return {"revision": revision, "dirty": dirty}
 
 
-@task(name="dvc", cache_policy=NO_CACHE)
-def run_dvc(args: list[str], repo: Path) -> None:
-    """Run `dvc <args>` in `repo`, streaming its output to the run log; PipelineFailed on a non-zero exit."""
-    logger = get_run_logger()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.setdefault("DVC_NO_ANALYTICS", "1")
-    # dvc and the stages it starts, in a group of their own that stops when this process dies or is stopped
-    command = [sys.executable, "-m", "florence_ops.processes", sys.executable, "-m", "dvc", *args]
-    logger.info("$ dvc %s", " ".join(args))
-    last = "no output"
-    with subprocess.Popen(
-        command,
-        cwd=repo,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        preexec_fn=dies_with_this_process(),
-    ) as process:
-        try:
-            for line in process.stdout or ():
-                logger.info(line.rstrip())
-                last = line.strip() or last
-        except BaseException:  # interrupted: do not leave dvc running on its own, holding DVC's lock
-            process.terminate()
-            raise
-    if process.returncode:
-        raise PipelineFailed(f"`dvc {' '.join(args)}` exited with {process.returncode}: {last}")
-
-
 @task(name="fingerprint data", cache_policy=NO_CACHE)
 def fingerprint_data(params: Params, repo: Path) -> dict[str, Any]:
     """The input data's fingerprint (see `promotion.data_fingerprint`)."""
@@ -168,14 +138,19 @@ def promote_champion(export_dir: Path, champion_dir: Path, record: dict[str, Any
     promotion.promote(export_dir, champion_dir, record, record_path)
 
 
-def run_pipeline(params: Params, overrides: dict[str, Any], repo: Path) -> None:
-    """The DVC pipeline, its download stage first and with retries when that stage goes to the network."""
+def run_pipeline(params: Params, overrides: dict[str, Any], repo: Path, remotes: bool = False) -> dict | None:
+    """The DVC pipeline, its download stage first and with retries when that stage goes to the network; with
+    `remotes`, stages restored from the DVC remote's run-cache where it can. Returns what it did per stage."""
     if download_uses_network(params, repo):
         download = run_dvc.with_options(
             name="dvc download", retries=DOWNLOAD_RETRIES, retry_delay_seconds=DOWNLOAD_RETRY_DELAYS
         )
-        download(dvc_args(overrides, "download"), repo)
-    run_dvc(dvc_args(overrides), repo)
+        download(dvc_args(overrides, "download", remotes), repo)
+    stages = run_dvc(dvc_args(overrides, pull=remotes), repo)
+    if stages and not stages["ran"]:
+        restored, unchanged = stages["restored"], stages["unchanged"]
+        get_run_logger().info("no stage ran: restored from the run-cache %s, unchanged %s", restored, unchanged)
+    return stages
 
 
 @contextmanager
@@ -195,7 +170,9 @@ def restore_interrupted_params(repo: Path) -> None:
         os.replace(repo / PARAMS_BACKUP, repo / PARAMS_FILE)
 
 
-def _train_and_judge(repo: Path, record: dict[str, Any], force: bool, overrides: dict[str, Any]) -> None:
+def _train_and_judge(
+    repo: Path, record: dict[str, Any], force: bool, overrides: dict[str, Any], remotes: bool = False
+) -> None:
     """The locked part of a run: decide whether to train, run the pipeline, gate and promote. Fills `record`."""
     logger = get_run_logger()
     restore_interrupted_params(repo)
@@ -218,7 +195,10 @@ def _train_and_judge(repo: Path, record: dict[str, Any], force: bool, overrides:
         logger.info("skipping training: %s", skip)
         return
     with params_restored(repo) if overrides else nullcontext():
-        run_pipeline(params, overrides, repo)
+        record["stages"] = run_pipeline(params, overrides, repo, remotes)
+        if remotes:  # before the gate: what a promotion names is on the remotes first
+            pool.push_outputs(repo)
+            record["branch"] = pool.commit_run(repo, record["run_id"])
     metrics = promotion.read_metrics(repo / params.paths.reports / METRICS_FILE, params.promotion.metric)
     record["metrics"] = metrics
     try:
@@ -257,7 +237,13 @@ def _publish(repo: Path, record: dict[str, Any]) -> None:
 
 
 @flow(name="florence-retrain")
-def retrain(force: bool = False, overrides: dict[str, Any] | None = None, repo_dir: str | None = None) -> dict:
+def retrain(
+    force: bool = False,
+    overrides: dict[str, Any] | None = None,
+    repo_dir: str | None = None,
+    remotes: bool = False,
+    slot_lease_s: float = pool.SLOT_LEASE_S,
+) -> dict:
     """Retrain on the current data, compare with the champion (none yet: the base model) on `promotion.metric`,
     promote only a winner.
 
@@ -273,6 +259,10 @@ def retrain(force: bool = False, overrides: dict[str, Any] | None = None, repo_d
     Every run writes `reports/history/<UTC time>-<run id>.json` (status "running" once it holds the pipeline lock,
     its outcome at the end; the next run marks a killed run's entry "crashed") and a markdown artifact. `repo_dir`
     defaults to the repository holding this file. Returns the history record; raises when the run failed.
+
+    Remotes (the work-pool deployment, from a clean clone): `remotes` holds the Prefect server's one retraining
+    slot (lease `slot_lease_s`) for the run, restores stages from the DVC remote's run-cache, pushes the outputs and
+    commits the run to `retrain/<run id>` of the git remote before the gate (see `florence_ops.pool`).
     """
     repo = Path(repo_dir).resolve() if repo_dir else PROJECT_ROOT
     overrides = dict(overrides or {})
@@ -286,13 +276,18 @@ def retrain(force: bool = False, overrides: dict[str, Any] | None = None, repo_d
         "reason": None,
         "forced": force,
         "overrides": overrides,
-        **dict.fromkeys(("git", "params", "data_fingerprint", "champion", "metrics", "comparison", "registry")),
+        **dict.fromkeys(
+            ("git", "params", "data_fingerprint", "champion", "metrics", "comparison", "registry", "stages")
+        ),
     }
     try:
-        with pipeline_lock(repo / LOCK_FILE, record["run_id"]) as left_by_killed_run:
+        if remotes:
+            pool.require_shared_registry(load_params(repo / PARAMS_FILE, typed_overrides(overrides)))
+        slot = pool.pool_slot(record, slot_lease_s) if remotes else nullcontext()
+        with slot, pipeline_lock(repo / LOCK_FILE, record["run_id"]) as left_by_killed_run:
             if left_by_killed_run:
                 get_run_logger().warning("the previous holder of the pipeline (%s) was killed", left_by_killed_run)
-            _train_and_judge(repo, record, force, overrides)
+            _train_and_judge(repo, record, force, overrides, remotes)
         record["status"] = "completed"
         return record
     except BaseException as error:

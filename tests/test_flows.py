@@ -33,11 +33,12 @@ from prefect.settings import temporary_settings  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from florence_ops.config import load_params  # noqa: E402
+from florence_ops.dvc_runs import PipelineFailed  # noqa: E402
 from florence_ops.params_file import read_yaml  # noqa: E402
 from florence_ops.promotion import read_champion  # noqa: E402
 from flows import retrain as retrain_module  # noqa: E402
 from flows.deploy import retrain_deployment  # noqa: E402
-from flows.retrain import PipelineBusy, PipelineFailed, pipeline_lock, retrain  # noqa: E402
+from flows.retrain import PipelineBusy, pipeline_lock, retrain  # noqa: E402
 from tests.test_promotion import refuse_renames_onto  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -273,7 +274,10 @@ def test_deployment_follows_params_schedule_and_runs_one_at_a_time():
     assert declared["name"] == deployment.name and declared["entrypoint"] == "flows/retrain.py:retrain"
     assert declared["schedules"][0]["cron"] == params.schedule.cron
     assert declared["schedules"][0]["timezone"] == params.schedule.timezone
-    assert declared["concurrency_limit"]["limit"] == 1
+    # on a pool: a clean clone for every run, one at a time through the flow's global concurrency slot
+    assert declared["parameters"] == {"remotes": True}
+    [step] = read_yaml(ROOT / "prefect.yaml")["pull"]
+    assert step["prefect.deployments.steps.git_clone"]["repository"] == "{{ $FLORENCE_OPS_GIT_URL }}"
 
 
 def run(command: list[str], cwd: Path) -> None:

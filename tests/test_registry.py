@@ -12,7 +12,8 @@ import yaml
 
 from florence_ops import registry
 from florence_ops.cli import main
-from florence_ops.config import load_params, read_yaml
+from florence_ops.config import load_params
+from florence_ops.params_file import read_yaml
 from tests.conftest import REPO, record_model
 
 
