@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from florence_ops import registry
 from florence_ops.config import Params
 from florence_ops.serving.commands import params_for
 
@@ -32,6 +31,8 @@ def add_registry_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_registry(args: argparse.Namespace) -> int:
     """Print the registry's versions or history, or roll back; RegistryError (one line) when it cannot."""
+    from florence_ops import registry  # GTO and DVC load only for this command, not for every stage
+
     params = params_for(args.params, {"registry.git_remote": args.git_remote})
     repo = Path.cwd()
     if args.action == "rollback":
@@ -46,6 +47,8 @@ def run_registry(args: argparse.Namespace) -> int:
 
 def show_lines(view: Path, params: Params) -> list[str]:
     """Who holds the stage, then one line per version: version, stages, commit, metric."""
+    from florence_ops import registry
+
     cfg, metric = params.registry, params.promotion.metric
     held = registry.resolve(view, params)
     lines = [f"{cfg.artifact}#{cfg.stage}: {held.version if held else 'none'}"]
@@ -59,6 +62,8 @@ def show_lines(view: Path, params: Params) -> list[str]:
 
 def history_lines(view: Path, params: Params) -> list[str]:
     """One line per registration or assignment, oldest first."""
+    from florence_ops import registry
+
     rows = registry.history(view, params)
     return [f"{r['timestamp']}  {r['event']:<12} {r['version']:<10} {r['stage'] or '-':<8} {r['commit'][:12]}  "
             f"{r['ref']}" for r in rows] or ["no versions registered"]  # fmt: skip

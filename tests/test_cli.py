@@ -117,3 +117,14 @@ def test_local_model_directory_that_does_not_exist_says_so(tmp_path):
     line = the_error_line(run_cli(tmp_path, "download"))
     assert line.startswith("error: model.name: ./models/my-florence is neither a local directory nor a hub id")
     assert line.endswith("; check the path")
+
+
+def test_stage_commands_do_not_load_the_registry():
+    """GTO and DVC load only for `florence-ops registry`: a stage's start-up (and a GPU machine without them) does not
+    pay for the model registry."""
+    check = (
+        "import sys\nfrom florence_ops import cli\ntry:\n    cli.main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted({'gto', 'dvc'} & {name.split('.')[0] for name in sys.modules}))"
+    )
+    done = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"
