@@ -63,7 +63,7 @@ from florence_ops.artifacts import write_json  # noqa: E402
 from florence_ops.model_inputs import IGNORE_INDEX, TextBatch  # noqa: E402
 from florence_ops.modeling import train_mode  # noqa: E402
 from florence_ops.training import DocVQAObjective, make_optimizer, train_window  # noqa: E402
-from florence_ops.vision.cache import build_cache  # noqa: E402
+from florence_ops.vision.cache_build import build_cache  # noqa: E402
 from florence_ops.vision.sources import CachedSource, WithVision  # noqa: E402
 
 PAD, BOS, EOS = 1, 0, 2

@@ -74,7 +74,8 @@ def test_evaluate_does_not_answer_from_a_damaged_cache(prepared, tmp_path, caplo
 def test_open_checks_size_and_verify_checks_every_chunk(tmp_path):
     import torch
 
-    from florence_ops.vision.cache import build_cache, open_cache
+    from florence_ops.vision.cache import open_cache
+    from florence_ops.vision.cache_build import build_cache
 
     ids = [f"page{i}" for i in range(10)]
     pages = [(ids[i : i + 4], torch.arange(i, min(i + 4, 10)).float()) for i in range(0, 10, 4)]
@@ -97,7 +98,7 @@ def test_resident_features_equal_the_mapped_ones(tmp_path):
     read in chunks (here of two pages: a full chunk and a short one)."""
     import torch
 
-    from florence_ops.vision.cache import build_cache
+    from florence_ops.vision.cache_build import build_cache
     from florence_ops.vision.sources import CachedSource, ResidentSource
 
     ids = [f"page{i}" for i in range(7)]
@@ -131,7 +132,7 @@ def test_the_warm_up_runs_while_the_workers_decode_the_first_pages(tmp_path):
     import torch
     from torch.utils.data import DataLoader
 
-    from florence_ops.vision.cache import build_cache
+    from florence_ops.vision.cache_build import build_cache
 
     ids = [f"page{i}" for i in range(6)]
     marker = tmp_path / "worker-started"
