@@ -200,15 +200,15 @@ class TrainConfig:
             raise ConfigError("train: grad_accum_steps, checkpoint_every, num_processes and num_machines must be >= 1")
         if self.collective_timeout_s < 1 or not 0 < self.main_process_port < 65536:
             raise ConfigError("train: collective_timeout_s must be >= 1 and main_process_port in 1..65535")
+        if self.lora.enabled and "vision_tower" not in self.freeze:
+            raise ConfigError(
+                "train.lora.enabled: LoRA adapts the language model only; add vision_tower to train.freeze"
+            )
 
     @property
     def world_size(self) -> int:
         """Processes on all machines together."""
         return self.num_processes * self.num_machines
-        if self.lora.enabled and "vision_tower" not in self.freeze:
-            raise ConfigError(
-                "train.lora.enabled: LoRA adapts the language model only; add vision_tower to train.freeze"
-            )
 
 
 @validated
