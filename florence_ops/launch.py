@@ -75,7 +75,10 @@ def launch(stage: str, params, num_processes: int, fsdp: bool = False, rank: int
         cmd += ["-m", "florence_ops.cli", stage, "--params", str(params_file)]
         log.info("launching: %s", " ".join(cmd))
         done = subprocess.run(cmd, env={**os.environ, LAUNCHED: "1", MACHINE_RANK: str(rank or 0)})
-    if done.returncode:
-        where = "" if rank is None else f" of machine rank {rank}"
-        raise UserError(f"`florence-ops {stage}` failed in its {num_processes} launched process(es){where} "
+    if done.returncode and rank is None:
+        raise UserError(f"`florence-ops {stage}` failed in its {num_processes} launched process(es) "
                         f"(exit {done.returncode}); the error is in the output above")  # fmt: skip
+    if done.returncode:
+        raise UserError(f"`florence-ops {stage}` failed on machine rank {rank} (exit {done.returncode}): the error is "
+                        "in the output above, or on another machine if it was lost; run every machine's command "
+                        "again to resume from the last checkpoint")  # fmt: skip

@@ -29,7 +29,7 @@ from florence_ops.model_inputs import Collator
 from florence_ops.modeling import apply_lora, freeze, load_pretrained, save_processor, unwrap
 from florence_ops.training import Run, fit, make_accelerator
 from florence_ops.vision.sources import PixelSource, cached_source
-from florence_ops.vision.stage_cache import open_or_build_together
+from florence_ops.vision.stage_cache import encoded_source, open_or_build_together
 
 log = logging.getLogger(__name__)
 COLUMNS = ["questionId", "question", "answers", "image_id", "question_types"]
@@ -129,15 +129,19 @@ def _launch(params: Params, machine_rank: int | None) -> dict:
 
 
 def vision_source(params: Params, model, processor, images: ImageTable, acc):
-    """Cached vision features when the tower is frozen and the cache is on; pixels otherwise.
+    """Cached vision features when the tower is frozen and the cache is on, the frozen tower run inside the step when
+    the cache is off (`encoded_source`); pixels for a tower that trains.
 
     An existing cache's checksums are checked (a damaged cache is rebuilt); a missing one is built by all the
     processes of each machine together (`open_or_build_together`).
     """
     pixels = PixelSource(images, processor.image_processor)
-    if not (params.train.vision_cache and "vision_tower" in params.train.freeze):
+    if "vision_tower" not in params.train.freeze:
         return pixels
     tower = unwrap(model).model.vision_tower.to(acc.device).eval()
+    if not params.train.vision_cache:
+        micro_batch = params.batch_size // (params.train.grad_accum_steps * acc.num_processes)
+        return encoded_source(params, tower, pixels, images.ids, acc.device, micro_batch)
     cache = open_or_build_together(params, tower, processor.image_processor, images, acc)
     return cached_source(cache, images.ids, acc.device)
 

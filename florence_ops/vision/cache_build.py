@@ -45,9 +45,10 @@ def build_cache(
     with ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="cache-sha256") as hashing:
         writer = FeatureWriter(tmp / FEATURES, len(image_ids), ChunkedDigest(hashing))
         start = time.perf_counter()
-        encode_pages(writer, image_ids, batches, encode, warm_up)
+        rates = encode_pages(writer, image_ids, batches, encode, warm_up)
+        looped = time.perf_counter()
         meta = writer.close()
-    return publish_cache(tmp, root, key, image_ids, meta, start)
+    return publish_cache(tmp, root, key, image_ids, meta, (start, looped, rates))
 
 
 def new_build_folder(root: Path, key: str, name: str) -> Path:
@@ -63,8 +64,9 @@ def new_build_folder(root: Path, key: str, name: str) -> Path:
 def encode_pages(
     writer: FeatureWriter, image_ids: list[str], batches: Iterable[tuple[list[str], torch.Tensor]],
     encode: Callable[[torch.Tensor], torch.Tensor], warm_up: Callable[[], object] | None = None,
-) -> None:  # fmt: skip
-    """Encode the pages of `batches` (which must come in the order of `image_ids`) and give `writer` the features.
+) -> str:  # fmt: skip
+    """Encode the pages of `batches` (which must come in the order of `image_ids`) and give `writer` the features;
+    returns the rates for the log.
 
     The device computes batch k while batch k-1's features come back to the host on a CUDA stream of their own and a
     writer thread writes them. `warm_up` (a compiling tower's first call) runs once the workers have started on the
@@ -110,20 +112,21 @@ def encode_pages(
             pending.result()
     if done != len(image_ids):
         raise RuntimeError(f"vision cache got {done} of {len(image_ids)} pages")
-    if first_batch is not None:
-        looped = time.perf_counter() - start
-        warm_seconds, warm_pages = first_batch
-        log.info("vision pages encoded: %d in %.1f s (first batch of %d, compile and warm-up: %.1f s; then %.1f "
-                 "pages/s, %.1f s of it waiting for pages and %.1f s for the writer)", done, looped, warm_pages,
-                 warm_seconds, (done - warm_pages) / max(looped - warm_seconds, 1e-9), waited["pages"],
-                 waited["writer"])  # fmt: skip
+    looped = time.perf_counter() - start
+    warm_seconds, warm_pages = first_batch or (0.0, 0)
+    rates = (f"first batch of {warm_pages}, compile and warm-up: {warm_seconds:.1f} s; then "
+             f"{(done - warm_pages) / max(looped - warm_seconds, 1e-9):.1f} pages/s, {waited['pages']:.1f} s of it "
+             f"waiting for pages and {waited['writer']:.1f} s for the writer")  # fmt: skip
+    log.info("vision pages encoded: %d in %.1f s (%s)", done, looped, rates)
+    return rates
 
 
 def publish_cache(
-    tmp: Path, root: Path, key: str, image_ids: list[str], meta: dict, start: float
+    tmp: Path, root: Path, key: str, image_ids: list[str], meta: dict, timing: tuple[float, float, str]
 ) -> VisionFeatureCache:
     """Write the index of the features built in `tmp` durably and rename `tmp` into place as the cache for `key`
-    (caches of other keys removed); return it opened. `start`: when the build began (for the log)."""
+    (caches of other keys removed); return it opened. `timing` (for the log): when the build began, when its pages
+    were encoded, and how (rates)."""
     _write_durably(tmp / INDEX, json.dumps({"ids": image_ids, **meta}).encode())
     _fsync_dir(tmp)
     _drop_stale(root, keep=key)
@@ -131,7 +134,10 @@ def publish_cache(
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     _fsync_dir(root)
-    log.info("vision cache built: %d images in %.1f s -> %s", len(image_ids), time.perf_counter() - start, folder)
+    start, looped, rates = timing
+    end = time.perf_counter()
+    log.info("vision cache built: %d images in %.1f s (%s; closing %.1f s) -> %s", len(image_ids), end - start, rates,
+             end - looped, folder)  # fmt: skip
     return VisionFeatureCache(folder)
 
 
@@ -228,7 +234,7 @@ def build_shard(
 
 
 def finish_shards(
-    folder: Path, root: Path, key: str, image_ids: list[str], meta: dict, start: float
+    folder: Path, root: Path, key: str, image_ids: list[str], meta: dict, start: float, shards: int
 ) -> VisionFeatureCache:
     """Hash the features file that all shards have written in `folder` (in parallel threads: one read, from the page
     cache as a rule) and publish it as the cache for `key`; `meta` as `build_shard` returned it for the first rows."""
@@ -236,5 +242,7 @@ def finish_shards(
     size = path.stat().st_size
     if size != meta["data_offset"] + total:
         raise RuntimeError(f"vision cache shards wrote {size} bytes of {meta['data_offset'] + total}")
+    looped = time.perf_counter()
     digests = chunk_digests(path, meta["data_offset"], total)
-    return publish_cache(folder, root, key, image_ids, {**meta, "chunk_sha256": digests}, start)
+    timing = (start, looped, f"by {shards} processes")
+    return publish_cache(folder, root, key, image_ids, {**meta, "chunk_sha256": digests}, timing)

@@ -26,7 +26,7 @@ from florence_ops.vision.cache_build import (
     new_build_folder,
     shard_rows,
 )
-from florence_ops.vision.encoder import computed_with, tower_encoder, warm_up
+from florence_ops.vision.encoder import EncodedSource, computed_with, tower_encoder, warm_up
 from florence_ops.vision.sources import PixelSource, page_loader
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ def open_or_build_together(
         meta = build_shard(folder, ids, (start_row, end_row), batches, encode, warm_up=ahead)
     acc.wait_for_everyone()
     if build and local_main:
-        cache = finish_shards(folder, recipe.root, recipe.key, images.ids, meta, start)
+        cache = finish_shards(folder, recipe.root, recipe.key, images.ids, meta, start, params.train.num_processes)
     acc.wait_for_everyone()
     return cache if cache is not None else VisionFeatureCache(recipe.root / recipe.key)
 
@@ -114,3 +114,16 @@ def _encoding(params: Params, tower, image_processor, images: ImageTable, image_
     encode = tower_encoder(tower, pixels, device, recipe.dtype, recipe.compiled)
     ahead = partial(warm_up, encode, pixels, image_ids, size, device) if recipe.compiled and image_ids else None
     return encode, batches, ahead
+
+
+def encoded_source(params: Params, tower: torch.nn.Module, pixels: PixelSource, image_ids: list[str], device,
+                   pages_per_call: int) -> EncodedSource:  # fmt: skip
+    """The frozen `tower` run inside the step, without the cache (`train.vision_cache: false`), computing as the cache
+    build would on `device` (`train.precision`, `model.vision_compile`); a compiled tower is warmed up for calls of up
+    to `pages_per_call` pages (a process's micro-batch), which fixes its batch size."""
+    dtype = autocast_dtype(params.train.precision, device)
+    compiled = params.model.vision_compile
+    encode = tower_encoder(tower, pixels, device, dtype, compiled)
+    if compiled:
+        warm_up(encode, pixels, image_ids, pages_per_call, device)
+    return EncodedSource(pixels, encode)
