@@ -39,7 +39,7 @@ from pipeline_gpu import GPU_PROFILE, PATTERNS, _versions, workspace  # noqa: E4
 from florence_ops.artifacts import write_json  # noqa: E402
 from florence_ops.config import apply_overrides, read_yaml  # noqa: E402
 
-TINY = {"model.name": "tiny", "model.vision_compile": False, "model.vision_batch_size": 32, "batch_size": 16,
+TINY = {"model.name": "tiny", "model.vision_compile": False, "model.vision_batch_size": 8, "batch_size": 16,
         "train.num_workers": 0, "evaluate.num_workers": 0}  # fmt: skip
 METRICS = "reports/train/plots/metrics/train"
 

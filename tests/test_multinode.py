@@ -4,6 +4,7 @@ its vision cache) and one shared checkpoint folder, as a cluster's shared file s
 
 import hashlib
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 import yaml
 
 from florence_ops.config import ConfigError, to_dict
-from tests.conftest import REPO, tiny_params
+from tests.conftest import REPO, TINY_OVERRIDES, tiny_params
 
 pytestmark = pytest.mark.slow
 # 48 questions in batches of 8: 6 steps an epoch; checkpoints at steps 4, 6 (epoch end), 8, 12, 16, 18.
@@ -82,15 +83,46 @@ def one_machine_two_processes(prepared, tmp_path_factory) -> bytes:
     return (root / MODEL).read_bytes()
 
 
-def test_two_machines_train_the_weights_of_one_machine_with_two_processes(prepared, tmp_path,
-                                                                          one_machine_two_processes):  # fmt: skip
-    roots = _machines(prepared, tmp_path, _free_port())
-    codes = _finish([_start(roots[0], 0), _start(roots[1], 1)])
+PATH = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])  # where the CLI is installed
+
+
+@pytest.mark.skipif(shutil.which("git") is None or shutil.which("florence-ops", path=PATH) is None,
+                    reason="needs git and the CLI")  # fmt: skip
+def test_two_machines_through_the_slurm_script_train_the_weights_of_one_machine_with_two_processes(
+    tmp_path, one_machine_two_processes, monkeypatch
+):
+    """examples/slurm_train.sh on each "machine" as srun starts it there: machine 0 runs `dvc repro train` in a DVC
+    workspace, machine 1 `florence-ops train --machine-rank 1` in a copy of it; the address comes from MASTER_ADDR."""
+    from tests.test_resume import _dvc, _dvc_workspace
+
+    monkeypatch.setenv("PATH", PATH)  # dvc's stages call `florence-ops`
+
+    overrides = {
+        **TINY_OVERRIDES,
+        **OVERRIDES,
+        "paths.checkpoints": str(tmp_path / "shared/checkpoints"),
+        "train.num_machines": 2,
+        "train.main_process_port": _free_port(),
+        "train.collective_timeout_s": 60,
+    }
+    roots = [tmp_path / "machine0", tmp_path / "machine1"]
+    roots[0].mkdir()
+    _dvc_workspace(roots[0], overrides)
+    _dvc(roots[0], "repro", "-q", "preprocess")
+    shutil.copytree(roots[0], roots[1])
+    env = {**os.environ, "FLORENCE_OPS_ON_NODE": "1", "MASTER_ADDR": "127.0.0.1", "DVC_NO_ANALYTICS": "1"}
+    machines = []
+    for rank, root in enumerate(roots):
+        with open(root / "train.log", "w") as output:
+            machines.append(subprocess.Popen([str(REPO / "examples/slurm_train.sh"), "train"], cwd=root,
+                                             env={**env, "SLURM_NODEID": str(rank)}, stdout=output,
+                                             stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
+    codes = _finish(machines)
     assert codes == [0, 0], [(root / "train.log").read_text()[-3000:] for root in roots]
     assert (roots[0] / MODEL).read_bytes() == one_machine_two_processes, "two machines trained other weights"
     assert json.loads((roots[0] / "models/train/summary.json").read_text())["steps"] == 18
     assert not (roots[1] / "models/train").exists(), "only machine rank 0 writes the stage's outputs"
-    assert (roots[0] / "reports/train/metrics.json").exists() and not (roots[1] / "reports/train").exists()
+    assert (roots[0] / "reports/train/metrics.json").exists() and not (roots[1] / "reports/train/metrics.json").exists()
     caches = [sorted((root / ".cache/vision_features").rglob("*.*")) for root in roots]
     assert len(caches[0]) == 2, "each machine holds its own vision cache"
     assert [p.read_bytes() for p in caches[0]] == [p.read_bytes() for p in caches[1]]

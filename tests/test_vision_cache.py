@@ -171,3 +171,26 @@ def test_warm_up_encodes_one_full_batch_of_the_first_page():
         warm_up(calls.append, source, ["a", "b", "c"], batch_size, torch.device("cpu"))
         assert len(calls) == 1 and calls[0].shape == (expected, 4, 5, 3)
         assert torch.equal(calls[0], source.load(["a"]).expand(expected, 4, 5, 3))
+
+
+def test_tower_in_the_step_computes_the_features_the_cache_holds(prepared, tmp_path):
+    """`train.vision_cache: false` runs the frozen tower inside the step as the cache build does: the same batch of
+    pages gives the cached features (the cache stores them in bf16)."""
+    import torch
+
+    from florence_ops.data.processed import ImageTable
+    from florence_ops.modeling import load_pretrained
+    from florence_ops.vision.sources import PixelSource
+    from florence_ops.vision.stage_cache import encoded_source, open_or_build_cache
+
+    params = tiny_params(prepared, **{"model.vision_batch_size": 4, "paths.vision_cache": str(tmp_path)})
+    model, processor = load_pretrained(params.paths.base_model, params.model)
+    tower, images, device = model.model.vision_tower.eval(), ImageTable(params.paths.processed), torch.device("cpu")
+    cache = open_or_build_cache(params, tower, processor.image_processor, images, device, verify=False, build=True)
+    source = encoded_source(params, tower, PixelSource(images, processor.image_processor), images.ids, device, 4)
+    assert source.features and not source.cached
+    for start in range(0, len(images.ids), 4):
+        ids = images.ids[start : start + 4]
+        encoded = source.prepare(source.load(ids), device)
+        assert encoded.dtype == torch.float32 and not encoded.requires_grad
+        assert torch.equal(encoded.to(torch.bfloat16), cache.features(ids))

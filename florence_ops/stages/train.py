@@ -78,7 +78,7 @@ def train(params: Params, machine_rank: int | None = None) -> dict:
     out = Path(params.paths.train)
     fingerprint = run_fingerprint(params, PARAMS_READ, ignore=RENDEZVOUS)
     checkpoints = CheckpointStore(params.paths.checkpoints, fingerprint, params.paths.live)
-    live = _live(params, acc, checkpoints) if writer else None
+    live = _live(params, checkpoints) if writer else None
     run = Run(
         params=params,
         accelerator=acc,
@@ -175,11 +175,9 @@ def _collator(processor, params: Params, train: bool) -> Collator:
     return Collator(processor.tokenizer, cfg.prompt, cfg.max_question_tokens, cfg.max_answer_tokens, train)
 
 
-def _live(params: Params, acc, checkpoints: CheckpointStore):
-    """DVCLive on the main process; dvc.yaml declares its files. A run that resumes continues, step for step, the
-    history its checkpoint holds (`dvc repro` deletes the stage's plots before running it again)."""
-    if not acc.is_main_process:
-        return None
+def _live(params: Params, checkpoints: CheckpointStore):
+    """DVCLive, for the process that writes the outputs; dvc.yaml declares its files. A run that resumes continues,
+    step for step, the history its checkpoint holds (`dvc repro` deletes the stage's plots before running it again)."""
     from dvclive import Live
 
     latest = checkpoints.latest()
