@@ -97,25 +97,29 @@ def train(params: Params, machine_rank: int | None = None) -> dict:
         save_trained(acc, objective, processor, checkpoints.best)
     if writer:
         move_directory(checkpoints.best, out / TRAINED_MODEL_DIR)
-        summary = {
-            "steps": progress.step,
-            "epochs": progress.epoch,
-            "best_epoch": progress.best_epoch,
-            "best_val_anls": progress.best_score,
-            "history": progress.history,
-            "trainable_parameters": trainable,
-            "total_parameters": total,
-            "vision_cache": source.cached,
-            "lora": params.train.lora.enabled,
-            "params": pick(params, PARAMS_READ),
-        }
-        write_json(out / SUMMARY_FILE, summary)
+        write_json(out / SUMMARY_FILE, _summary(params, progress, (trainable, total), source.cached))
         if live is not None:
             live.end()
         run.checkpoints.clear()
     acc.wait_for_everyone()
     acc.end_training()
     return {"steps": progress.step, "best_val_anls": progress.best_score}
+
+
+def _summary(params: Params, progress, parameters: tuple[int, int], cached: bool) -> dict:
+    """summary.json: the run's progress, its (trainable, total) parameters and the params it read."""
+    return {
+        "steps": progress.step,
+        "epochs": progress.epoch,
+        "best_epoch": progress.best_epoch,
+        "best_val_anls": progress.best_score,
+        "history": progress.history,
+        "trainable_parameters": parameters[0],
+        "total_parameters": parameters[1],
+        "vision_cache": cached,
+        "lora": params.train.lora.enabled,
+        "params": pick(params, PARAMS_READ),
+    }
 
 
 def _launch(params: Params, machine_rank: int | None) -> dict:
