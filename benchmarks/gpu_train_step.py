@@ -151,7 +151,7 @@ def text_batch(text: dict[str, torch.Tensor], image_ids: list[str]) -> TextBatch
 class DevicePixels:
     """Normalised pixels already on the device (uncached source; preprocessing left out on both sides)."""
 
-    cached = False
+    cached = features = False
 
     def __init__(self, pool: torch.Tensor):
         self.pool = pool
@@ -166,7 +166,7 @@ class DevicePixels:
 class DeviceFeatures(DevicePixels):
     """Cached vision-tower outputs already on the device."""
 
-    cached = True
+    cached = features = True
 
 
 def random_pixels(shapes: Shapes, n: int, device, gen: torch.Generator) -> torch.Tensor:
