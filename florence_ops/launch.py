@@ -40,9 +40,8 @@ def writes_outputs(accelerator) -> bool:
 
 
 def rendezvous_arguments(train, rank: int) -> list[str]:
-    """`accelerate launch` arguments that join this machine (`rank`) to the others of `train.num_machines`."""
-    if not 0 <= rank < train.num_machines:
-        raise UserError(f"machine rank {rank} is outside 0..{train.num_machines - 1} (train.num_machines)")
+    """`accelerate launch` arguments that join this machine (`rank`, in 0..num_machines-1) to the others of
+    `train.num_machines`."""
     address = train.main_process_ip or os.environ.get(RENDEZVOUS_ADDRESS)
     if not address:
         raise UserError(f"train.main_process_ip is null and ${RENDEZVOUS_ADDRESS} is unset: set either to the address "

@@ -49,10 +49,10 @@ def train(params: Params, machine_rank: int | None = None) -> dict:
     cfg = params.train
     if cfg.distributed == "fsdp" and not torch.cuda.is_available():
         raise UserError("train.distributed: fsdp needs CUDA GPUs (accelerate has no FSDP on CPU); use ddp here")
+    if machine_rank is not None and not 0 <= machine_rank < cfg.num_machines:
+        raise UserError(f"machine rank {machine_rank} is outside 0..{cfg.num_machines - 1} (train.num_machines)")
     if needs_launch(cfg.num_processes, cfg.distributed, cfg.num_machines):
         return _launch(params, machine_rank)
-    if machine_rank:
-        raise UserError("--machine-rank is for the command that launches a machine's processes, not inside them")
     set_seed(params.seed)  # Python, NumPy and torch on every device
     acc = make_accelerator(params)
     if acc.num_processes != cfg.world_size:
