@@ -27,14 +27,19 @@ LARGE = {"vision_cache_pages_per_s": 257.5, "train_samples_per_s": 383.0,
          "source": "large-shape run on one H200 (benchmarks/README.md)"}  # fmt: skip
 
 
-def one_gpu_rates(pipeline: Path) -> dict:
-    """The measured one-H200 rates of each shape."""
+def one_gpu_rates(pipeline: Path, in_step: Path) -> dict:
+    """The measured one-H200 rates of each shape; base's tower-in-the-step rate too once `vision_in_step.py` has
+    measured it (`in_step`)."""
     base = json.loads(pipeline.read_text())["rates"]
-    return {
+    rates = {
         "base": {"vision_cache_pages_per_s": base["vision_cache_pages_per_s"],
                  "train_samples_per_s": base["train_samples_per_s"], "source": str(pipeline.relative_to(REPO))},
-        "large": LARGE,
+        "large": dict(LARGE),
     }  # fmt: skip
+    if in_step.exists():
+        measured = json.loads(in_step.read_text())["train_tower_in_step"]["samples_per_s"]
+        rates["base"].update(tower_in_step_samples_per_s=measured, tower_in_step_source=str(in_step.relative_to(REPO)))
+    return rates
 
 
 def aggregate(rate: float, gpus: int) -> float:
@@ -51,8 +56,8 @@ def project(rates: dict, shape: str, gpus: int) -> dict:
     cache_s = DOCMATIX["pages"] / aggregate(cache_rate, per_node)
     train_s = DOCMATIX["questions"] * DOCMATIX["epochs"] / aggregate(train_rate, gpus)
     # In the step, each question's page is encoded when it is trained on (shuffled batches rarely share a page):
-    # per question, a cached step plus one page through the tower, at the measured rates.
-    in_step_rate = 1 / (1 / train_rate + 1 / cache_rate)
+    # unless measured, per question a cached step plus one page through the tower, at the measured rates.
+    in_step_rate = rates.get("tower_in_step_samples_per_s") or 1 / (1 / train_rate + 1 / cache_rate)
     in_step_s = DOCMATIX["questions"] * DOCMATIX["epochs"] / aggregate(in_step_rate, gpus)
     cache_bytes = DOCMATIX["pages"] * FEATURE_WIDTH[shape] * 24 * 24 * 2
     return {
@@ -60,7 +65,8 @@ def project(rates: dict, shape: str, gpus: int) -> dict:
         "cached": {"cache_build_hours": round(cache_s / 3600, 2), "train_hours": round(train_s / 3600, 2),
                    "total_hours": round((cache_s + train_s) / 3600, 2),
                    "cache_tib_per_node": round(cache_bytes / 2**40, 2)},
-        "tower_in_step": {"samples_per_s_per_gpu_estimate": round(in_step_rate, 1),
+        "tower_in_step": {"samples_per_s_per_gpu": round(in_step_rate, 1),
+                          "measured": "tower_in_step_samples_per_s" in rates,
                           "train_hours": round(in_step_s / 3600, 2), "cache_tib_per_node": 0.0},
     }  # fmt: skip
 
@@ -69,8 +75,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "reports/benchmarks")
     parser.add_argument("--pipeline", type=Path, default=REPO / "reports/benchmarks/pipeline_nvidia-h200.json")
+    parser.add_argument("--in-step", type=Path, default=REPO / "reports/benchmarks/vision_in_step_nvidia-h200.json")
     args = parser.parse_args()
-    rates = one_gpu_rates(args.pipeline.resolve())
+    rates = one_gpu_rates(args.pipeline.resolve(), args.in_step.resolve())
     result = {
         "workload": DOCMATIX,
         "one_gpu_rates": rates,
@@ -79,8 +86,9 @@ def main() -> None:
             "scaling_note": "throughput of N GPUs = N x one GPU's x 0.9 for N > 1: assumed, not measured",
             "gpus_per_node": GPUS_PER_NODE,
             "cache": "every node builds a whole copy of the cache with its own GPUs, on its own disk",
-            "tower_in_step": "estimated from the two one-GPU rates (a cached step plus one page through the tower per "
-            "question); benchmarks/multinode_rates.py measures it",
+            "tower_in_step": "base: measured by benchmarks/vision_in_step.py when its JSON is there (measured: true), "
+            "else, and for large, estimated from the two one-GPU rates (a cached step plus one page through the "
+            "tower per question)",
             "excluded": "download, preprocess, validation, checkpoints, start-up and compile time",
             "cache_bytes_per_page": "24 x 24 tokens x the last stage's width (base 1024, large 2048) x 2 (bf16)",
         },
