@@ -18,7 +18,6 @@ import yaml
 from florence_ops.config import ConfigError, to_dict
 from tests.conftest import REPO, TINY_OVERRIDES, tiny_params
 
-pytestmark = pytest.mark.slow
 # 48 questions in batches of 8: 6 steps an epoch; checkpoints at steps 4, 6 (epoch end), 8, 12, 16, 18.
 OVERRIDES = {"epochs": 3, "train.checkpoint_every": 4, "train.eval_every_epoch": False}
 MODEL = "models/train/model/model.safetensors"
@@ -86,6 +85,7 @@ def one_machine_two_processes(prepared, tmp_path_factory) -> bytes:
 PATH = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])  # where the CLI is installed
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("git") is None or shutil.which("florence-ops", path=PATH) is None,
                     reason="needs git and the CLI")  # fmt: skip
 def test_two_machines_through_the_slurm_script_train_the_weights_of_one_machine_with_two_processes(
@@ -155,6 +155,7 @@ def _kill_inside_second_epoch(shared: Path, machine: subprocess.Popen) -> dict:
     raise AssertionError("training ended before a checkpoint inside the second epoch")
 
 
+@pytest.mark.slow
 def test_a_machine_killed_mid_epoch_stops_the_other_which_resumes_with_it(prepared, tmp_path,
                                                                            one_machine_two_processes):  # fmt: skip
     roots = _machines(prepared, tmp_path, _free_port())
