@@ -64,7 +64,7 @@ from florence_ops.model_inputs import IGNORE_INDEX, TextBatch  # noqa: E402
 from florence_ops.modeling import train_mode  # noqa: E402
 from florence_ops.precision import autocast_dtype, describe, mixed_precision  # noqa: E402
 from florence_ops.training import DocVQAObjective, make_optimizer, train_window  # noqa: E402
-from florence_ops.vision.cache import build_cache  # noqa: E402
+from florence_ops.vision.cache_build import build_cache  # noqa: E402
 from florence_ops.vision.sources import CachedSource, WithVision  # noqa: E402
 
 PAD, BOS, EOS = 1, 0, 2
@@ -153,7 +153,7 @@ def text_batch(text: dict[str, torch.Tensor], image_ids: list[str]) -> TextBatch
 class DevicePixels:
     """Normalised pixels already on the device (uncached source; preprocessing left out on both sides)."""
 
-    cached = False
+    cached = features = False
 
     def __init__(self, pool: torch.Tensor):
         self.pool = pool
@@ -168,7 +168,7 @@ class DevicePixels:
 class DeviceFeatures(DevicePixels):
     """Cached vision-tower outputs already on the device."""
 
-    cached = True
+    cached = features = True
 
 
 def random_pixels(shapes: Shapes, n: int, device, gen: torch.Generator) -> torch.Tensor:

@@ -9,7 +9,8 @@ beside the checkpoint (`best`) and moved into the stage's output when the run en
 A checkpoint lives under `paths.checkpoints/<fingerprint>/last`, where the fingerprint covers everything that makes
 two runs the same run (training params, data, base model): a run resumes only its own state, never one left by a run
 with another learning rate. Writes go to a temporary folder that is renamed into place, so a run killed mid-write
-leaves the previous checkpoint whole.
+leaves the previous checkpoint whole. With several machines `paths.checkpoints` is a folder all of them reach (a
+shared file system): each process saves its own RNG state there, and any machine's rerun resumes from it.
 """
 
 from __future__ import annotations
@@ -24,15 +25,21 @@ from pathlib import Path
 from typing import Any
 
 from florence_ops.config import Params, pick
+from florence_ops.launch import writes_outputs
 
 log = logging.getLogger(__name__)
 
 LIVE = "dvclive"  # DVCLive's folder inside a checkpoint
 
 
-def run_fingerprint(params: Params, keys: tuple[str, ...]) -> str:
-    """Digest of what determines the training run: its params (`keys`) and the identity of its inputs."""
-    digest = hashlib.sha256(json.dumps(pick(params, keys), sort_keys=True).encode())
+def run_fingerprint(params: Params, keys: tuple[str, ...], ignore: tuple[str, ...] = ()) -> str:
+    """Digest of what determines the training run: its params (`keys`, less the dotted `ignore` keys inside them,
+    which do not change what is computed) and the identity of its inputs."""
+    picked = pick(params, keys)
+    for key in ignore:
+        section, name = key.rsplit(".", 1)
+        picked.get(section, {}).pop(name, None)
+    digest = hashlib.sha256(json.dumps(picked, sort_keys=True).encode())
     for folder in (params.paths.processed, params.paths.base_model):
         for path in sorted(Path(folder).rglob("*")):
             if path.is_file():
@@ -62,14 +69,19 @@ class CheckpointStore:
         return None
 
     def save(self, accelerator, progress: dict[str, Any]) -> Path:
-        """Write accelerate's state and `progress` to `last`, replacing the previous checkpoint atomically."""
+        """Write accelerate's state and `progress` to `last`, replacing the previous checkpoint atomically.
+
+        The process that writes the stage's outputs (`launch.writes_outputs`) adds DVCLive's folder, which lives on its
+        machine, and renames the folder once every process has saved its part."""
         start = time.perf_counter()
         tmp = self.folder / f".tmp-{progress['step']}"
-        if accelerator.is_main_process:
+        writer = writes_outputs(accelerator)
+        if writer:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
-        if accelerator.is_main_process:
+        accelerator.wait_for_everyone()  # the global main process (weights) may be on another machine
+        if writer:
             if self.live is not None and self.live.is_dir():
                 shutil.copytree(self.live, tmp / LIVE)
             (tmp / "progress.json").write_text(json.dumps(progress, indent=2))
@@ -79,7 +91,7 @@ class CheckpointStore:
             os.replace(tmp, self.last)
             shutil.rmtree(self.previous, ignore_errors=True)
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+        if writer:
             log.info("checkpoint of step %d saved in %.1f s", progress["step"], time.perf_counter() - start)
         return self.last
 

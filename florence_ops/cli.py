@@ -22,15 +22,18 @@ COMMANDS = {
 }
 
 
-def run_stage(name: str, params_path: str = "params.yaml"):
-    """Load and validate params, then run stage `name`; returns what the stage returns."""
+def run_stage(name: str, params_path: str = "params.yaml", machine_rank: int | None = None):
+    """Load and validate params, then run stage `name` (train as machine `machine_rank` of `train.num_machines`);
+    returns what the stage returns."""
     params = load_params(params_path)
+    if name == "train":
+        from florence_ops.stages.train import train
+
+        return train(params, machine_rank)
     if name == "download":
         from florence_ops.stages.download import download as stage
     elif name == "preprocess":
         from florence_ops.stages.preprocess import preprocess as stage
-    elif name == "train":
-        from florence_ops.stages.train import train as stage
     elif name == "evaluate":
         from florence_ops.stages.evaluate import evaluate as stage
     else:
@@ -47,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in COMMANDS:
         sub = commands.add_parser(name, help=COMMANDS[name])
         sub.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    commands.choices["train"].add_argument(
+        "--machine-rank", type=int, default=None, metavar="R",
+        help="with train.num_machines > 1: this machine's rank (0: the one where `dvc repro` runs and outputs land)",
+    )  # fmt: skip
     add_predict_arguments(commands.choices["predict"])
     add_serve_arguments(commands.choices["serve"])
     from florence_ops.registry_commands import add_registry_arguments, run_registry
@@ -64,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_serve(args)
         if args.command == "registry":
             return run_registry(args)
-        result = run_stage(args.command, args.params)
+        result = run_stage(args.command, args.params, getattr(args, "machine_rank", None))
     except (ConfigError, UserError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -161,20 +161,31 @@ class TrainConfig:
     eval_every_epoch: StrictBool = True  # validation score each epoch, keeps the best model
     max_eval_questions: StrictInt | None = 64  # validation questions scored each epoch (all: null)
     early_stopping_patience: StrictInt | None = None  # epochs without improvement before stopping
-    num_processes: StrictInt = 1  # >1 launches data-parallel training through accelerate
+    num_processes: StrictInt = 1  # processes per machine (one per GPU); >1 launches data-parallel training
     distributed: Literal["ddp", "fsdp"] = "ddp"
+    num_machines: StrictInt = 1  # machines training together; each runs `florence-ops train --machine-rank R`
+    main_process_ip: str | None = None  # machine rank 0's address, reachable by all (null: $MASTER_ADDR)
+    main_process_port: StrictInt = 29500  # port of the rendezvous on machine rank 0
+    collective_timeout_s: StrictInt = 600  # a collective (all-reduce, barrier) waiting longer ends the run
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.freeze) - set(FREEZABLE))
         if unknown:
             raise ConfigError(f"train.freeze: unknown part(s) {unknown}; choose from {list(FREEZABLE)}")
-        if self.grad_accum_steps < 1 or self.checkpoint_every < 1 or self.num_processes < 1:
-            raise ConfigError("train: grad_accum_steps, checkpoint_every and num_processes must be >= 1")
+        if min(self.grad_accum_steps, self.checkpoint_every, self.num_processes, self.num_machines) < 1:
+            raise ConfigError("train: grad_accum_steps, checkpoint_every, num_processes and num_machines must be >= 1")
+        if self.collective_timeout_s < 1 or not 0 < self.main_process_port < 65536:
+            raise ConfigError("train: collective_timeout_s must be >= 1 and main_process_port in 1..65535")
         if self.lora.enabled and "vision_tower" not in self.freeze:
             raise ConfigError(
                 "train.lora.enabled: LoRA adapts the language model only; add vision_tower to train.freeze"
             )
+
+    @property
+    def world_size(self) -> int:
+        """Processes on all machines together."""
+        return self.num_processes * self.num_machines
 
 
 @validated
@@ -284,8 +295,9 @@ class Params:
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("lr must be > 0, epochs and batch_size >= 1")
-        if self.batch_size % (self.train.num_processes * self.train.grad_accum_steps):
-            raise ConfigError("batch_size must be divisible by train.num_processes * train.grad_accum_steps")
+        if self.batch_size % (self.train.world_size * self.train.grad_accum_steps):
+            raise ConfigError("batch_size must be divisible by train.num_processes * train.num_machines * "
+                              "train.grad_accum_steps (processes on all machines, micro-batches per step)")  # fmt: skip
         budget = self.train.max_answer_tokens  # one answer-token budget: what training teaches, decoding can emit
         if self.evaluate.max_new_tokens is None:
             self.evaluate.max_new_tokens = budget

@@ -14,11 +14,12 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedType
+from accelerate.utils import DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -27,6 +28,7 @@ from transformers.models.florence2.modeling_florence2 import shift_tokens_right
 from florence_ops.config import Params
 from florence_ops.data.parallel import batched
 from florence_ops.generation import Decoding, answer_across_processes
+from florence_ops.launch import writes_outputs
 from florence_ops.model_inputs import (
     IGNORE_INDEX,
     Collator,
@@ -94,7 +96,8 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, devic
 
 def make_accelerator(params: Params) -> Accelerator:
     """The accelerator for this run: mixed precision as `train.precision` decides (`precision.mixed_precision`), batches
-    split over processes.
+    split over processes, and `train.collective_timeout_s` for every collective: a process whose peer is gone (a machine
+    lost) fails after that long instead of waiting for ever.
 
     Gradient accumulation is done by `train_window`, not by accelerate, which would divide every micro-batch by the
     number of micro-batches (a mean of means, and a short last window scaled down).
@@ -104,6 +107,7 @@ def make_accelerator(params: Params) -> Accelerator:
         mixed_precision=mixed_precision(params.train.precision, device),
         dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=torch.cuda.is_available()),
         cpu=not torch.cuda.is_available(),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=params.train.collective_timeout_s))],
     )
 
 
@@ -284,4 +288,4 @@ def set_epoch(loader, epoch: int) -> None:
 
 
 def _progress_bar(accelerator, total: int, initial: int):
-    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not accelerator.is_main_process)
+    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not writes_outputs(accelerator))

@@ -10,7 +10,7 @@ from florence_ops.checkpointing import LIVE, CheckpointStore
 class FakeAccelerator:
     """The part of `accelerate.Accelerator` the store uses: one process whose state is a file naming its step."""
 
-    is_main_process = True
+    is_main_process = is_local_main_process = True
 
     def __init__(self, state: str = ""):
         self.state, self.loaded = state, None

@@ -123,7 +123,8 @@ def test_stage_commands_do_not_load_the_registry():
     """GTO and DVC load only for `florence-ops registry`: a stage's start-up (and a GPU machine without them) does not
     pay for the model registry."""
     check = (
-        "import sys\nfrom florence_ops import cli\ntry:\n    cli.main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
+        "import sys\nfrom florence_ops import cli\n"
+        "try:\n    cli.main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
         "print(sorted({'gto', 'dvc'} & {name.split('.')[0] for name in sys.modules}))"
     )
     done = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, check=True)

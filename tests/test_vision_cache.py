@@ -74,7 +74,8 @@ def test_evaluate_does_not_answer_from_a_damaged_cache(prepared, tmp_path, caplo
 def test_open_checks_size_and_verify_checks_every_chunk(tmp_path):
     import torch
 
-    from florence_ops.vision.cache import build_cache, open_cache
+    from florence_ops.vision.cache import open_cache
+    from florence_ops.vision.cache_build import build_cache
 
     ids = [f"page{i}" for i in range(10)]
     pages = [(ids[i : i + 4], torch.arange(i, min(i + 4, 10)).float()) for i in range(0, 10, 4)]
@@ -117,7 +118,7 @@ def test_resident_features_equal_the_mapped_ones(tmp_path):
     read in chunks (here of two pages: a full chunk and a short one)."""
     import torch
 
-    from florence_ops.vision.cache import build_cache
+    from florence_ops.vision.cache_build import build_cache
     from florence_ops.vision.sources import CachedSource, ResidentSource
 
     ids = [f"page{i}" for i in range(7)]
@@ -151,7 +152,7 @@ def test_the_warm_up_runs_while_the_workers_decode_the_first_pages(tmp_path):
     import torch
     from torch.utils.data import DataLoader
 
-    from florence_ops.vision.cache import build_cache
+    from florence_ops.vision.cache_build import build_cache
 
     ids = [f"page{i}" for i in range(6)]
     marker = tmp_path / "worker-started"
@@ -190,3 +191,26 @@ def test_warm_up_encodes_one_full_batch_of_the_first_page():
         warm_up(calls.append, source, ["a", "b", "c"], batch_size, torch.device("cpu"))
         assert len(calls) == 1 and calls[0].shape == (expected, 4, 5, 3)
         assert torch.equal(calls[0], source.load(["a"]).expand(expected, 4, 5, 3))
+
+
+def test_tower_in_the_step_computes_the_features_the_cache_holds(prepared, tmp_path):
+    """`train.vision_cache: false` runs the frozen tower inside the step as the cache build does: the same batch of
+    pages gives the cached features (the cache stores them in bf16)."""
+    import torch
+
+    from florence_ops.data.processed import ImageTable
+    from florence_ops.modeling import load_pretrained
+    from florence_ops.vision.sources import PixelSource
+    from florence_ops.vision.stage_cache import encoded_source, open_or_build_cache
+
+    params = tiny_params(prepared, **{"model.vision_batch_size": 4, "paths.vision_cache": str(tmp_path)})
+    model, processor = load_pretrained(params.paths.base_model, params.model)
+    tower, images, device = model.model.vision_tower.eval(), ImageTable(params.paths.processed), torch.device("cpu")
+    cache = open_or_build_cache(params, tower, processor.image_processor, images, device, verify=False, build=True)
+    source = encoded_source(params, tower, PixelSource(images, processor.image_processor), images.ids, device, 4)
+    assert source.features and not source.cached
+    for start in range(0, len(images.ids), 4):
+        ids = images.ids[start : start + 4]
+        encoded = source.prepare(source.load(ids), device)
+        assert encoded.dtype == torch.float32 and not encoded.requires_grad
+        assert torch.equal(encoded.to(torch.bfloat16), cache.features(ids))

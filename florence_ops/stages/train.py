@@ -4,7 +4,9 @@ Writes `paths.train/model` (the best model by validation ANLS, or the last one w
 layout, or LoRA adapters plus the trained projector) and `paths.train/summary.json`; DVCLive metrics and plots go to
 `paths.live`. Until the run ends, the best model so far is kept beside the run's checkpoint, where a rerun that
 resumes finds it (DVC deletes the stage's outputs before running it). With `train.num_processes > 1` (or FSDP) the
-stage starts itself through `accelerate launch`.
+stage starts itself through `accelerate launch`; with `train.num_machines > 1` it does so on every machine, as
+machine rank 0 under `dvc repro` and as `florence-ops train --machine-rank R` on the others. Only the first process
+of machine rank 0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -22,35 +24,44 @@ from florence_ops.checkpointing import CheckpointStore, run_fingerprint
 from florence_ops.config import Params, pick
 from florence_ops.data.processed import ImageTable, read_questions
 from florence_ops.errors import UserError
-from florence_ops.launch import launch, needs_launch
+from florence_ops.launch import launch, needs_launch, writes_outputs
 from florence_ops.model_inputs import Collator
 from florence_ops.modeling import apply_lora, freeze, load_pretrained, save_processor, unwrap
 from florence_ops.training import Run, fit, make_accelerator
 from florence_ops.vision.sources import PixelSource, cached_source
-from florence_ops.vision.stage_cache import open_or_build_cache
+from florence_ops.vision.stage_cache import encoded_source, open_or_build_together
 
 log = logging.getLogger(__name__)
 COLUMNS = ["questionId", "question", "answers", "image_id", "question_types"]
 # What the stage reads: recorded in summary.json and the checkpoint fingerprint (dvc.yaml lists the same).
 PARAMS_READ = ("lr", "epochs", "batch_size", "seed", "train", "model.attn_implementation", "model.trust_remote_code",
                "model.vision_batch_size", "model.vision_compile", "evaluate.batch_size")  # fmt: skip
+# Where the machines meet, not what they compute: a run resumes under another address, port or timeout.
+RENDEZVOUS = ("train.main_process_ip", "train.main_process_port", "train.collective_timeout_s")
 
 
-def train(params: Params) -> dict:
-    """Fine-tune, save the result and return the run summary (resuming this run's checkpoint if any)."""
-    if params.train.distributed == "fsdp" and not torch.cuda.is_available():
+def train(params: Params, machine_rank: int | None = None) -> dict:
+    """Fine-tune, save the result and return the run summary (resuming this run's checkpoint if any).
+
+    With `train.num_machines > 1` this machine joins the others as `machine_rank` (default 0, the machine whose
+    processes write the outputs); on the other machines it returns once training ends, writing nothing.
+    """
+    cfg = params.train
+    if cfg.distributed == "fsdp" and not torch.cuda.is_available():
         raise UserError("train.distributed: fsdp needs CUDA GPUs (accelerate has no FSDP on CPU); use ddp here")
-    if needs_launch(params.train.num_processes, params.train.distributed):
-        launch("train", params, params.train.num_processes, fsdp=params.train.distributed == "fsdp")
-        return json.loads((Path(params.paths.train) / SUMMARY_FILE).read_text())
+    if machine_rank is not None and not 0 <= machine_rank < cfg.num_machines:
+        raise UserError(f"machine rank {machine_rank} is outside 0..{cfg.num_machines - 1} (train.num_machines)")
+    if needs_launch(cfg.num_processes, cfg.distributed, cfg.num_machines):
+        return _launch(params, machine_rank)
     set_seed(params.seed)  # Python, NumPy and torch on every device
     acc = make_accelerator(params)
-    if acc.num_processes != params.train.num_processes:
-        raise UserError(
-            f"train.num_processes is {params.train.num_processes} but {acc.num_processes} process(es) started"
-        )
-    if not acc.is_main_process:
+    if acc.num_processes != cfg.world_size:
+        raise UserError(f"train.num_processes x train.num_machines is {cfg.world_size} but {acc.num_processes} "
+                        "process(es) started")  # fmt: skip
+    writer = writes_outputs(acc)
+    if not writer:
         logging.getLogger().setLevel(logging.WARNING)
+
     model, processor = load_pretrained(params.paths.base_model, params.model)
     if params.train.lora.enabled:
         model = apply_lora(model, params.train.lora, params.train.freeze)
@@ -65,8 +76,9 @@ def train(params: Params) -> dict:
     images = ImageTable(processed)
     source = vision_source(params, model, processor, images, acc)
     out = Path(params.paths.train)
-    checkpoints = CheckpointStore(params.paths.checkpoints, run_fingerprint(params, PARAMS_READ), params.paths.live)
-    live = _live(params, acc, checkpoints)
+    fingerprint = run_fingerprint(params, PARAMS_READ, ignore=RENDEZVOUS)
+    checkpoints = CheckpointStore(params.paths.checkpoints, fingerprint, params.paths.live)
+    live = _live(params, checkpoints) if writer else None
     run = Run(
         params=params,
         accelerator=acc,
@@ -82,23 +94,10 @@ def train(params: Params) -> dict:
     )
     progress, objective = fit(run)
     if progress.best_epoch < 0:  # no validation: the last weights are the result
-        save_trained(acc, objective, processor, out / TRAINED_MODEL_DIR)
-    elif acc.is_main_process:
+        save_trained(acc, objective, processor, checkpoints.best)
+    if writer:
         move_directory(checkpoints.best, out / TRAINED_MODEL_DIR)
-    if acc.is_main_process:
-        summary = {
-            "steps": progress.step,
-            "epochs": progress.epoch,
-            "best_epoch": progress.best_epoch,
-            "best_val_anls": progress.best_score,
-            "history": progress.history,
-            "trainable_parameters": trainable,
-            "total_parameters": total,
-            "vision_cache": source.cached,
-            "lora": params.train.lora.enabled,
-            "params": pick(params, PARAMS_READ),
-        }
-        write_json(out / SUMMARY_FILE, summary)
+        write_json(out / SUMMARY_FILE, _summary(params, progress, (trainable, total), source.cached))
         if live is not None:
             live.end()
         run.checkpoints.clear()
@@ -107,19 +106,47 @@ def train(params: Params) -> dict:
     return {"steps": progress.step, "best_val_anls": progress.best_score}
 
 
-def vision_source(params: Params, model, processor, images: ImageTable, acc):
-    """Cached vision features when the tower is frozen and the cache is on; pixels otherwise.
+def _summary(params: Params, progress, parameters: tuple[int, int], cached: bool) -> dict:
+    """summary.json: the run's progress, its (trainable, total) parameters and the params it read."""
+    return {
+        "steps": progress.step,
+        "epochs": progress.epoch,
+        "best_epoch": progress.best_epoch,
+        "best_val_anls": progress.best_score,
+        "history": progress.history,
+        "trainable_parameters": parameters[0],
+        "total_parameters": parameters[1],
+        "vision_cache": cached,
+        "lora": params.train.lora.enabled,
+        "params": pick(params, PARAMS_READ),
+    }
 
-    The main process checks an existing cache's checksums (a damaged cache is rebuilt) or builds it; the others then
-    open it.
+
+def _launch(params: Params, machine_rank: int | None) -> dict:
+    """Start this machine's processes and wait for them; machine rank 0 returns the run summary it wrote."""
+    cfg = params.train
+    rank = None if cfg.num_machines == 1 else machine_rank or 0
+    launch("train", params, cfg.num_processes, fsdp=cfg.distributed == "fsdp", rank=rank)
+    if rank:
+        return {"machine_rank": rank}
+    return json.loads((Path(params.paths.train) / SUMMARY_FILE).read_text())
+
+
+def vision_source(params: Params, model, processor, images: ImageTable, acc):
+    """Cached vision features when the tower is frozen and the cache is on, the frozen tower run inside the step when
+    the cache is off (`encoded_source`); pixels for a tower that trains.
+
+    An existing cache's checksums are checked (a damaged cache is rebuilt); a missing one is built by all the
+    processes of each machine together (`open_or_build_together`).
     """
     pixels = PixelSource(images, processor.image_processor)
-    if not (params.train.vision_cache and "vision_tower" in params.train.freeze):
+    if "vision_tower" not in params.train.freeze:
         return pixels
     tower = unwrap(model).model.vision_tower.to(acc.device).eval()
-    with acc.main_process_first():
-        cache = open_or_build_cache(params, tower, processor.image_processor, images, acc.device,
-                                    verify=acc.is_main_process, build=True)  # fmt: skip
+    if not params.train.vision_cache:
+        micro_batch = params.batch_size // (params.train.grad_accum_steps * acc.num_processes)
+        return encoded_source(params, tower, pixels, images.ids, acc.device, micro_batch)
+    cache = open_or_build_together(params, tower, processor.image_processor, images, acc)
     return cached_source(cache, images.ids, acc.device)
 
 
@@ -152,11 +179,9 @@ def _collator(processor, params: Params, train: bool) -> Collator:
     return Collator(processor.tokenizer, cfg.prompt, cfg.max_question_tokens, cfg.max_answer_tokens, train)
 
 
-def _live(params: Params, acc, checkpoints: CheckpointStore):
-    """DVCLive on the main process; dvc.yaml declares its files. A run that resumes continues, step for step, the
-    history its checkpoint holds (`dvc repro` deletes the stage's plots before running it again)."""
-    if not acc.is_main_process:
-        return None
+def _live(params: Params, checkpoints: CheckpointStore):
+    """DVCLive, for the process that writes the outputs; dvc.yaml declares its files. A run that resumes continues,
+    step for step, the history its checkpoint holds (`dvc repro` deletes the stage's plots before running it again)."""
     from dvclive import Live
 
     latest = checkpoints.latest()

@@ -63,6 +63,25 @@ def tower_encoder(
     return encode
 
 
+class EncodedSource:
+    """Pages encoded by the frozen tower inside each training or validation step (`encode`, from `tower_encoder`: no
+    grad, on CUDA a bf16 copy of the tower, compiled by regions when asked), for runs without the feature cache: the
+    features the cache would hold, computed where they are used, so nothing but the pages is stored."""
+
+    cached, features = False, True
+
+    def __init__(self, pixels: PixelSource, encode):
+        self.pixels, self.encode = pixels, encode
+
+    def load(self, image_ids: Sequence[str]) -> torch.Tensor:
+        """uint8 pixels of these pages (what a batch carries)."""
+        return self.pixels.load(image_ids)
+
+    def prepare(self, loaded: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The tower's last hidden state of the loaded pages, on the encoder's device."""
+        return self.encode(loaded)
+
+
 def computed_with(device: torch.device, dtype: torch.dtype | None, compiled: bool) -> dict:
     """How `tower_encoder` computes the features (part of the cache key): device type, precision (with
     `dtype`, a bf16 copy of the tower with `fuse_kernels`; fp32 without), compilation (regional, static shapes)."""
