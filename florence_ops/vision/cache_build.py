@@ -181,7 +181,6 @@ class FeatureWriter:
         return {**meta, "chunk_sha256": self.digest.finish()} if self.digest is not None else meta
 
 
-
 def _drop_stale(root: Path, keep: str) -> None:
     """Remove caches of other keys: they belong to older weights or data and would only fill the disk."""
     for entry in root.iterdir():
