@@ -30,6 +30,7 @@ TRAINED_MODEL_DIR = "model"  # train: paths.train/model, the fine-tuned model in
 SUMMARY_FILE = "summary.json"  # train: paths.train/summary.json, the run's summary
 SETTINGS_FILE = "florence_ops.json"  # export: prompt, question-token limit and metrics, inside the model directory
 CHAMPION_FILE = "champion.json"  # promotion: the champion's record, inside the champion directory and paths.reports
+REGISTRY_REFERENCE = "registry:"  # `florence-ops serve --model registry:florence-docvqa#prod`
 REGISTRY_FILE = "registry.json"  # registry: name, version, stage, commit and metrics, inside a fetched version
 
 # The scores of each answer, and the headline figures of a model: those scores averaged, and how many questions.

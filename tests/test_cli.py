@@ -119,13 +119,16 @@ def test_local_model_directory_that_does_not_exist_says_so(tmp_path):
     assert line.endswith("; check the path")
 
 
-def test_stage_commands_do_not_load_the_registry():
-    """GTO and DVC load only for `florence-ops registry`: a stage's start-up (and a GPU machine without them) does not
-    pay for the model registry."""
+@pytest.mark.parametrize("command", ["train", "serve"])
+def test_commands_load_the_registry_only_when_they_use_it(tmp_path, command):
+    """GTO and DVC load for `florence-ops registry` and `serve --model registry:...` only: a stage's start-up, or a
+    server of a model directory (on a GPU machine without them), does not pay for the model registry."""
+    stub = "import florence_ops.serving.server as s; s.serve = lambda *a, **k: None"  # stop before a model loads
+    args = [command, "--params", str(REPO / "params.yaml"), "--help" if command == "train" else f"--model={tmp_path}"]
     check = (
-        "import sys\nfrom florence_ops import cli\n"
-        "try:\n    cli.main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
+        f"import sys\n{stub}\nfrom florence_ops import cli\n"
+        f"try:\n    cli.main({args!r})\nexcept SystemExit:\n    pass\n"
         "print(sorted({'gto', 'dvc'} & {name.split('.')[0] for name in sys.modules}))"
     )
-    done = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "[]"

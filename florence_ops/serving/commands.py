@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from florence_ops.artifacts import REGISTRY_REFERENCE
 from florence_ops.config import Params, load_params
 from florence_ops.errors import UserError
 
@@ -88,7 +89,6 @@ def run_predict(args: argparse.Namespace) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Run the server until interrupted."""
-    from florence_ops.serving.replica import Replica, is_reference
     from florence_ops.serving.server import ServerFailed, serve
 
     overrides = {"serve.host": args.host, "serve.port": args.port, "serve.max_batch_size": args.max_batch_size,
@@ -101,7 +101,9 @@ def run_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     model, replica = args.model or params.paths.export, None
-    if is_reference(model):  # fetched before the server starts: a registry that cannot be read is one line
+    if model.startswith(REGISTRY_REFERENCE):  # fetched before the server starts: an unreadable registry is one line
+        from florence_ops.serving.replica import Replica  # GTO and DVC load only for a registry entry
+
         replica = Replica.for_reference(model, params)
         model = replica.start()
     try:

@@ -22,19 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from florence_ops import registry
-from florence_ops.artifacts import REGISTRY_FILE, write_json
+from florence_ops.artifacts import REGISTRY_FILE, REGISTRY_REFERENCE, write_json
 from florence_ops.config import Params
 from florence_ops.promotion import switch_link
 from florence_ops.serving.health import write_replica_status
 
 log = logging.getLogger(__name__)
-PREFIX = "registry:"  # `--model registry:florence-docvqa#prod`
 MAX_RETRY_S = 300.0  # longest wait before fetching a version that failed to fetch once more
-
-
-def is_reference(model: str) -> bool:
-    """Whether `--model` names a registry entry rather than a directory."""
-    return model.startswith(PREFIX)
 
 
 class Replica:
@@ -53,7 +47,7 @@ class Replica:
     def for_reference(cls, reference: str, params: Params, repo: Path | None = None) -> Replica:
         """The replica of `registry:<artifact>#<stage>` (either part left out: params.yaml's), reading the git remote
         of params.yaml (or, without one, the clone `repo`, by default the working directory when it is one)."""
-        artifact, _, stage = reference.removeprefix(PREFIX).partition("#")
+        artifact, _, stage = reference.removeprefix(REGISTRY_REFERENCE).partition("#")
         cfg = dataclasses.replace(params.registry, artifact=artifact or params.registry.artifact,
                                   stage=stage or params.registry.stage)  # fmt: skip
         repo = repo or Path.cwd()
