@@ -118,8 +118,9 @@ def test_resident_features_equal_the_mapped_ones(tmp_path):
     read in chunks (here of two pages: a full chunk and a short one)."""
     import torch
 
+    from florence_ops.model_inputs import TextBatch
     from florence_ops.vision.cache_build import build_cache
-    from florence_ops.vision.sources import CachedSource, ResidentSource
+    from florence_ops.vision.sources import CachedSource, ResidentSource, tower_output
 
     ids = [f"page{i}" for i in range(7)]
     pages = [(ids[i : i + 3], torch.randn(len(ids[i : i + 3]), 4, 2, 2)) for i in range(0, 7, 3)]
@@ -129,6 +130,9 @@ def test_resident_features_equal_the_mapped_ones(tmp_path):
     mapped = CachedSource(cache)
     cpu = torch.device("cpu")
     assert torch.equal(resident.prepare(resident.load(asked), cpu), mapped.prepare(mapped.load(asked), cpu))
+    # as training reads them: the features are the tower's output (no tower runs, so no model is needed)
+    batch = TextBatch(torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1, dtype=torch.long), asked)
+    assert torch.equal(tower_output(None, resident, batch, cpu), mapped.prepare(mapped.load(asked), cpu))
 
 
 class _MarkingPages:
@@ -208,7 +212,7 @@ def test_tower_in_the_step_computes_the_features_the_cache_holds(prepared, tmp_p
     tower, images, device = model.model.vision_tower.eval(), ImageTable(params.paths.processed), torch.device("cpu")
     cache = open_or_build_cache(params, tower, processor.image_processor, images, device, verify=False, build=True)
     source = encoded_source(params, tower, PixelSource(images, processor.image_processor), images.ids, device, 4)
-    assert source.features and not source.cached
+    assert source.gives_tower_output and not source.cached
     for start in range(0, len(images.ids), 4):
         ids = images.ids[start : start + 4]
         encoded = source.prepare(source.load(ids), device)

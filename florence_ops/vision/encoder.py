@@ -68,7 +68,7 @@ class EncodedSource:
     grad, on CUDA a bf16 copy of the tower, compiled by regions when asked), for runs without the feature cache: the
     features the cache would hold, computed where they are used, so nothing but the pages is stored."""
 
-    cached, features = False, True
+    cached, gives_tower_output = False, True
 
     def __init__(self, pixels: PixelSource, encode):
         self.pixels, self.encode = pixels, encode

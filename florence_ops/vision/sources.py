@@ -27,7 +27,7 @@ class PixelSource:
     """Pages by image id (PIL images already at the model's input size), as the vision tower's input."""
 
     cached = False
-    features = False  # `prepare` gives the tower's input, not its output
+    gives_tower_output = False  # `prepare` gives the tower's input, not its output
 
     def __init__(self, images: Mapping[str, Image.Image], image_processor):
         self.images = images
@@ -78,7 +78,7 @@ class PageRows(PixelSource):
 class CachedSource:
     """Vision tower outputs read from a `VisionFeatureCache` (valid only while the tower is frozen)."""
 
-    cached = features = True
+    cached = gives_tower_output = True
 
     def __init__(self, cache):
         self.cache = cache
@@ -96,7 +96,7 @@ class ResidentSource:
     """Cached tower outputs of some pages held in device memory: batches carry row numbers, and features are gathered
     on the device (no host reads or copies per batch). Built by `cached_source` when they fit."""
 
-    cached = features = True
+    cached = gives_tower_output = True
 
     def __init__(self, cache, image_ids: Sequence[str], device: torch.device, chunk: int = 256):
         ids = sorted(set(image_ids), key=cache.row.__getitem__)  # the file's order: sequential reads
@@ -152,7 +152,7 @@ def tower_output(model, source, batch: TextBatch, device: torch.device) -> torch
     """The vision tower's last hidden state for each question of `batch` (each distinct page computed once)."""
     loaded = batch.vision if batch.vision is not None else source.load(list(dict.fromkeys(batch.image_ids)))
     prepared = source.prepare(loaded, device)
-    output = prepared if source.features else model.model.vision_tower(prepared).last_hidden_state
+    output = prepared if source.gives_tower_output else model.model.vision_tower(prepared).last_hidden_state
     if output.shape[0] == len(batch.image_ids):  # no page asked about twice: pages are in question order
         return output
     index = batch.image_index if batch.image_index is not None else _page_index(batch.image_ids)
