@@ -218,3 +218,24 @@ def test_tower_in_the_step_computes_the_features_the_cache_holds(prepared, tmp_p
         encoded = source.prepare(source.load(ids), device)
         assert encoded.dtype == torch.float32 and not encoded.requires_grad
         assert torch.equal(encoded.to(torch.bfloat16), cache.features(ids))
+
+
+def test_tower_in_the_step_runs_outside_the_steps_autocast(prepared):
+    """A training step runs under bf16 autocast on a GPU; the frozen tower's bf16 copy inside it must not (on an H200
+    autocast handed the fused fc1+GELU matmul fp32 activations: 'mat1 and mat2 must have the same dtype')."""
+    import torch
+
+    from florence_ops.data.processed import ImageTable
+    from florence_ops.modeling import load_pretrained
+    from florence_ops.vision.encoder import tower_encoder
+    from florence_ops.vision.sources import PixelSource
+
+    params = tiny_params(prepared)
+    model, processor = load_pretrained(params.paths.base_model, params.model)
+    tower, images = model.model.vision_tower.eval(), ImageTable(params.paths.processed)
+    seen = []
+    tower.register_forward_pre_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))  # copied with the tower
+    encode = tower_encoder(tower, PixelSource(images, processor.image_processor), torch.device("cpu"), torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        encode(PixelSource(images, processor.image_processor).load(images.ids[:2]))
+    assert seen == [False]

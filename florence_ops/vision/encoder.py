@@ -5,7 +5,6 @@ the cache key that records how it computed.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections.abc import Sequence
 
@@ -37,7 +36,9 @@ def tower_encoder(
         tower = copy.deepcopy(tower)
         if dtype is not None and cast:
             fuse_kernels(tower.to(dtype))
-    mixed = autocast(dtype, device) if not cast else contextlib.nullcontext()
+    # the bf16 copy runs outside any caller's autocast (a training step's), as the cache build runs it: autocast would
+    # hand its fused matmul fp32 activations from the layer norms it keeps in fp32
+    mixed = autocast(dtype, device) if not cast else torch.autocast(device.type, enabled=False)
     if compile:
         tower = compile_regions(tower)
     size = []  # the compiled batch size, fixed by the first call
