@@ -93,13 +93,14 @@ def s3_server(root: Path) -> Iterator[tuple[str, subprocess.Popen]]:
     server = start([str(BIN / "moto_server"), "-H", HOST, "-p", str(port)], root / "moto.log", {**os.environ})
     try:
         wait_for(lambda: _answers(endpoint), "moto_server", 60)
-        boto3.client("s3", endpoint_url=endpoint, **_boto_credentials()).create_bucket(Bucket=BUCKET)
+        boto3.client("s3", endpoint_url=endpoint, **boto_credentials()).create_bucket(Bucket=BUCKET)
         yield endpoint, server
     finally:
         stop(server)
 
 
-def _boto_credentials() -> dict[str, str]:
+def boto_credentials() -> dict[str, str]:
+    """boto3's keyword arguments for the S3 server's credentials."""
     keys = ("aws_access_key_id", "aws_secret_access_key", "region_name")
     return dict(zip(keys, S3_CREDENTIALS.values(), strict=True))
 
@@ -108,7 +109,7 @@ def s3_objects(endpoint: str) -> dict[str, str]:
     """Every object of BUCKET and its ETag."""
     import boto3
 
-    pages = boto3.client("s3", endpoint_url=endpoint, **_boto_credentials()).get_paginator("list_objects_v2")
+    pages = boto3.client("s3", endpoint_url=endpoint, **boto_credentials()).get_paginator("list_objects_v2")
     return {obj["Key"]: obj["ETag"] for page in pages.paginate(Bucket=BUCKET) for obj in page.get("Contents", [])}
 
 

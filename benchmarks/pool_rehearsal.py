@@ -1,19 +1,25 @@
 """Rehearse retraining on a pool of machines, on one host: two Prefect workers play two machines that share nothing
 but the remotes (a bare git repository, an S3 server as the DVC remote) and the Prefect server.
 
-1. Two runs at once: one takes the pool's slot and trains; the other waits for the slot, then restores every stage
-   from the run-cache the first pushed (nothing retrained).
+1. Two runs at once: one takes the pool's slot, trains and is promoted; the other waits for the slot, then skips
+   training: the version holding prod in the registry was trained on the same data and params.
 2. A machine dies (its worker and everything it started SIGKILLed) while training a changed params.yaml: the slot
    frees when its lease expires, the remotes are unchanged, and the next run trains and succeeds.
-3. The S3 server stops while a run pushes: the run fails with one line naming the DVC remote; nothing is committed
-   or promoted.
+Once the first phase has put a version in prod, two serving replicas start (`pool_replicas.py`: each in its own
+directory, following `registry:florence-docvqa#prod` on the git remote, fetching from S3), and a client asks both
+until the end. The second phase's promotion is swapped in by both without a failed request.
+3. A version whose weights are corrupt in the S3 bucket takes prod: both replicas keep serving theirs and report the
+   failed fetch in /healthz.
+4. The S3 server stops while a run pushes (it restored every stage from the run-cache the second phase pushed): the
+   run fails with one line naming the DVC remote; nothing is committed or promoted.
 
 Writes JSON with the timings, which worker trained and which waited. From the repository root:
 
     PYTHONPATH=. python benchmarks/pool_rehearsal.py --set epochs=2 --set promotion.margin=-1 \\
         --out reports/benchmarks/pool_rehearsal_cpu.json
 
-(the tests run it with their tiny params: tests/test_pool.py).
+(the tests run it with their tiny params: tests/test_pool.py). A negative margin lets the gate promote the tiny
+model, which learns nothing in two epochs: the first and second phases need a promotion.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import pool_machines as machines  # noqa: E402
+from benchmarks import pool_replicas as replicas  # noqa: E402
 from florence_ops.artifacts import write_json  # noqa: E402
 from florence_ops.params_file import apply_overrides, parse_value, read_yaml  # noqa: E402
 
@@ -73,15 +80,16 @@ def logs(run_id: str) -> list[str]:
     return [entry.message for entry in found]
 
 
-def decision(run_id: str) -> str | None:
-    """The decision of the run's markdown artifact ("promoted", "rejected", ...), or None without one."""
+def decision(run_id: str) -> tuple[str | None, str | None]:
+    """The decision ("promoted", "skipped", ...) and the reason of the run's markdown artifact; Nones without one."""
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     with _client() as client:
         of_run = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
         found = client.read_artifacts(artifact_filter=of_run)
-    match = next((re.search(r"`: (\w+) \(", a.data or "") for a in found if a.key == "florence-retrain"), None)
-    return match.group(1) if match else None
+    pattern = r"`: (\w+) \(\w+\)\n\n(.*)"
+    match = next((re.search(pattern, a.data or "") for a in found if a.key == "florence-retrain"), None)
+    return (match.group(1), match.group(2) or None) if match else (None, None)
 
 
 def matches(lines: list[str], pattern: str) -> list[str]:
@@ -100,7 +108,7 @@ def summary(run_id: str, root: Path) -> dict:
     lines = logs(run_id)
     waited = next((m.group(1) for line in lines if (m := re.search(r"slot after waiting ([\d.]+) s", line))), None)
     branch = next((m.group(1) for line in lines if (m := re.search(r"committed the run to (\S+)", line))), None)
-    final = state(run_id)
+    final, (decided, reason) = state(run_id), decision(run_id)
     return {
         "run_id": run_id,
         "worker": next((w.name for w in root.glob("machine-*") if ran_on(w, run_id)), None),
@@ -110,7 +118,8 @@ def summary(run_id: str, root: Path) -> dict:
         "stages_ran": matches(lines, r"Running stage '([^']+)'"),
         "stages_restored": matches(lines, r"Stage '([^']+)' is cached"),
         "branch": branch,
-        "decision": decision(run_id),
+        "decision": decided,
+        "reason": reason,
     }
 
 
@@ -140,8 +149,8 @@ def phase_two_at_once(root: Path) -> dict:
     return {"seconds": round(time.monotonic() - started, 1), "runs": [summary(r, root) for r in runs]}
 
 
-def phase_machine_dies(root: Path, seed: Path, endpoint: str, workers: dict) -> dict:
-    origin = root / "origin.git"
+def phase_machine_dies(root: Path, seed: Path, endpoint: str, workers: dict, watch: replicas.Watch) -> dict:
+    origin, served_before, started = root / "origin.git", watch.versions(), time.monotonic()
     change_params_on_main(seed, "lr", 2e-4)
     before = (machines.s3_objects(endpoint), machines.git(origin, "for-each-ref"))
     [killed] = trigger()
@@ -159,8 +168,14 @@ def phase_machine_dies(root: Path, seed: Path, endpoint: str, workers: dict) -> 
     freed_s = round(time.monotonic() - killed_at, 1)
     unchanged = before == (machines.s3_objects(endpoint), machines.git(origin, "for-each-ref"))
     wait_finished([after])
+    next_run = summary(after, root)
+    swap = None
+    if next_run["decision"] == "promoted":  # the replicas follow the promotion
+        assigned_at, tag = replicas.latest_prod(watch, started)
+        watch.wait_moved(served_before, 120)
+        swap = watch.swap(served_before, assigned_at, tag)
     return {"killed_worker": worker_name, "killed_run": killed, "next_run_held_the_slot_after_s": freed_s,
-            "remotes_unchanged": unchanged, "next_run": summary(after, root)}  # fmt: skip
+            "remotes_unchanged": unchanged, "next_run": next_run, "replicas_swap": swap}  # fmt: skip
 
 
 def phase_s3_stops(root: Path, s3, workers: dict) -> dict:
@@ -188,8 +203,12 @@ def rehearse(root: Path, overrides: dict) -> dict:
         workers = {name: machines.start_worker(root, name, api_url) for name in ("machine-1", "machine-2")}
         try:
             result = {"two_at_once": phase_two_at_once(root)}
-            result["machine_dies"] = phase_machine_dies(root, seed, endpoint, workers)
-            result["s3_stops"] = phase_s3_stops(root, s3, workers)
+            with replicas.replicas_serving(root, seed, origin, api_url) as watch:
+                result["replicas"] = {"started_in_s": watch.ready_s, "serving": watch.versions()}
+                result["machine_dies"] = phase_machine_dies(root, seed, endpoint, workers, watch)
+                result["corrupt_in_s3"] = replicas.run_fault(watch, root, origin, endpoint)
+                result["s3_stops"] = phase_s3_stops(root, s3, workers)
+                result["replicas"].update(requests=watch.counts(0.0), failures=watch.failures()[:10])
             result["registry_tags"] = machines.git(origin, "tag", "--list").split()  # versions and stages promoted
         finally:
             for worker in workers.values():

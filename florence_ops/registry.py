@@ -75,9 +75,10 @@ class Promotion:
                 "registered": self.registered and self.registered.as_dict()}  # fmt: skip
 
 
-def _git(cwd: Path | None, *args: str, env: Mapping[str, str] | None = None) -> str:
+def _git(cwd: Path | None, *args: str, env: Mapping[str, str] | None = None, stdin: str | None = None) -> str:
     """`git <args>` in `cwd`; its output, stripped. RegistryError with git's last line when it fails."""
-    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})},
+                          input=stdin)  # fmt: skip
     if done.returncode:
         lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
         raise RegistryError(f"git {args[0]} failed: {lines[-1]}")
@@ -122,11 +123,11 @@ def tags_digest(source: str) -> str:
     return hashlib.sha1(_git(None, "ls-remote", "--tags", source).encode()).hexdigest()
 
 
-def _metrics_at(view: Path, commit: str) -> dict[str, Any] | None:
-    """The metrics file of `commit`, where that commit's params.yaml puts it; None when it has none."""
+def _report_at(view: Path, commit: str, name: str = METRICS_FILE) -> dict[str, Any] | None:
+    """The file `name` of the reports folder of `commit` (where its params.yaml puts it); None when it has none."""
     try:
         reports = yaml.safe_load(_git(view, "show", f"{commit}:{PARAMS_FILE}"))["paths"]["reports"]
-        return json.loads(_git(view, "show", f"{commit}:{Path(reports, METRICS_FILE).as_posix()}"))
+        return json.loads(_git(view, "show", f"{commit}:{Path(reports, name).as_posix()}"))
     except (RegistryError, yaml.YAMLError, json.JSONDecodeError, KeyError, TypeError):
         return None
 
@@ -149,7 +150,7 @@ def versions(view: Path, params: Params) -> list[ModelVersion]:
             tuple(s["stage"] for s in entry["stages"]),
             entry["ref"],
             entry["commit_hexsha"],
-            _metrics_at(view, entry["commit_hexsha"]),
+            _report_at(view, entry["commit_hexsha"]),
         )  # fmt: skip
         for entry in shown
     ]
@@ -164,6 +165,15 @@ def resolve(view: Path, params: Params, stage: str | None = None) -> ModelVersio
             events = [e for e in history(view, params) if e["stage"] == stage and e["version"] == version.version]
             return dataclasses.replace(version, stages=(stage,), tag=events[-1]["ref"])
     return None
+
+
+def champion_record(repo: Path | None, params: Params) -> dict[str, Any] | None:
+    """The champion record committed with the version holding `registry.stage` (params, data fingerprint, metrics
+    and run id of the run that made it), read from the registry (the git remote, else the clone `repo`); None when
+    no version holds the stage or its commit holds no record."""
+    with registry_view(source_of(repo, params.registry)) as view:
+        version = resolve(view, params)
+        return version and _report_at(view, version.commit, CHAMPION_FILE)
 
 
 def history(view: Path, params: Params) -> list[dict[str, Any]]:
@@ -225,10 +235,11 @@ def rollback(repo: Path, params: Params, version: str) -> ModelVersion:
     return resolve(repo, params)
 
 
-def model_commit(repo: Path, params: Params, message: str) -> str:
+def model_commit(repo: Path, params: Params, message: str, record: Mapping[str, Any] | None = None) -> str:
     """A commit of the workspace as it is now, on top of HEAD: its tracked files, dvc.lock (which names the model)
     and the metrics file, made through a private index: the branch, the index and the files stay as they are. HEAD
-    when nothing changed."""
+    when nothing changed. `record`, the run's champion record, is the commit's `paths.reports/champion.json`;
+    without one the commit holds none (another model's record would describe the wrong model)."""
     index = Path(repo, _git(repo, "rev-parse", "--git-path", "index"))
     model_files = [name for name in (LOCK_FILE, Path(params.paths.reports, METRICS_FILE).as_posix())
                    if (repo / name).is_file()]  # fmt: skip
@@ -238,6 +249,11 @@ def model_commit(repo: Path, params: Params, message: str) -> str:
             shutil.copy2(index, private["GIT_INDEX_FILE"])
         _git(repo, "add", "--update", env=private)
         _git(repo, "add", "--", *model_files, env=private)
+        record_file = Path(params.paths.reports, CHAMPION_FILE).as_posix()
+        _git(repo, "rm", "--cached", "--quiet", "--ignore-unmatch", "--", record_file, env=private)
+        if record is not None:
+            blob = _git(repo, "hash-object", "-w", "--stdin", stdin=json.dumps(record, indent=2, default=str) + "\n")
+            _git(repo, "update-index", "--add", "--cacheinfo", f"100644,{blob},{record_file}", env=private)
         tree = _git(repo, "write-tree", env=private)
     head = _git(repo, "rev-parse", "HEAD")
     if tree == _git(repo, "rev-parse", "HEAD^{tree}"):
@@ -292,14 +308,17 @@ def _download_checked(repo: Any, path: str, staging: Path, version: ModelVersion
                                 f"{version.commit[:12]}: corrupt in the DVC remote")  # fmt: skip
 
 
-def promote_if_better(repo: Path, params: Params, candidate_metrics: Mapping[str, Any]) -> Promotion:
+def promote_if_better(
+    repo: Path, params: Params, candidate_metrics: Mapping[str, Any], record: Mapping[str, Any] | None = None
+) -> Promotion:
     """The retraining gate, against the registry: register and assign `registry.stage` to the workspace's model when
     it beats the version holding that stage.
 
     1. Resolve the version holding the stage (from the git remote; without one, from `repo`'s tags) and read the
        metrics file of its commit from git. 2. `promotion.judge`: the candidate must beat it on `promotion.metric` by
        more than `promotion.margin`; with no version yet, it must beat the base model (`before` in its metrics).
-    3. On a win: commit the workspace's tracked files (dvc.lock, metrics) without moving HEAD (`model_commit`), push
+    3. On a win: commit the workspace's tracked files (dvc.lock, metrics, the run's champion `record`: what a later
+       run compares its data and params with) without moving HEAD (`model_commit`), push
        the model's bytes to the DVC remote when there is a git remote (other machines fetch them from there), then
        register the commit as the next version and assign it the stage, tags pushed. `models/champion` is the
        caller's local copy, if it keeps one.
@@ -319,7 +338,7 @@ def promote_if_better(repo: Path, params: Params, candidate_metrics: Mapping[str
     verdict = judge(candidate_metrics, champion and {"metrics": champion.metrics}, metric, params.promotion.margin)
     if not verdict.promote:
         return Promotion(verdict, champion, None)
-    commit = model_commit(repo, params, f"{cfg.artifact}: {verdict.reason}")
+    commit = model_commit(repo, params, f"{cfg.artifact}: {verdict.reason}", record)
     if git_remote(repo, cfg) is not None:
         push_model(repo, params)
     return Promotion(verdict, champion, register(repo, params, commit))

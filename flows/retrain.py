@@ -126,10 +126,18 @@ def fingerprint_data(params: Params, repo: Path) -> dict[str, Any]:
     return promotion.data_fingerprint(params, repo)
 
 
+@task(name="read the registry's champion", cache_policy=NO_CACHE)
+def registry_champion(repo: Path, params: Params) -> dict[str, Any] | None:
+    """The champion record of the version holding the stage in the registry (`registry.champion_record`)."""
+    return registry.champion_record(repo, params)
+
+
 @task(name="gate and register", cache_policy=NO_CACHE)
-def promote_in_registry(repo: Path, params: Params, metrics: dict[str, Any]) -> registry.Promotion:
+def promote_in_registry(
+    repo: Path, params: Params, metrics: dict[str, Any], record: dict[str, Any] | None = None
+) -> registry.Promotion:
     """Compare with the version holding `registry.stage`; register and assign a winner (see `registry`)."""
-    return registry.promote_if_better(repo, params, metrics)
+    return registry.promote_if_better(repo, params, metrics, record)
 
 
 @task(name="promote", cache_policy=NO_CACHE)
@@ -189,6 +197,8 @@ def _train_and_judge(
     write_history(repo, {**record, "status": RUNNING, "decision": None})  # what a killed run leaves behind
     record["git"] = git_state(repo)
     record["data_fingerprint"] = fingerprint = fingerprint_data(params, repo)
+    if registry.git_remote(repo, params.registry) is not None:  # the champion is what the registry holds, for
+        record["champion"] = champion = registry_champion(repo, params)  # any machine: not this clone's copy
     skip = None if force else promotion.skip_reason(champion, fingerprint, params)
     if skip:
         record.update(decision="skipped", reason=skip)
@@ -202,7 +212,7 @@ def _train_and_judge(
     metrics = promotion.read_metrics(repo / params.paths.reports / METRICS_FILE, params.promotion.metric)
     record["metrics"] = metrics
     try:
-        outcome = promote_in_registry(repo, params, metrics)
+        outcome = promote_in_registry(repo, params, metrics, champion_record(record))
     except registry.RegistryError:
         record["decision"] = "promotion_failed"
         raise
@@ -220,7 +230,7 @@ def _train_and_judge(
 
 
 def champion_record(record: dict[str, Any]) -> dict[str, Any]:
-    """What the champion keeps of the run that trained it."""
+    """What the champion keeps of the run that trained it (in `models/champion` and in the registry's version)."""
     keys = ("run_id", "git", "params", "overrides", "data_fingerprint", "metrics", "registry")
     return {**{key: record[key] for key in keys}, "promoted_at": datetime.now(UTC).isoformat()}
 

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.remotes import s3_endpoint  # noqa: F401 (fixture of dvc_remote's "s3")
 
 os.environ.update(
     HF_HUB_OFFLINE="1",
@@ -84,12 +88,52 @@ def disk_full_after(n_bytes: int):
     return copyfile
 
 
+@dataclass(frozen=True)
+class DvcRemote:
+    """A DVC remote of the tests: a local folder, or a bucket of an S3 server (`endpoint`)."""
+
+    url: str
+    endpoint: str | None = None
+
+    def add_to(self, repo: Path) -> None:
+        """Make this remote the default DVC remote of the clone `repo` (the endpoint in .dvc/config, as for any
+        S3-compatible server; the credentials stay in the environment)."""
+        dvc = [sys.executable, "-m", "dvc", "remote"]
+        subprocess.run([*dvc, "add", "--default", "storage", self.url], cwd=repo, check=True, capture_output=True)
+        if self.endpoint:
+            modify = [*dvc, "modify", "storage", "endpointurl", self.endpoint]
+            subprocess.run(modify, cwd=repo, check=True, capture_output=True)
+
+    def overwrite(self, content: bytes, data: bytes) -> None:
+        """Replace the stored object of the file that held `content` with `data`, as a faulty store or a person
+        would: DVC's record of it is left as it was."""
+        md5 = hashlib.md5(content).hexdigest()
+        if self.endpoint is None:
+            stored = Path(self.url, "files/md5", md5[:2], md5[2:])
+            stored.chmod(0o644)
+            stored.write_bytes(data)
+            return
+        import boto3
+
+        from benchmarks.pool_machines import boto_credentials
+
+        bucket, _, prefix = self.url.removeprefix("s3://").partition("/")
+        s3 = boto3.client("s3", endpoint_url=self.endpoint, **boto_credentials())
+        key = f"{prefix}/files/md5/{md5[:2]}/{md5[2:]}"
+        s3.head_object(Bucket=bucket, Key=key)  # the object is where DVC put it
+        s3.put_object(Bucket=bucket, Key=key, Body=data)
+
+
 @pytest.fixture(params=["local"])
-def dvc_remote(request, tmp_path) -> str:
-    """The DVC remote's URL: a local directory (the parameter names the kind, so other kinds can join)."""
+def dvc_remote(request, tmp_path) -> DvcRemote:
+    """The DVC remote: a local folder, or with the parameter "s3" (`indirect`) a bucket of a fresh S3 server."""
+    if request.param == "s3":
+        from benchmarks.pool_machines import BUCKET
+
+        return DvcRemote(f"s3://{BUCKET}/dvc", request.getfixturevalue("s3_endpoint"))
     folder = tmp_path / "dvc-remote"
     folder.mkdir()
-    return str(folder)
+    return DvcRemote(str(folder))
 
 
 @pytest.fixture
@@ -111,7 +155,7 @@ def registry_repo(tmp_path, git_remote, dvc_remote) -> Path:
     run = functools.partial(subprocess.run, cwd=repo, check=True, capture_output=True)
     run(["git", "init", "--quiet"])
     run([sys.executable, "-m", "dvc", "init", "--quiet"])
-    run([sys.executable, "-m", "dvc", "remote", "add", "--default", "storage", dvc_remote])
+    dvc_remote.add_to(repo)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["registry"]["git_remote"] = "origin"
     (repo / "params.yaml").write_text(yaml.safe_dump(params))

@@ -89,9 +89,9 @@ def test_a_pool_run_needs_the_registry_on_the_git_remote(tmp_path):
 
 
 @pytest.mark.slow
-def test_pool_rehearsal_one_run_at_a_time_a_dead_machine_and_a_stopped_s3(tmp_path):
+def test_pool_rehearsal_one_run_at_a_time_a_dead_machine_replicas_following_prod_and_a_stopped_s3(tmp_path):
     """benchmarks/pool_rehearsal.py as its users run it, on the tiny params: see its docstring for the phases."""
-    # a negative margin admits the tiny model, which learns nothing in two epochs, so that the gate promotes
+    # a negative margin admits the tiny model, which learns nothing in two epochs: phases 1 and 2 need a promotion
     tiny = {**TINY_OVERRIDES, "promotion.margin": -1.0}
     overrides = [f"--set={key}={value}" for key, value in tiny.items()]
     command = [sys.executable, str(REPO / "benchmarks/pool_rehearsal.py"), "--root", str(tmp_path / "pool")]
@@ -104,25 +104,41 @@ def test_pool_rehearsal_one_run_at_a_time_a_dead_machine_and_a_stopped_s3(tmp_pa
     trained, waited = sorted(result["two_at_once"]["runs"], key=lambda run: run["slot_wait_s"])
     assert trained["worker"] != waited["worker"] and {trained["state"], waited["state"]} == {"COMPLETED"}
     assert "train" in trained["stages_ran"] and trained["decision"] == "promoted"
-    assert waited["slot_wait_s"] > 10 and "train" in waited["stages_restored"] and "train" not in waited["stages_ran"]
-    for run in (trained, waited):  # each run's dvc.lock and metrics on its branch of the git remote
-        assert run["branch"] == f"retrain/{run['run_id']}"
-        assert "anls" in json.loads(git(origin, "show", f"{run['branch']}:reports/metrics.json"))
-        assert "train:" in git(origin, "show", f"{run['branch']}:dvc.lock")
+    # the second run, on a clean clone with no champion of its own, compares with the version holding prod
+    assert waited["slot_wait_s"] > 10 and waited["decision"] == "skipped" and not waited["stages_ran"]
+    assert f"params unchanged since champion run {trained['run_id']}" in waited["reason"]
+    assert waited["branch"] is None
+    # the run's dvc.lock and metrics on its branch of the git remote
+    assert trained["branch"] == f"retrain/{trained['run_id']}"
+    assert "anls" in json.loads(git(origin, "show", f"{trained['branch']}:reports/metrics.json"))
+    assert "train:" in git(origin, "show", f"{trained['branch']}:dvc.lock")
 
     died = result["machine_dies"]
     assert died["remotes_unchanged"] and died["next_run"]["worker"] != died["killed_worker"]
     assert died["next_run"]["state"] == "COMPLETED" and "train" in died["next_run"]["stages_ran"]
     assert 5 < died["next_run"]["slot_wait_s"] <= pool.SLOT_LEASE_S + 30  # the killed run's lease ran out
 
+    # two replicas following prod swapped to the promoted version within their poll interval, no request failed
+    swap = died["replicas_swap"]
+    new = f"v0.0.{len([tag for tag in result['registry_tags'] if '@v' in tag]) - 1}"  # before the corrupt one
+    assert set(swap["before"].values()) == {"v0.0.1"} and set(swap["after"].values()) == {new} != {"v0.0.1"}
+    assert all(0 < seconds <= swap["poll_interval_s"] + 60 for seconds in swap["switch_s"].values())
+    assert swap["requests_during_swap"]["sent"] > 0 and swap["requests_during_swap"]["failed"] == 0
+    corrupt = result["corrupt_in_s3"]  # prod assigned to a version whose weights are corrupt in the bucket
+    assert corrupt["before"] == corrupt["after"] == {"replica-1": new, "replica-2": new}
+    for failed in corrupt["last_failed_fetch"].values():
+        assert failed["version"] == corrupt["corrupt_version"] and "does not match the hash" in failed["error"]
+    served = result["replicas"]
+    assert served["requests"]["sent"] > 20 and served["requests"]["failed"] == 0, served["failures"]
+
     stopped = result["s3_stops"]
     assert stopped["run"]["state"] == "FAILED" and not stopped["branch_pushed"]
-    assert stopped["run"]["decision"] != "promoted"
+    assert stopped["run"]["decision"] != "promoted" and "train" in stopped["run"]["stages_restored"]
     message = stopped["run"]["message"]
     assert "could not push to the DVC remote 'storage' (s3://florence-ops/dvc at http://127.0.0.1:" in message
     assert "\n" not in message.strip()
 
     # every promoted run registered a version in the registry on the git remote, and only those
     promoted = [run for run in (trained, waited, died["next_run"], stopped["run"]) if run["decision"] == "promoted"]
-    versions = [tag for tag in result["registry_tags"] if "@v" in tag]
-    assert len(versions) == len(promoted) >= 1 and any("#prod#" in tag for tag in result["registry_tags"])
+    versions = [tag for tag in result["registry_tags"] if "@v" in tag]  # and the corrupt one
+    assert len(versions) == len(promoted) + 1 >= 2 and any("#prod#" in tag for tag in result["registry_tags"])

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from florence_ops import registry
+from florence_ops import promotion, registry
 from florence_ops.cli import main
-from florence_ops.config import load_params
+from florence_ops.config import load_params, to_dict
 from florence_ops.params_file import read_yaml
 from tests.conftest import REPO, record_model
 
@@ -80,6 +80,7 @@ def test_the_gate_compares_with_the_version_holding_the_stage(registry_repo, git
     assert holder(git_remote, params).version == "v0.0.2"
 
 
+@pytest.mark.parametrize("dvc_remote", ["local", "s3"], indirect=True)
 def test_a_version_is_fetched_from_the_dvc_remote_and_corrupt_bytes_are_refused(registry_repo, git_remote, dvc_remote,
                                                                                   tmp_path):  # fmt: skip
     params = params_of(registry_repo)
@@ -90,10 +91,7 @@ def test_a_version_is_fetched_from_the_dvc_remote_and_corrupt_bytes_are_refused(
     assert (target / "model.safetensors").read_bytes() == b"weights one"
     assert read_yaml(target / "registry.json")["version"] == "v0.0.1"
 
-    stored = [p for p in Path(dvc_remote).rglob("*") if p.is_file() and p.read_bytes() == b"weights one"]
-    assert len(stored) == 1
-    stored[0].chmod(0o644)
-    stored[0].write_bytes(b"weights onX")
+    dvc_remote.overwrite(b"weights one", b"weights onX")
     with pytest.raises(registry.RegistryError, match="does not match the hash DVC recorded"):
         registry.fetch(git_remote, params, version, tmp_path / "replica/again")
     assert not (tmp_path / "replica/again").exists()
@@ -140,3 +138,27 @@ def test_without_a_git_remote_the_tags_stay_in_the_clone(registry_repo, git_remo
     assert git(registry_repo, "tag", "--list") == "florence-docvqa#prod#1\nflorence-docvqa@v0.0.1"
     target = registry.fetch(str(registry_repo), params, outcome.registered, tmp_path / "local-copy")
     assert (target / "model.safetensors").read_bytes() == b"local"
+
+
+def test_a_fresh_clone_skips_when_the_version_holding_the_stage_was_trained_on_the_same_data_and_params(
+    registry_repo, git_remote, tmp_path
+):
+    params = params_of(registry_repo)
+    fingerprint = promotion.data_fingerprint(params, registry_repo)
+    record = {"run_id": "run-1", "params": to_dict(params), "data_fingerprint": fingerprint}
+    metrics = record_model(registry_repo, b"trained", {"anls": 0.3, "before": {"anls": 0.0}})
+    registry.promote_if_better(registry_repo, params, metrics, {**record, "metrics": metrics})
+
+    fresh = tmp_path / "pool-machine"  # a clean clone: no local champion record, only the registry's
+    git(tmp_path, "clone", "--quiet", git_remote, str(fresh))
+    champion = registry.champion_record(fresh, params_of(fresh))
+    assert champion["run_id"] == "run-1" and champion["metrics"]["anls"] == 0.3
+    reason = promotion.skip_reason(champion, promotion.data_fingerprint(params_of(fresh), fresh), params_of(fresh))
+    assert reason and "unchanged since champion run run-1" in reason
+    changed = params_of(fresh, lr=5e-4)
+    assert promotion.skip_reason(champion, promotion.data_fingerprint(changed, fresh), changed) is None
+
+    # a version registered without a run's record (by hand) holds none: the next run trains
+    metrics = record_model(registry_repo, b"by hand", {"anls": 0.4, "before": {"anls": 0.0}})
+    registry.promote_if_better(registry_repo, params, metrics)
+    assert holder(git_remote, params).version == "v0.0.2" and registry.champion_record(fresh, params) is None
