@@ -89,6 +89,7 @@ def test_a_pool_run_needs_the_registry_on_the_git_remote(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.rehearsal
 def test_pool_rehearsal_one_run_at_a_time_a_dead_machine_replicas_following_prod_and_a_stopped_s3(tmp_path):
     """benchmarks/pool_rehearsal.py as its users run it, on the tiny params: see its docstring for the phases."""
     # a negative margin admits the tiny model, which learns nothing in two epochs: phases 1 and 2 need a promotion
