@@ -98,7 +98,8 @@ def test_a_failed_build_leaves_the_cache_in_place_and_nothing_beside_it(tmp_path
     no half-written folder on the disk."""
     import torch
 
-    from florence_ops.vision.cache import build_cache, open_cache
+    from florence_ops.vision.cache import open_cache
+    from florence_ops.vision.cache_build import build_cache
 
     ids = ["page0", "page1", "page2"]
     build_cache(tmp_path, "key", ids, [(ids, torch.ones(3, 2))], lambda rows: rows)

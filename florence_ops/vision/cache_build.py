@@ -43,12 +43,16 @@ def build_cache(
     threads take each complete chunk as it is written.
     """
     tmp = new_build_folder(root, key, f"tmp-{os.getpid()}")
-    with ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="cache-sha256") as hashing:
-        writer = FeatureWriter(tmp / FEATURES, len(image_ids), ChunkedDigest(hashing))
-        start = time.perf_counter()
-        rates = encode_pages(writer, image_ids, batches, encode, warm_up)
-        looped = time.perf_counter()
-        meta = writer.close()
+    try:
+        with ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="cache-sha256") as hashing:
+            writer = FeatureWriter(tmp / FEATURES, len(image_ids), ChunkedDigest(hashing))
+            start = time.perf_counter()
+            rates = encode_pages(writer, image_ids, batches, encode, warm_up)
+            looped = time.perf_counter()
+            meta = writer.close()
+    except BaseException:  # the published cache stays as it was, with nothing half-written beside it
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return publish_cache(tmp, root, key, image_ids, meta, (start, looped, rates))
 
 

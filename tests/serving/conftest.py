@@ -193,3 +193,53 @@ def ask(client, question: str, image: bytes, mime: str = "image/png"):
     """Ask `question` about `image` through the official `openai` client."""
     content = [{"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": data_url(image, mime)}}]
     return client.chat.completions.create(model="florence-ops", messages=[{"role": "user", "content": content}])
+
+
+def pages_answered_differently(root: Path) -> tuple[dict[str, str], dict[str, str], list[dict]]:
+    """The evaluation answers of `models/export` and `models/other`, and up to four validation pages on which they
+    differ (so that which model answered shows in the answer)."""
+    old = evaluation_answers(root, root / "models/export", "validation")
+    new = evaluation_answers(root, root / "models/other", "validation")
+    pages = [r for r in raw_pages(root, "validation") if old[r["questionId"]] != new[r["questionId"]]][:4]
+    assert pages, "the two models must answer differently for the switch to show"
+    return old, new, pages
+
+
+class LoopingClients:
+    """`count` threads asking the server about `pages` in turn, through the official `openai` client, until the block
+    ends; every reply (question id, answer, model version) and every failure is kept."""
+
+    def __init__(self, url: str, pages: list[dict], count: int = 3):
+        import threading
+
+        self.pages, self.replies, self.failures, self.stop = pages, [], [], threading.Event()
+        self.threads = [threading.Thread(target=self._ask, args=(k, url)) for k in range(count)]
+
+    def _ask(self, offset: int, url: str) -> None:
+        from openai import OpenAI
+
+        client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        for i in range(10_000):
+            if self.stop.is_set():
+                return
+            page = self.pages[(i + offset) % len(self.pages)]
+            try:
+                reply = ask(client, page["question"], page["image"]["bytes"])
+                self.replies.append((page["questionId"], reply.choices[0].message.content, reply.system_fingerprint))
+            except Exception as error:  # every failure is recorded and fails the test that reads it
+                self.failures.append(repr(error))
+
+    def __enter__(self) -> LoopingClients:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=120)
+
+    def wait_for_replies(self, count: int) -> None:
+        """Until `count` replies came (or a request failed)."""
+        while len(self.replies) < count and not self.failures:
+            time.sleep(0.1)

@@ -4,7 +4,6 @@ asking, with no failed request; a version whose bytes are corrupt in the DVC rem
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
@@ -14,7 +13,16 @@ from openai import OpenAI
 from florence_ops import registry
 from florence_ops.config import load_params
 from tests.conftest import record_model
-from tests.serving.conftest import METRICS, Server, ask, evaluation_answers, free_port, raw_pages, write_params
+from tests.serving.conftest import (
+    METRICS,
+    LoopingClients,
+    Server,
+    ask,
+    free_port,
+    pages_answered_differently,
+    raw_pages,
+    write_params,
+)
 
 POLL_S = 1.0
 LOAD_BUDGET_S = 60  # fetching and loading the tiny model beside the current one, on a busy 2-core machine
@@ -43,50 +51,28 @@ def registry_health(server: Server) -> dict:
 
 def test_a_replica_swaps_to_a_newly_assigned_version_without_failed_requests(served, registry_repo, git_remote,
                                                                              tmp_path):  # fmt: skip
-    old = evaluation_answers(served, served / "models/export", "validation")
-    new = evaluation_answers(served, served / "models/other", "validation")
-    pages = [r for r in raw_pages(served, "validation") if old[r["questionId"]] != new[r["questionId"]]][:4]
-    assert pages, "the two models must answer differently for the switch to show"
+    old, new, pages = pages_answered_differently(served)
     promote(registry_repo, served / "models/export", 0.3)
     server = replica_server(tmp_path, git_remote)
-    client = OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
-    replies, failures, stop = [], [], threading.Event()
-
-    def stream(offset: int) -> None:
-        for i in range(10_000):
-            if stop.is_set():
-                return
-            page = pages[(i + offset) % len(pages)]
-            try:
-                reply = ask(client, page["question"], page["image"]["bytes"])
-                replies.append((page["questionId"], reply.choices[0].message.content, reply.system_fingerprint))
-            except Exception as error:  # every failure is recorded and fails the test below
-                failures.append(repr(error))
-
-    clients = [threading.Thread(target=stream, args=(k,)) for k in range(3)]
     try:
         first = server.healthz()
         assert first["registry"]["version"] == "v0.0.1" and first["registry"]["metrics"]["anls"] == 0.3
-        for thread in clients:
-            thread.start()
-        while len(replies) < 6 and not failures:
-            time.sleep(0.1)
-        assigned_at = time.monotonic()
-        promote(registry_repo, served / "models/other", 0.6)
-        while time.monotonic() - assigned_at < POLL_S + LOAD_BUDGET_S and not failures:
-            if registry_health(server)["version"] == "v0.0.2":
-                break
-            time.sleep(0.2)
-        swapped_after = time.monotonic() - assigned_at
-        while not failures and len({q for q, _, v in replies if v != first["version"]}) < len(pages):
-            time.sleep(0.2)
-        stop.set()
-        for thread in clients:
-            thread.join(timeout=120)
+        with LoopingClients(server.url, pages) as clients:
+            clients.wait_for_replies(6)
+            assigned_at = time.monotonic()
+            promote(registry_repo, served / "models/other", 0.6)
+            while time.monotonic() - assigned_at < POLL_S + LOAD_BUDGET_S and not clients.failures:
+                if registry_health(server)["version"] == "v0.0.2":
+                    break
+                time.sleep(0.2)
+            swapped_after = time.monotonic() - assigned_at
+            old_version = first["version"]
+            while not clients.failures and len({q for q, _, v in clients.replies if v != old_version}) < len(pages):
+                time.sleep(0.2)
         health = server.healthz()
     finally:
-        stop.set()
         server.stop()
+    failures, replies = clients.failures, clients.replies
     print(f"v0.0.2 assigned -> served after {swapped_after:.1f} s (poll {POLL_S} s); {len(replies)} replies")
     assert failures == []
     assert swapped_after < POLL_S + LOAD_BUDGET_S
