@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -71,14 +72,20 @@ def stop(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 
 
 def machine_env(root: Path, api_url: str) -> dict[str, str]:
-    """The environment of a worker machine: its own HOME, temporary directory (each run's clone) and DVC caches."""
-    for name in ("home", "tmp"):
-        (root / name).mkdir(parents=True, exist_ok=True)
+    """The environment of a worker machine: its own HOME, temporary directory (each run's clone) and DVC caches.
+
+    The temporary directory is a short path of the system's (linked from the machine's folder as `tmp`): a server's
+    multiprocessing manager puts a Unix socket there, and a socket path may not pass 107 bytes, which a folder deep in
+    pytest's temporary tree does."""
+    (root / "home").mkdir(parents=True, exist_ok=True)
+    if not (root / "tmp").exists():
+        (root / "tmp").symlink_to(tempfile.mkdtemp(prefix=f"florence-{root.name}-"))
     env = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "PYTHONPATH"))}
     identity = {f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER")
                 for what, value in (("NAME", root.name), ("EMAIL", f"{root.name}@localhost"))}  # fmt: skip
     env.update(identity)  # the machine's git identity: the run's commit and the registry's tags name it
-    return {**env, **QUIET, **GIT, **S3_CREDENTIALS, "HOME": str(root / "home"), "TMPDIR": str(root / "tmp"),
+    tmp = str((root / "tmp").resolve())
+    return {**env, **QUIET, **GIT, **S3_CREDENTIALS, "HOME": str(root / "home"), "TMPDIR": tmp,
             "PREFECT_HOME": str(root / "prefect"), "PREFECT_API_URL": api_url, "DVC_SITE_CACHE_DIR": str(root / "dvc"),
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
 

@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -213,6 +214,8 @@ def rehearse(root: Path, overrides: dict) -> dict:
         finally:
             for worker in workers.values():
                 machines.stop(worker)
+            for tmp in root.glob("*/tmp"):  # the machines' temporary directories (see `machines.machine_env`)
+                shutil.rmtree(tmp.resolve(), ignore_errors=True)
     return {**result, "seconds": round(time.monotonic() - started, 1)}
 
 
