@@ -199,8 +199,8 @@ def test_warm_up_encodes_one_full_batch_of_the_first_page():
 
 
 def test_tower_in_the_step_computes_the_features_the_cache_holds(prepared, tmp_path):
-    """`train.vision_cache: false` runs the frozen tower inside the step as the cache build does: the same batch of
-    pages gives the cached features (the cache stores them in bf16)."""
+    """`train.vision_cache: false` runs the frozen tower inside the step as the cache build does: the same batches of
+    pages (`model.vision_batch_size`, here two to a micro-batch) give the cached features (stored in bf16)."""
     import torch
 
     from florence_ops.data.processed import ImageTable
@@ -212,10 +212,10 @@ def test_tower_in_the_step_computes_the_features_the_cache_holds(prepared, tmp_p
     model, processor = load_pretrained(params.paths.base_model, params.model)
     tower, images, device = model.model.vision_tower.eval(), ImageTable(params.paths.processed), torch.device("cpu")
     cache = open_or_build_cache(params, tower, processor.image_processor, images, device, verify=False, build=True)
-    source = encoded_source(params, tower, PixelSource(images, processor.image_processor), images.ids, device, 4)
-    assert source.gives_tower_output and not source.cached
-    for start in range(0, len(images.ids), 4):
-        ids = images.ids[start : start + 4]
+    source = encoded_source(params, tower, PixelSource(images, processor.image_processor), images.ids, device, 8)
+    assert source.gives_tower_output and not source.cached and source.pages_per_call == 4
+    for start in range(0, len(images.ids), 8):
+        ids = images.ids[start : start + 8]
         encoded = source.prepare(source.load(ids), device)
         assert encoded.dtype == torch.float32 and not encoded.requires_grad
         assert torch.equal(encoded.to(torch.bfloat16), cache.features(ids))

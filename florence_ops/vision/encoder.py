@@ -67,12 +67,13 @@ def tower_encoder(
 class EncodedSource:
     """Pages encoded by the frozen tower inside each training or validation step (`encode`, from `tower_encoder`: no
     grad, on CUDA a bf16 copy of the tower, compiled by regions when asked), for runs without the feature cache: the
-    features the cache would hold, computed where they are used, so nothing but the pages is stored."""
+    features the cache would hold, computed where they are used, so nothing but the pages is stored. A batch's pages go
+    through the tower `pages_per_call` at a time (a compiled tower pads only the last call to that size)."""
 
     cached, gives_tower_output = False, True
 
-    def __init__(self, pixels: PixelSource, encode):
-        self.pixels, self.encode = pixels, encode
+    def __init__(self, pixels: PixelSource, encode, pages_per_call: int):
+        self.pixels, self.encode, self.pages_per_call = pixels, encode, pages_per_call
 
     def load(self, image_ids: Sequence[str]) -> torch.Tensor:
         """uint8 pixels of these pages (what a batch carries)."""
@@ -80,7 +81,9 @@ class EncodedSource:
 
     def prepare(self, loaded: torch.Tensor, device: torch.device) -> torch.Tensor:
         """The tower's last hidden state of the loaded pages, on the encoder's device."""
-        return self.encode(loaded)
+        size = self.pages_per_call
+        calls = [self.encode(loaded[start : start + size]) for start in range(0, loaded.shape[0], size)]
+        return calls[0] if len(calls) == 1 else torch.cat(calls)
 
 
 def computed_with(device: torch.device, dtype: torch.dtype | None, compiled: bool) -> dict:

@@ -117,13 +117,15 @@ def _encoding(params: Params, tower, image_processor, images: ImageTable, image_
 
 
 def encoded_source(params: Params, tower: torch.nn.Module, pixels: PixelSource, image_ids: list[str], device,
-                   pages_per_call: int) -> EncodedSource:  # fmt: skip
+                   micro_batch: int) -> EncodedSource:  # fmt: skip
     """The frozen `tower` run inside the step, without the cache (`train.vision_cache: false`), computing as the cache
-    build would on `device` (`train.precision`, `model.vision_compile`); a compiled tower is warmed up for calls of up
-    to `pages_per_call` pages (a process's micro-batch), which fixes its batch size."""
+    build would on `device` (`train.precision`, `model.vision_compile`), on up to `model.vision_batch_size` pages a
+    call (fewer when a process's micro-batch is smaller); a compiled tower is warmed up for that many pages of
+    `image_ids`, which fixes its batch size."""
     dtype = autocast_dtype(params.train.precision, device)
     compiled = params.model.vision_compile
     encode = tower_encoder(tower, pixels, device, dtype, compiled)
+    pages_per_call = min(params.model.vision_batch_size, micro_batch)
     if compiled:
         warm_up(encode, pixels, image_ids, pages_per_call, device)
-    return EncodedSource(pixels, encode)
+    return EncodedSource(pixels, encode, pages_per_call)
