@@ -119,7 +119,7 @@ class ModelConfig:
     trust_remote_code: StrictBool = False  # only for the original remote-code checkpoints
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     reference_files: str = "../shared/reference/florence-2-base-ft"  # checkpoint config/tokenizer files for *-shape
-    vision_batch_size: StrictInt = 32  # pages per vision-tower call when building the feature cache
+    vision_batch_size: StrictInt = 32  # pages per vision-tower call: the cache build, or the tower in the step
     vision_compile: StrictBool = False  # torch.compile the vision tower where it runs without gradients
     tiny: TinyModel = field(default_factory=TinyModel)
 
@@ -153,6 +153,7 @@ class TrainConfig:
     max_question_tokens: StrictInt = 64
     max_answer_tokens: StrictInt = 32
     vision_cache: StrictBool = True  # cache the frozen vision tower's output once per image
+    streaming: StrictBool = False  # each process reads its own shards of the processed data, never a split whole
     length_grouping: StrictInt = 1  # batches per pool sorted by question length (1: plain shuffling)
     num_workers: StrictInt = 0  # DataLoader workers
     compile: StrictBool = False  # torch.compile the model's forward
@@ -177,6 +178,11 @@ class TrainConfig:
             raise ConfigError("train: grad_accum_steps, checkpoint_every, num_processes and num_machines must be >= 1")
         if self.collective_timeout_s < 1 or not 0 < self.main_process_port < 65536:
             raise ConfigError("train: collective_timeout_s must be >= 1 and main_process_port in 1..65535")
+        if self.streaming and self.vision_cache and "vision_tower" in self.freeze:
+            raise ConfigError(
+                "train.streaming: each process reads only its own pages, and the vision cache holds "
+                "every page: set train.vision_cache: false (the frozen tower then runs in the step)"
+            )
         if self.lora.enabled and "vision_tower" not in self.freeze:
             raise ConfigError(
                 "train.lora.enabled: LoRA adapts the language model only; add vision_tower to train.freeze"

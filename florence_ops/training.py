@@ -111,11 +111,9 @@ def make_accelerator(params: Params) -> Accelerator:
     )
 
 
-def make_loader(rows, collator: Collator, params: Params, lengths: list[int], source) -> DataLoader:
-    """Length-grouped global batches of `batch_size` questions, each as `grad_accum_steps` micro-batches (split across
-    processes); DataLoader workers tokenize and load the vision input (pixels or cached features)."""
-    accum = params.train.grad_accum_steps
-    sampler = LengthGroupedBatches(lengths, params.batch_size, params.seed, params.train.length_grouping, accum)
+def make_loader(rows, collator: Collator, params: Params, sampler, source) -> DataLoader:
+    """The batches of `sampler` over `rows`: DataLoader workers tokenize and load the vision input (pixels or cached
+    features)."""
     workers = params.train.num_workers
     return DataLoader(
         rows,
@@ -126,6 +124,14 @@ def make_loader(rows, collator: Collator, params: Params, lengths: list[int], so
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
     )
+
+
+def global_batches(rows, params: Params) -> LengthGroupedBatches:
+    """Length-grouped global batches of `batch_size` questions, each as `grad_accum_steps` micro-batches (accelerate
+    splits them across processes)."""
+    lengths = [len(row["question"]) for row in rows]
+    accum = params.train.grad_accum_steps
+    return LengthGroupedBatches(lengths, params.batch_size, params.seed, params.train.length_grouping, accum)
 
 
 def lr_scheduler(optimizer, params: Params, steps_per_epoch: int):
@@ -194,7 +200,7 @@ class Run:
     params: Params
     accelerator: Accelerator
     model: torch.nn.Module  # the (possibly LoRA-wrapped) transformers model
-    train_rows: list[dict]
+    train_rows: list[dict]  # the split's questions; with `own_batches`, this process's share
     val_rows: list[dict]
     collator: Collator
     eval_collator: Collator
@@ -202,6 +208,7 @@ class Run:
     checkpoints: object  # CheckpointStore
     save_best: object  # callable(objective) -> None, called on every process
     live: object | None = None  # DVCLive on the main process
+    own_batches: object | None = None  # ShardBatches: each process's own micro-batches (`train.streaming`)
 
 
 def fit(run: Run) -> tuple[Progress, torch.nn.Module]:
@@ -210,14 +217,17 @@ def fit(run: Run) -> tuple[Progress, torch.nn.Module]:
     Returns the progress and the prepared training objective (which `save_best` can save).
     """
     params, acc = run.params, run.accelerator
-    lengths = [len(row["question"]) for row in run.train_rows]
-    loader = make_loader(run.train_rows, run.collator, params, lengths, run.source)
+    accum = params.train.grad_accum_steps
     objective = DocVQAObjective(run.model)
     optimizer = make_optimizer(objective, params.lr, params.train.weight_decay, acc.device)
-    accum = params.train.grad_accum_steps
-    steps_per_epoch = math.ceil(len(run.train_rows) / params.batch_size)
-    scheduler, total_steps = lr_scheduler(optimizer, params, steps_per_epoch)
-    objective, optimizer, loader, scheduler = acc.prepare(objective, optimizer, loader, scheduler)
+    if run.own_batches is None:  # global batches, split across processes by accelerate
+        loader = make_loader(run.train_rows, run.collator, params, global_batches(run.train_rows, params), run.source)
+        scheduler, total_steps = lr_scheduler(optimizer, params, math.ceil(len(run.train_rows) / params.batch_size))
+        objective, optimizer, loader, scheduler = acc.prepare(objective, optimizer, loader, scheduler)
+    else:  # each process's own micro-batches, moved to its device here
+        loader = make_loader(run.train_rows, run.collator, params, run.own_batches, run.source)
+        scheduler, total_steps = lr_scheduler(optimizer, params, len(run.own_batches) // accum)
+        objective, optimizer, scheduler = acc.prepare(objective, optimizer, scheduler)
     progress = Progress()
     latest = run.checkpoints.latest()
     if latest is not None:
@@ -230,8 +240,7 @@ def fit(run: Run) -> tuple[Progress, torch.nn.Module]:
     with _progress_bar(acc, total_steps, progress.step) as bar:
         steps = StepLog(run.live, bar, acc.device, run.checkpoints.folder)
         for epoch in range(progress.epoch, params.epochs):
-            set_epoch(loader, epoch)
-            batches = acc.skip_first_batches(loader, progress.batches_done) if progress.batches_done else loader
+            batches = _epoch_batches(acc, loader, run.own_batches, epoch, progress.batches_done)
             for window in batched(batches, accum):  # one optimizer step's micro-batches
                 loss = train_window(acc, objective, optimizer, scheduler, window, run.source, clip)
                 progress.batches_done += len(window)
@@ -271,6 +280,15 @@ def _end_of_epoch(run: Run, objective, progress: Progress, decoding: Decoding) -
     run.checkpoints.save(acc, asdict(progress))
     patience = params.train.early_stopping_patience
     return patience is not None and progress.stale_epochs >= patience
+
+
+def _epoch_batches(acc, loader, own_batches, epoch: int, done: int):
+    """The micro-batches of `epoch` on this process's device, after the first `done` (a resume)."""
+    if own_batches is not None:
+        own_batches.set_epoch(epoch, skip=done)
+        return (batch.to(acc.device) for batch in loader)
+    set_epoch(loader, epoch)
+    return acc.skip_first_batches(loader, done) if done else loader
 
 
 def set_epoch(loader, epoch: int) -> None:

@@ -41,15 +41,17 @@ def _kill_in_second_epoch(root, process: subprocess.Popen, group: bool = False) 
         time.sleep(0.005)
 
 
-def test_killed_run_resumes_and_ends_with_the_same_last_weights(prepared, tmp_path):
+@pytest.mark.parametrize("streaming", [False, True], ids=["global-batches", "streaming"])
+def test_killed_run_resumes_and_ends_with_the_same_last_weights(prepared, tmp_path, streaming):
     from florence_ops.stages.train import train
 
+    overrides = {**OVERRIDES, "train.streaming": streaming, "train.vision_cache": not streaming}
     unbroken_root, broken_root = tmp_path / "unbroken", tmp_path / "broken"
     for root in (unbroken_root, broken_root):
         shutil.copytree(prepared, root)
-    train(tiny_params(unbroken_root, **OVERRIDES))
+    train(tiny_params(unbroken_root, **overrides))
 
-    broken = tiny_params(broken_root, **OVERRIDES)
+    broken = tiny_params(broken_root, **overrides)
     params_file = broken_root / "params.yaml"
     params_file.write_text(yaml.safe_dump(to_dict(broken)))
     process = subprocess.Popen(

@@ -23,6 +23,7 @@ from florence_ops.artifacts import SUMMARY_FILE, TRAINED_MODEL_DIR, move_directo
 from florence_ops.checkpointing import CheckpointStore, run_fingerprint
 from florence_ops.config import Params, pick
 from florence_ops.data.processed import ImageTable, read_questions
+from florence_ops.data.streaming import ParquetPages, ShardBatches, process_share
 from florence_ops.errors import UserError
 from florence_ops.launch import launch, needs_launch, writes_outputs
 from florence_ops.model_inputs import Collator
@@ -73,8 +74,14 @@ def train(params: Params, machine_rank: int | None = None) -> dict:
         model.forward = torch.compile(model.forward)
 
     processed = Path(params.paths.processed)
-    images = ImageTable(processed)
-    source = vision_source(params, model, processor, images, acc)
+    if cfg.streaming:
+        images = ParquetPages(processed)
+        train_rows, own_batches = _own_share(params, images, acc)
+        source = vision_source(params, model, processor, images, acc, [row["image_id"] for row in train_rows])
+    else:
+        images, own_batches = ImageTable(processed), None
+        train_rows = _rows(processed, "train")
+        source = vision_source(params, model, processor, images, acc)
     out = Path(params.paths.train)
     fingerprint = run_fingerprint(params, PARAMS_READ, ignore=RENDEZVOUS)
     checkpoints = CheckpointStore(params.paths.checkpoints, fingerprint, params.paths.live)
@@ -83,7 +90,7 @@ def train(params: Params, machine_rank: int | None = None) -> dict:
         params=params,
         accelerator=acc,
         model=model,
-        train_rows=_rows(processed, "train"),
+        train_rows=train_rows,
         val_rows=_rows(processed, "validation")[: params.train.max_eval_questions],
         collator=_collator(processor, params, train=True),
         eval_collator=_collator(processor, params, train=False),
@@ -91,6 +98,7 @@ def train(params: Params, machine_rank: int | None = None) -> dict:
         checkpoints=checkpoints,
         save_best=lambda objective: save_trained(acc, objective, processor, checkpoints.best),
         live=live,
+        own_batches=own_batches,
     )
     progress, objective = fit(run)
     if progress.best_epoch < 0:  # no validation: the last weights are the result
@@ -132,9 +140,23 @@ def _launch(params: Params, machine_rank: int | None) -> dict:
     return json.loads((Path(params.paths.train) / SUMMARY_FILE).read_text())
 
 
-def vision_source(params: Params, model, processor, images: ImageTable, acc):
+def _own_share(params: Params, pages: ParquetPages, acc) -> tuple[list[dict], ShardBatches]:
+    """This process's training questions and micro-batches under `train.streaming` (`florence_ops.data.streaming`)."""
+    accum, world = params.train.grad_accum_steps, acc.num_processes
+    if params.batch_size % (accum * world):
+        raise UserError(f"train.streaming: batch_size {params.batch_size} must divide into grad_accum_steps x "
+                        f"processes = {accum * world} equal micro-batches")  # fmt: skip
+    micro = params.batch_size // (accum * world)
+    share = process_share(params.paths.processed, "train", pages, COLUMNS, acc.process_index, world, micro, accum)
+    log.info("streaming: each of %d processes trains %d micro-batches of %d an epoch; this one reads %d questions of "
+             "its %d row groups of pages; %d questions of the split left out each epoch", world, share.micro_batches,
+             micro, len(share.rows), len(set(share.groups)), share.left_out)  # fmt: skip
+    return share.rows, ShardBatches(share, micro, params.seed, acc.process_index)
+
+
+def vision_source(params: Params, model, processor, images, acc, warm_up_ids: list[str] | None = None):
     """Cached vision features when the tower is frozen and the cache is on, the frozen tower run inside the step when
-    the cache is off (`encoded_source`); pixels for a tower that trains.
+    the cache is off (`encoded_source`, warmed up on `warm_up_ids`, default all pages); pixels for a tower that trains.
 
     An existing cache's checksums are checked (a damaged cache is rebuilt); a missing one is built by all the
     processes of each machine together (`open_or_build_together`).
@@ -145,7 +167,7 @@ def vision_source(params: Params, model, processor, images: ImageTable, acc):
     tower = unwrap(model).model.vision_tower.to(acc.device).eval()
     if not params.train.vision_cache:
         micro_batch = params.batch_size // (params.train.grad_accum_steps * acc.num_processes)
-        return encoded_source(params, tower, pixels, images.ids, acc.device, micro_batch)
+        return encoded_source(params, tower, pixels, warm_up_ids or images.ids, acc.device, micro_batch)
     cache = open_or_build_together(params, tower, processor.image_processor, images, acc)
     return cached_source(cache, images.ids, acc.device)
 
