@@ -73,11 +73,25 @@ def wait_finished(run_ids: list[str]) -> None:
 
 
 def logs(run_id: str) -> list[str]:
+    """The run's log messages on the Prefect server. A finished run's last lines reach the server after its state
+    does (the flow's process ships logs in batches), so this waits for the flow's own "Finished in state" line."""
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-    with _client() as client:
-        found = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])), limit=200)
-        found += client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])), limit=200, offset=200)
+    def read() -> list:
+        with _client() as client:
+            of_run = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id]))
+            return client.read_logs(of_run, limit=200) + client.read_logs(of_run, limit=200, offset=200)
+
+    def shipped(entries: list) -> bool:
+        return any(e.task_run_id is None and e.message.startswith("Finished in state") for e in entries)
+
+    def read_shipped() -> list | None:
+        entries = read()
+        return entries if shipped(entries) else None
+
+    found = read()
+    if state(run_id).is_final() and not shipped(found):
+        found = machines.wait_for(read_shipped, f"the last logs of run {run_id}", 60, 1)
     return [entry.message for entry in found]
 
 
