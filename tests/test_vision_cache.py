@@ -213,10 +213,14 @@ def test_tower_in_the_step_computes_the_features_the_cache_holds(prepared, tmp_p
     tower, images, device = model.model.vision_tower.eval(), ImageTable(params.paths.processed), torch.device("cpu")
     cache = open_or_build_cache(params, tower, processor.image_processor, images, device, verify=False, build=True)
     source = encoded_source(params, tower, PixelSource(images, processor.image_processor), images.ids, device, 8)
-    assert source.gives_tower_output and not source.cached and source.pages_per_call == 4
+    assert source.gives_tower_output and not source.cached
+    encode, calls = source.encode, []
+    source.encode = lambda pages: calls.append(len(pages)) or encode(pages)
     for start in range(0, len(images.ids), 8):
         ids = images.ids[start : start + 8]
+        calls.clear()
         encoded = source.prepare(source.load(ids), device)
+        assert calls == [min(4, len(ids) - i) for i in range(0, len(ids), 4)]  # model.vision_batch_size a call
         assert encoded.dtype == torch.float32 and not encoded.requires_grad
         assert torch.equal(encoded.to(torch.bfloat16), cache.features(ids))
 
