@@ -108,12 +108,17 @@ def model_input_size(base_model_dir: Path) -> tuple[int, int]:
     raise DataSourceError(f"no {PREPROCESSOR_CONFIG} in {base_model_dir}: run `florence-ops download` first")
 
 
-def read_questions(processed_dir: str | Path, split: str) -> datasets.Dataset:
-    """The questions of one split: questionId, question, question_types, docId, answers, image_id."""
-    path = Path(processed_dir) / f"{split}.parquet"
+def processed_file(processed_dir: str | Path, name: str) -> Path:
+    """The path of one file preprocess writes (`images.parquet`, `<split>.parquet`); DataSourceError when missing."""
+    path = Path(processed_dir) / name
     if not path.is_file():
         raise DataSourceError(f"{path} not found: run `florence-ops preprocess` first")
-    return _from_parquet(path, QUESTION_FEATURES)
+    return path
+
+
+def read_questions(processed_dir: str | Path, split: str) -> datasets.Dataset:
+    """The questions of one split: questionId, question, question_types, docId, answers, image_id."""
+    return _from_parquet(processed_file(processed_dir, f"{split}.parquet"), QUESTION_FEATURES)
 
 
 def _from_parquet(path: Path, features: Features) -> datasets.Dataset:
@@ -127,10 +132,7 @@ class ImageTable:
     """The preprocessed pages by image_id, read from a memory-mapped Dataset one image at a time."""
 
     def __init__(self, processed_dir: str | Path) -> None:
-        path = Path(processed_dir) / IMAGES_FILE
-        if not path.is_file():
-            raise DataSourceError(f"{path} not found: run `florence-ops preprocess` first")
-        self._dataset = _from_parquet(path, IMAGE_FEATURES)
+        self._dataset = _from_parquet(processed_file(processed_dir, IMAGES_FILE), IMAGE_FEATURES)
         self.ids: list[str] = self._dataset.select_columns(["image_id"]).to_dict()["image_id"]
         self._row = {image_id: row for row, image_id in enumerate(self.ids)}
 

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from torch.utils.data import Sampler
 
-from florence_ops.data.processed import IMAGES_FILE
+from florence_ops.data.processed import IMAGES_FILE, processed_file
 from florence_ops.errors import DataSourceError, UserError
 
 log = logging.getLogger(__name__)
@@ -45,9 +45,7 @@ class ParquetPages(Mapping[str, Image.Image]):
     read last stay in memory (encoded). `ids` lists every page in file order, as `ImageTable` does."""
 
     def __init__(self, processed_dir: str | Path, keep: int = 2 * WINDOW):
-        self.path = Path(processed_dir) / IMAGES_FILE
-        if not self.path.is_file():
-            raise DataSourceError(f"{self.path} not found: run `florence-ops preprocess` first")
+        self.path = processed_file(processed_dir, IMAGES_FILE)
         metadata = pq.ParquetFile(self.path).metadata
         sizes = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
         self.ids: list[str] = pq.read_table(self.path, columns=["image_id"]).column("image_id").to_pylist()
@@ -109,9 +107,7 @@ def process_share(
     micro_batch: int, micro_batches_per_step: int = 1,
 ) -> Share:  # fmt: skip
     """The questions of `split` about the pages of row groups `rank`, `rank + world`, ... (see the module's doc)."""
-    path = Path(processed_dir) / f"{split}.parquet"
-    if not path.is_file():
-        raise DataSourceError(f"{path} not found: run `florence-ops preprocess` first")
+    path = processed_file(processed_dir, f"{split}.parquet")
     page_ids = pa.array(pages.ids, pa.string())
     asked = pc.index_in(pq.read_table(path, columns=["image_id"]).column("image_id"), value_set=page_ids)
     if asked.null_count:
@@ -140,9 +136,12 @@ class ShardBatches(Sampler[list[int]]):
     the epoch and the rank only: row groups shuffled, questions shuffled within windows of `window` row groups."""
 
     def __init__(self, share: Share, micro_batch: int, seed: int, rank: int, window: int = WINDOW):
-        self.groups, self.micro_batch, self.count = share.groups, micro_batch, share.micro_batches
+        self.micro_batch, self.count = micro_batch, share.micro_batches
         self.seed, self.rank, self.window = seed, rank, window
         self.epoch, self.skip = 0, 0
+        self.rows: dict[int, list[int]] = {}  # row group -> its rows of the share, in file order
+        for i, group in enumerate(share.groups):
+            self.rows.setdefault(group, []).append(i)
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """Choose the epoch whose order `__iter__` yields, leaving out its first `skip` micro-batches (a resume)."""
@@ -153,14 +152,11 @@ class ShardBatches(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}")
-        rows: dict[int, list[int]] = {}
-        for i, group in enumerate(self.groups):
-            rows.setdefault(group, []).append(i)
-        order = sorted(rows)
+        order = sorted(self.rows)
         rng.shuffle(order)
         stream: list[int] = []
         for start in range(0, len(order), self.window):
-            window = [i for group in order[start : start + self.window] for i in rows[group]]
+            window = [i for group in order[start : start + self.window] for i in self.rows[group]]
             rng.shuffle(window)
             stream += window
         size = self.micro_batch
