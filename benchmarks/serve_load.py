@@ -11,8 +11,10 @@ default), against the engine's batched ceiling and against answering one request
   request as soon as the last is answered (closed loop), over keep-alive HTTP, the page as a base64 PNG data URL,
   looping over the question set for `--warmup-s` (not counted) and then `--duration-s` (measured). Counted: the
   requests answered (200) within the measured window; throughput is their number over the window's length, latency
-  their percentiles, `mean_batch_size` the mean of their `X-Batch-Size` header. `failures` counts every request of
-  the level that got another status or a connection error, warm-up and the end of the window included.
+  their percentiles, `mean_batch_size` the mean of their `X-Batch-Size` header, `server_timing_ms` the mean and p95
+  of each part of their `Server-Timing` header (prepare, queue, batch), `cpu_busy` the share of the machine's cores
+  busy over the window (all processes: server and clients). `failures` counts every request of the level that got
+  another status or a connection error, warm-up and the end of the window included.
 
 Questions are DocVQA-shaped: synthetic pages (about 930x1340 pixels, 4 questions each) sent as PNG, resized by the
 server to the model's input size. Any model directory in the Hugging Face layout works (`--model`); a random-weight
@@ -223,9 +225,39 @@ def stop_server(process: subprocess.Popen) -> None:
             process.wait()
 
 
+def cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all cores since boot, from /proc/stat; None where there is none."""
+    try:
+        fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle and iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def timing_summary(timings: list[dict[str, float]]) -> dict:
+    """Mean and p95 (nearest rank) of each part of the answers' Server-Timing headers, in milliseconds."""
+    parts = {}
+    for name in dict.fromkeys(name for timing in timings for name in timing):
+        values = sorted(timing[name] for timing in timings if name in timing)
+        parts[name] = {"mean": round(statistics.fmean(values), 1), "p95": values[round(0.95 * (len(values) - 1))]}
+    return parts
+
+
+def parse_server_timing(header: str | None) -> dict[str, float]:
+    """{name: milliseconds} of a `Server-Timing` header such as `prepare;dur=3.1, queue;dur=0.4`."""
+    timing = {}
+    for part in (header or "").split(","):
+        name, _, duration = part.strip().partition(";dur=")
+        if duration:
+            timing[name] = float(duration)
+    return timing
+
+
 def load(port: int, questions: list[dict], clients: int, warmup_s: float, duration_s: float) -> dict:
     """`clients` closed-loop clients loop over `questions` for `warmup_s` and then `duration_s`: the requests answered
-    within the measured window (latency, the batch they joined) and every failure, whenever it happened."""
+    within the measured window (latency, the batch they joined, the server's timing) and every failure, whenever it
+    happened."""
     answered, failures, lock, order = [], collections.Counter(), threading.Lock(), itertools.count()
     start = time.perf_counter()
     window_start, window_end = start + warmup_s, start + warmup_s + duration_s
@@ -253,19 +285,28 @@ def load(port: int, questions: list[dict], clients: int, warmup_s: float, durati
                 if response.status != 200:
                     failures[f"HTTP {response.status}"] += 1
                 elif window_start <= end <= window_end:
-                    answered.append((end - begin, int(response.getheader("X-Batch-Size", "0"))))
+                    answered.append((end - begin, int(response.getheader("X-Batch-Size", "0")),
+                                     parse_server_timing(response.getheader("Server-Timing"))))  # fmt: skip
         if connection is not None:
             connection.close()
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for thread in threads:
         thread.start()
+    time.sleep(max(window_start - time.perf_counter(), 0))
+    cpu_start = cpu_times()
+    time.sleep(max(window_end - time.perf_counter(), 0))
+    cpu_end = cpu_times()
     for thread in threads:
         thread.join()
-    batches = [batch for _, batch in answered]
-    return summary([latency for latency, _ in answered], duration_s, clients=clients, duration_s=duration_s,
+    batches = [batch for _, batch, _ in answered]
+    busy = None
+    if cpu_start and cpu_end and cpu_end[1] > cpu_start[1]:
+        busy = round((cpu_end[0] - cpu_start[0]) / (cpu_end[1] - cpu_start[1]), 3)
+    return summary([latency for latency, _, _ in answered], duration_s, clients=clients, duration_s=duration_s,
                    warmup_s=warmup_s, failures=sum(failures.values()), failure_kinds=dict(failures),
-                   mean_batch_size=round(statistics.fmean(batches), 1) if batches else 0)  # fmt: skip
+                   mean_batch_size=round(statistics.fmean(batches), 1) if batches else 0,
+                   server_timing_ms=timing_summary([timing for _, _, timing in answered]), cpu_busy=busy)  # fmt: skip
 
 
 def device_slug(device: torch.device) -> tuple[str, str]:
@@ -348,6 +389,11 @@ def print_table(report: dict, clients: list[int]) -> None:
               f"{batch:>7}{fraction:>9}{speedup:>7}{failed:>8}")  # fmt: skip
     print(f"server levels: {report[f'server_c{clients[0]}']['warmup_s']} s warm-up, then "
           f"{report[f'server_c{clients[0]}']['duration_s']} s measured each")  # fmt: skip
+    for c in clients:
+        row = report[f"server_c{c}"]
+        timing = row["server_timing_ms"].items()
+        parts = ", ".join(f"{name} {part['mean']} (p95 {part['p95']})" for name, part in timing)
+        print(f"server_c{c} Server-Timing ms, mean (p95): {parts or 'none'}; cores busy {row['cpu_busy']}")
 
 
 if __name__ == "__main__":

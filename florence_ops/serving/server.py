@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -94,25 +95,20 @@ class ChatCompletionsSpec(LitSpec):
     async def chat_completions(self, request: ChatCompletionRequest, response: Response) -> ChatCompletionResponse:
         """Answer the question of the request's user message about its page (header X-Batch-Size: the batch it was
         answered in)."""
-        question, url = question_and_image(request)
-        refuse(await asyncio.to_thread(self.questions.problem, question), "messages")
-        data = await self._image_bytes(url)
-        size = await self._model_size()
-        try:
-            page = await asyncio.to_thread(self._hand_off, data, size)
-        except InvalidImage as error:
-            problem = error.problem
-            raise BadRequest(f"{problem.reason}: {problem.detail}", problem.reason, "image_url") from None
+        started = time.monotonic()
+        row = await self._prepare(request)
         if self._handler is None:
             self._handler = RegularRequestHandler(self.lit_api, self._server)
             self._guard = InFlightGuard(self.pages.root, self._server.response_buffer)
             self._guard.start()
-        row = {"question": question, "image_id": page_id(data), "pixels": page, "size": size}
+        queued = time.monotonic()
         try:
             result = await self._handler.handle_request(row, dict)
         finally:  # answered, failed, or abandoned by its client: the worker is done with the page or never reads it
-            self.pages.discard(page)
+            self.pages.discard(row["pixels"])
         response.headers["X-Batch-Size"] = str(result["batch_size"])
+        response.headers["Server-Timing"] = server_timing(started, queued, result["batch_started"],
+                                                          result["batch_s"])  # fmt: skip
         usage = Usage(prompt_tokens=result["prompt_tokens"], completion_tokens=result["completion_tokens"],
                       total_tokens=result["prompt_tokens"] + result["completion_tokens"])  # fmt: skip
         choice = Choice(message=AssistantMessage(content=result["answer"]),
@@ -120,9 +116,26 @@ class ChatCompletionsSpec(LitSpec):
         return ChatCompletionResponse(model=self.model_name, system_fingerprint=result["version"], choices=[choice],
                                       usage=usage)  # fmt: skip
 
-    def _hand_off(self, data: bytes, size: tuple[int, int]) -> str | bytes:
-        """Decode and resize the page, and hand its pixels to the workers (InvalidImage when it is no image)."""
-        return self.pages.put(model_page_pixels(data, size, self.params.serve.max_image_pixels))
+    async def _prepare(self, request: ChatCompletionRequest) -> dict[str, Any]:
+        """The row queued for the request: its question, page id and size, and its page handed to the workers."""
+        question, url = question_and_image(request)
+        refuse(await asyncio.to_thread(self.questions.problem, question), "messages")
+        data = await self._image_bytes(url)
+        size = await self._model_size()
+        image_id = page_id(data)
+        try:
+            page = await asyncio.to_thread(self._hand_off, data, image_id, size)
+        except InvalidImage as error:
+            problem = error.problem
+            raise BadRequest(f"{problem.reason}: {problem.detail}", problem.reason, "image_url") from None
+        return {"question": question, "image_id": image_id, "pixels": page, "size": size}
+
+    def _hand_off(self, data: bytes, image_id: str, size: tuple[int, int]) -> str | bytes:
+        """Hand the page's pixels at `size` to the workers, decoded and resized here unless a request about the same
+        page has done it already (InvalidImage when it is no image)."""
+        height, width = size
+        return self.pages.share(f"{image_id}-{height}x{width}",
+                                lambda: model_page_pixels(data, size, self.params.serve.max_image_pixels))  # fmt: skip
 
     async def _image_bytes(self, url: str) -> bytes:
         if url.startswith("data:"):
@@ -144,6 +157,14 @@ class ChatCompletionsSpec(LitSpec):
             except Exception as error:  # mid-promotion: the workers still serve the old model
                 log.warning("input size of the new model not read yet: %s", error)
         return self._size[1]
+
+
+def server_timing(started: float, queued: float, batch_started: float, batch_s: float) -> str:
+    """The `Server-Timing` header of an answer (milliseconds; `time.monotonic()` instants, one clock for all of the
+    server's processes): `prepare` (reading the request and handing its page over), `queue` (waiting for its batch
+    to start) and `batch` (the batch that answered it, on the worker)."""
+    return (f"prepare;dur={1000 * (queued - started):.1f}, queue;dur={1000 * max(batch_started - queued, 0):.1f}, "
+            f"batch;dur={1000 * batch_s:.1f}")  # fmt: skip
 
 
 def model_size(model_dir: Path, params: Params) -> tuple[int, int]:

@@ -1,10 +1,9 @@
 """The server's inference side: a LitServe API whose worker answers batches of questions with an `Answerer`.
 
-LitServe runs `setup` once per worker (one or more per device) and then, for every batch it collects
-(`serve.max_batch_size` requests or `serve.batch_timeout_s`, whichever comes first): `decode_request` for each,
-`batch`, `predict`, `unbatch` and `encode_response`. Requests reach the worker already validated, with the page at
-the model's input size as raw pixels in shared memory (see `server.py`, `handoff.py`), so nothing here fails on one
-request's input.
+LitServe runs `setup` once per worker (one or more per device) and then, for every batch it collects (see
+`GreedyLoop`): `decode_request` for each, `batch`, `predict`, `unbatch` and `encode_response`. Requests reach
+the worker already validated, with the page at the model's input size as raw pixels in shared memory (see
+`server.py`, `handoff.py`), so nothing here fails on one request's input.
 
 Hot swap: a thread checks the model directory every `serve.reload_interval_s`; when a new model is in place (a
 promotion switches a complete copy into place) it loads it beside the current one and swaps the reference between
@@ -24,6 +23,7 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Any
 
 import litserve as ls
@@ -32,6 +32,8 @@ import torch
 import transformers
 from fastapi import Depends, HTTPException
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from litserve.loops import BatchedLoop
+from litserve.loops.base import collate_requests
 
 from florence_ops.config import Params
 from florence_ops.data.images import resize_for_model
@@ -47,6 +49,7 @@ from florence_ops.vision.sources import PageRows
 log = logging.getLogger(__name__)
 API_PATH = "/v1/chat/completions"
 MAX_RETRY_S = 300.0  # longest wait before loading a model that failed to load once more
+IDLE_WAIT_S = 0.05  # a worker with nothing queued waits this long for a request before LitServe's loop goes round
 bearer = HTTPBearer(auto_error=False)
 
 
@@ -63,13 +66,43 @@ def read_page(row: dict[str, Any], slot: torch.Tensor, size: tuple[int, int]) ->
     return True
 
 
+class GreedyLoop(BatchedLoop):
+    """LitServe's batched loop, greedy: a free worker starts a batch with every request already queued (up to
+    `serve.max_batch_size`) instead of waiting for more, unless `serve.batch_timeout_s` asks it to.
+
+    Requests that arrive while a batch runs make up the next one, so the batch in flight is what gathers a batch,
+    and the device is never idle while a request waits. Clients that each ask again when answered settle into
+    batches that take turns on the device, the pages of one decoded by the HTTP processes while the other is
+    answered. Waiting for a batch to fill (a timeout) leaves the device idle meanwhile; it only pays where a batch
+    costs nearly the same whatever its size. With an empty queue the worker waits for the next request, in slices
+    of `IDLE_WAIT_S`, as LitServe's own collation does.
+    """
+
+    def get_batch_requests(self, lit_api: ls.LitAPI, request_queue, transport) -> tuple[list, list]:
+        """LitServe's `collate_requests` for the first request, then for those already queued (or arriving within
+        `batch_timeout_s`)."""
+        batch, timed_out = collate_requests(self, _collating(lit_api, 1, IDLE_WAIT_S), request_queue, transport)
+        if batch and lit_api.max_batch_size > 1:
+            more, late = collate_requests(self, _collating(lit_api, lit_api.max_batch_size - 1, lit_api.batch_timeout),
+                                          request_queue, transport)  # fmt: skip
+            batch, timed_out = batch + more, timed_out + late
+        return batch, timed_out
+
+
+def _collating(lit_api: ls.LitAPI, max_batch_size: int, batch_timeout: float) -> SimpleNamespace:
+    """What `collate_requests` reads of the API, with another batch size and timeout."""
+    return SimpleNamespace(max_batch_size=max_batch_size, batch_timeout=batch_timeout,
+                           request_timeout=lit_api.request_timeout, stream=lit_api.stream)  # fmt: skip
+
+
 class DocVQAAPI(ls.LitAPI):
     """Answers page questions in batches; lifecycle: setup, decode_request, batch, predict, unbatch, encode_response."""
 
     def __init__(self, model_dir: Path, params: Params, token: str | None, spec: ls.specs.base.LitSpec,
                  runtime_dir: Path):  # fmt: skip
         cfg = params.serve
-        super().__init__(max_batch_size=cfg.max_batch_size, batch_timeout=cfg.batch_timeout_s, spec=spec)
+        super().__init__(max_batch_size=cfg.max_batch_size, batch_timeout=cfg.batch_timeout_s, spec=spec,
+                         loop=GreedyLoop())  # fmt: skip
         self.model_dir, self.params, self.token = Path(model_dir), params, token
         self.runtime_dir, self.server_pid = Path(runtime_dir), os.getpid()
         self.answerer: Answerer | None = None
@@ -119,7 +152,9 @@ class DocVQAAPI(ls.LitAPI):
 
         Each distinct page is read from shared memory straight into a pinned buffer and crosses to the device in one
         copy. A request abandoned by its client before its batch started has no page any more; it is answered about
-        a blank page, for nobody, so that the rest of the batch is answered."""
+        a blank page, for nobody, so that the rest of the batch is answered. Each result carries the batch's size,
+        start (`time.monotonic()`) and duration, for the response's headers."""
+        started = time.monotonic()
         answerer = self.answerer
         size = answerer.input_size
         image_ids = list(dict.fromkeys(row["image_id"] for row in rows))  # a page asked about twice: read once
@@ -130,7 +165,9 @@ class DocVQAAPI(ls.LitAPI):
         source = PageRows(pages.to(self.torch_device, non_blocking=True), image_ids,
                           answerer.processor.image_processor)  # fmt: skip
         answers = answerer.answer([{"question": r["question"], "image_id": r["image_id"]} for r in rows], source)
-        return [self._result(answerer, row["question"], text, len(rows)) for row, text in zip(rows, answers)]
+        results = [self._result(answerer, row["question"], text) for row, text in zip(rows, answers)]
+        timing = {"batch_size": len(rows), "batch_started": started, "batch_s": time.monotonic() - started}
+        return [{**result, **timing} for result in results]
 
     def _page_buffer(self, count: int, size: tuple[int, int]) -> torch.Tensor:
         """`count` page slots (uint8, height x width x 3) of a buffer kept across batches, pinned for CUDA. The
@@ -141,10 +178,9 @@ class DocVQAAPI(ls.LitAPI):
         return self._pages[:count]
 
     @staticmethod
-    def _result(answerer: Answerer, question: str, text: str, batch_size: int) -> dict[str, Any]:
+    def _result(answerer: Answerer, question: str, text: str) -> dict[str, Any]:
         completion = answerer.answer_tokens(text)
         return {
-            "batch_size": batch_size,
             "answer": text,
             "prompt_tokens": answerer.prompt_tokens(question),
             "completion_tokens": completion,

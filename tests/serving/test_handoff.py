@@ -1,12 +1,20 @@
 """Pages from the HTTP processes to the model workers through shared memory (`serving/handoff.py`): read back and
-removed, carried in the queue when shared memory cannot take them, and a batch answered when one of its requests
-was abandoned (its page removed) before the batch started."""
+removed, shared by the requests about one page (prepared once, removed with the last of them), carried in the queue
+when shared memory cannot take them, and a batch answered when one of its requests was abandoned (its page removed)
+before the batch started."""
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
-from florence_ops.serving.handoff import SHARED_MEMORY, PageHandoff
+import pytest
+
+from florence_ops.data.images import InvalidImage
+from florence_ops.serving.handoff import SHARED_MEMORY, STALE_CLAIM_S, PageHandoff
 from florence_ops.serving.pages import model_page_pixels
 from florence_ops.serving.server import ChatCompletionsSpec
 from florence_ops.serving.worker import DocVQAAPI
@@ -26,6 +34,72 @@ def test_a_page_is_read_back_from_shared_memory_and_removed():
     finally:
         pages.close()
     assert not pages.root.exists()
+
+
+def test_requests_about_one_page_prepare_it_once_and_the_last_removes_it():
+    pages = PageHandoff.create()
+    prepared, start = [], threading.Barrier(8)
+
+    def prepare() -> bytes:
+        prepared.append(1)
+        time.sleep(0.3)  # decoding a page: the other requests arrive meanwhile
+        return b"pixels"
+
+    def request(_) -> str:
+        start.wait()
+        return pages.share("sha1-768x768", prepare)
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            links = list(pool.map(request, range(8)))
+        assert len(prepared) == 1 and len(set(links)) == 8
+        for link in links:
+            out = bytearray(6)
+            assert PageHandoff.read_into(link, out) and out == b"pixels"
+        for link in links[:-1]:
+            pages.discard(link)
+        assert {path.name for path in pages.root.iterdir()} == {"sha1-768x768", os.path.basename(links[-1])}
+        pages.discard(links[-1])
+        assert list(pages.root.iterdir()) == []
+        assert pages.share("sha1-768x768", prepare) and len(prepared) == 2  # asked again later: prepared again
+    finally:
+        pages.close()
+
+
+def test_a_page_that_cannot_be_prepared_fails_each_request_about_it_and_leaves_nothing():
+    pages = PageHandoff.create()
+    start = threading.Barrier(4)
+
+    def prepare() -> bytes:
+        time.sleep(0.1)
+        raise InvalidImage("image_corrupt", "truncated")
+
+    def request(_) -> str:
+        start.wait()
+        return pages.share("bad-768x768", prepare)
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(request, i) for i in range(4)]
+        for future in futures:
+            with pytest.raises(InvalidImage):
+                future.result()
+        assert list(pages.root.iterdir()) == []
+    finally:
+        pages.close()
+
+
+def test_a_claim_left_by_a_process_that_died_is_broken():
+    pages = PageHandoff.create()
+    try:
+        claim = pages.root / "sha1-768x768.claim"
+        claim.touch()
+        os.utime(claim, (time.time() - STALE_CLAIM_S - 1,) * 2)
+        link = pages.share("sha1-768x768", lambda: b"pixels")
+        out = bytearray(6)
+        assert PageHandoff.read_into(link, out) and out == b"pixels" and not claim.exists()
+    finally:
+        pages.close()
 
 
 def test_pages_travel_in_the_queue_when_shared_memory_cannot_take_them(tmp_path, caplog):

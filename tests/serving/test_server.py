@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -85,6 +86,22 @@ def test_32_concurrent_requests_are_all_answered_as_predict_answers(served, clie
     answers = [reply.choices[0].message.content for reply in replies]
     assert answers == [expected[r["questionId"]] for r in records]
     assert len(set(answers)) > 5  # the answers depend on page and question: the comparison compares something
+
+
+def test_server_timing_says_where_the_time_of_an_answer_went(served, client):
+    record = raw_pages(served, "validation")[0]
+    content = [{"type": "text", "text": record["question"]},
+               {"type": "image_url", "image_url": {"url": data_url(record["image"]["bytes"])}}]  # fmt: skip
+    begin = time.perf_counter()
+    raw = client.chat.completions.with_raw_response.create(model="florence-ops",
+                                                           messages=[{"role": "user", "content": content}])  # fmt: skip
+    latency_ms = 1000 * (time.perf_counter() - begin)
+    timing = dict(part.strip().split(";dur=") for part in raw.headers["Server-Timing"].split(","))
+    assert list(timing) == ["prepare", "queue", "batch"]
+    prepare, queue, batch = (float(timing[name]) for name in ("prepare", "queue", "batch"))
+    assert prepare > 0 and queue >= 0 and batch > 0 and prepare + queue + batch < latency_ms
+    expected = evaluation_answers(served, served / "models/export", "validation")
+    assert raw.parse().choices[0].message.content == expected[record["questionId"]]
 
 
 def handoff_dirs(server: Server) -> list[Path]:
