@@ -245,10 +245,10 @@ class ServeConfig:
     host: str = "127.0.0.1"  # 127.0.0.1: this machine only; 0.0.0.0 or :: expose the server to the network
     port: StrictInt = 8000
     max_batch_size: StrictInt = 64  # requests answered by one generate call
-    batch_timeout_s: StrictFloat = 0.02  # longest wait for a batch to fill before it is answered
+    batch_timeout_s: StrictFloat = 0.0  # 0: a free worker answers what is queued at once; > 0: waits for more
     accelerator: Literal["auto", "cpu", "cuda"] = "auto"
     devices: StrictInt | None = None  # GPUs used (null: all visible)
-    workers_per_device: StrictInt = 1  # model copies per device; 2 overlaps one's CPU work with the other's GPU work
+    workers_per_device: StrictInt = 1  # model copies per device
     api_servers: StrictInt = 1  # HTTP server processes that parse, validate and decode requests
     request_timeout_s: StrictFloat = 60.0  # a request still queued after this long gets 504
     max_body_bytes: StrictInt = 25_000_000  # larger request bodies get 413
