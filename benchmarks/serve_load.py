@@ -101,12 +101,18 @@ def make_questions(n: int) -> list[dict]:
     return questions[:n]
 
 
+def nearest_rank(ordered: list[float], q: float) -> float | None:
+    """The `q` quantile (nearest rank) of sorted values; None when there are none."""
+    return ordered[round(q * (len(ordered) - 1))] if ordered else None
+
+
 def summary(latencies: list[float], seconds: float, **extra) -> dict:
     """Questions per second over `seconds`, and latency percentiles (nearest rank) in milliseconds."""
     ordered = sorted(latencies)
 
     def percentile(q: float) -> float | None:
-        return round(1000 * ordered[round(q * (len(ordered) - 1))], 1) if ordered else None
+        value = nearest_rank(ordered, q)
+        return None if value is None else round(1000 * value, 1)
 
     return {
         "questions": len(latencies),
@@ -240,7 +246,7 @@ def timing_summary(timings: list[dict[str, float]]) -> dict:
     parts = {}
     for name in dict.fromkeys(name for timing in timings for name in timing):
         values = sorted(timing[name] for timing in timings if name in timing)
-        parts[name] = {"mean": round(statistics.fmean(values), 1), "p95": values[round(0.95 * (len(values) - 1))]}
+        parts[name] = {"mean": round(statistics.fmean(values), 1), "p95": nearest_rank(values, 0.95)}
     return parts
 
 

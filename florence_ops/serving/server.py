@@ -93,8 +93,8 @@ class ChatCompletionsSpec(LitSpec):
         return state
 
     async def chat_completions(self, request: ChatCompletionRequest, response: Response) -> ChatCompletionResponse:
-        """Answer the question of the request's user message about its page (header X-Batch-Size: the batch it was
-        answered in)."""
+        """Answer the question of the request's user message about its page (headers: X-Batch-Size, the batch it was
+        answered in; Server-Timing, where its time went)."""
         started = time.monotonic()
         row = await self._prepare(request)
         if self._handler is None:
