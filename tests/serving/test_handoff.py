@@ -95,9 +95,14 @@ def test_a_claim_left_by_a_process_that_died_is_broken():
         claim = pages.root / "sha1-768x768.claim"
         claim.touch()
         os.utime(claim, (time.time() - STALE_CLAIM_S - 1,) * 2)
-        link = pages.share("sha1-768x768", lambda: b"pixels")
+        links = []
+        request = threading.Thread(target=lambda: links.append(pages.share("sha1-768x768", lambda: b"pixels")),
+                                   daemon=True)  # fmt: skip
+        request.start()
+        request.join(timeout=5)  # waiting on the claim for good would hang here
+        assert links, "the request still waits on the dead process's claim"
         out = bytearray(6)
-        assert PageHandoff.read_into(link, out) and out == b"pixels" and not claim.exists()
+        assert PageHandoff.read_into(links[0], out) and out == b"pixels" and not claim.exists()
     finally:
         pages.close()
 
