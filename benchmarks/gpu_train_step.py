@@ -153,7 +153,7 @@ def text_batch(text: dict[str, torch.Tensor], image_ids: list[str]) -> TextBatch
 class DevicePixels:
     """Normalised pixels already on the device (uncached source; preprocessing left out on both sides)."""
 
-    cached = features = False
+    cached = features = gives_tower_output = False
 
     def __init__(self, pool: torch.Tensor):
         self.pool = pool
@@ -168,7 +168,7 @@ class DevicePixels:
 class DeviceFeatures(DevicePixels):
     """Cached vision-tower outputs already on the device."""
 
-    cached = features = True
+    cached = features = gives_tower_output = True
 
 
 def random_pixels(shapes: Shapes, n: int, device, gen: torch.Generator) -> torch.Tensor:

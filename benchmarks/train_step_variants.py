@@ -61,12 +61,13 @@ WARM_STEPS = 12
 PRECISION = "auto"  # train.precision as params.yaml sets it; florence_ops.precision decides what it means here
 
 
-def text_batch(i: int, size: int, pool: int, device) -> TextBatch:
-    """Batch `i`: questions padded to 17-19 tokens and answers to 7-9, as the synthetic pipeline's batches are."""
+def text_batch(i: int, size: int, pool: int, device, padded: bool = True) -> TextBatch:
+    """Batch `i`: questions padded to 17-19 tokens and answers to 7-9, as the synthetic pipeline's batches are; with
+    `padded` false every question and answer of the batch is that long (no padding, so no masks)."""
     gen = torch.Generator().manual_seed(i)
     q_max, a_max = 17 + i % 3, 7 + (i // 3) % 3
-    q_len = torch.randint(13, q_max + 1, (size,), generator=gen)
-    a_len = torch.randint(3, a_max + 1, (size,), generator=gen)
+    q_len = torch.randint(13 if padded else q_max, q_max + 1, (size,), generator=gen)
+    a_len = torch.randint(3 if padded else a_max, a_max + 1, (size,), generator=gen)
     q_len[0], a_len[0] = q_max, a_max
     ids, q_mask = torch.ones((size, q_max), dtype=torch.long), torch.zeros((size, q_max), dtype=torch.long)
     labels, a_mask = torch.full((size, a_max), IGNORE_INDEX), torch.zeros((size, a_max), dtype=torch.long)
@@ -121,8 +122,16 @@ def no_decoder_syncs(model):
     DocVQAObjective.forward = forward
 
 
+def bf16_weights(model):
+    model.to(torch.bfloat16)
+
+
 VARIANTS = {
     "eager": lambda model: None,
+    "eager_unpadded": lambda model: None,
+    "bf16_weights": bf16_weights,
+    "compile_layers_unpadded": compile_layers,
+    "compile_inplace_unpadded": compile_inplace,
     "eager_no_dropout": no_dropout,
     "compile_forward": compile_forward,
     "compile_layers": compile_layers,
@@ -132,13 +141,14 @@ VARIANTS = {
 }
 
 
-def run(name: str, base, batches: list[TextBatch], source, steps: int, device) -> dict:
+def run(name: str, base, batches: dict[bool, list[TextBatch]], source, steps: int, device) -> dict:
     from accelerate import Accelerator
 
     torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    batches = batches[not name.endswith("_unpadded")]
     model = copy.deepcopy(base).to(device)
     freeze(model, ["vision_tower"])
     VARIANTS[name](model)
@@ -175,24 +185,28 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--variants", nargs="+", default=["eager", "eager_no_dropout", "compile_inplace"],
                         choices=list(VARIANTS))  # fmt: skip
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--shape", default="base-shape", choices=["base-shape", "large-shape"])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(REPO / "reports" / "benchmarks"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     processor = build_reference_processor(args.reference)
-    base = build_reference_model("base-shape", args.reference, processor, 1234)
+    base = build_reference_model(args.shape, args.reference, processor, 1234)
     pool = max(512, 2 * args.batch)
-    features = torch.randn(pool, 1024, 24, 24, generator=torch.Generator().manual_seed(0))
+    channels = base.config.vision_config.embed_dim[-1]  # the tower's output: 1024 (base) or 2048 (large)
+    features = torch.randn(pool, channels, 24, 24, generator=torch.Generator().manual_seed(0))
     source = DeviceFeatures(features.to(device, torch.bfloat16))
-    batches = [text_batch(i, args.batch, pool, device) for i in range(12)]
+    batches = {padded: [text_batch(i, args.batch, pool, device, padded) for i in range(12)] for padded in (True, False)}
     results = []
     for name in args.variants:
         results.append(run(name, base, batches, source, args.steps, device))
         print(json.dumps(results[-1]), flush=True)
     slug = (torch.cuda.get_device_name() if device.type == "cuda" else "cpu").lower().replace(" ", "-")
-    report = {"benchmark": "train_step_variants", "device": slug, "torch": torch.__version__, "results": results}
-    write_json(Path(args.out, f"train_variants_{slug}.json"), report)
+    report = {"benchmark": "train_step_variants", "device": slug, "shape": args.shape, "torch": torch.__version__,
+              "results": results}  # fmt: skip
+    suffix = "" if args.shape == "base-shape" else "_large"
+    write_json(Path(args.out, f"train_variants{suffix}_{slug}.json"), report)
     return results
 
 

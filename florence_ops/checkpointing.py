@@ -11,18 +11,28 @@ two runs the same run (training params, data, base model): a run resumes only it
 with another learning rate. Writes go to a temporary folder that is renamed into place, so a run killed mid-write
 leaves the previous checkpoint whole. With several machines `paths.checkpoints` is a folder all of them reach (a
 shared file system): each process saves its own RNG state there, and any machine's rerun resumes from it.
+
+Saves are written off the training path (`BackgroundWrites`): what a checkpoint or the best model holds is copied to
+host memory, then written and renamed into place on one thread while the next steps run. The files are those
+accelerate's `save_state` writes, with the RNG states taken when the save was asked for, so a resume is bit-exact.
+Sharded states (FSDP, DeepSpeed) gather through collectives and are saved in place, as before.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from florence_ops.config import Params, pick
 from florence_ops.launch import writes_outputs
@@ -30,6 +40,59 @@ from florence_ops.launch import writes_outputs
 log = logging.getLogger(__name__)
 
 LIVE = "dvclive"  # DVCLive's folder inside a checkpoint
+MAX_PENDING = 2  # queued writes (each holding its host copy) before queueing another waits for the oldest
+
+
+def host_copy(tree):
+    """`tree` (a state dict, an optimizer's nested one) with every tensor copied to host memory; tensors that share
+    storage (tied weights) still share it in the copy."""
+    seen: dict[tuple, torch.Tensor] = {}
+
+    def copy_tensor(t: torch.Tensor) -> torch.Tensor:
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if key not in seen:
+            seen[key] = t.detach().to("cpu", copy=True)
+        return seen[key]
+
+    def walk(value):
+        if isinstance(value, torch.Tensor):
+            return copy_tensor(value)
+        if isinstance(value, dict):
+            return type(value)((k, walk(v)) for k, v in value.items())
+        if isinstance(value, (list, tuple)):
+            return type(value)(walk(v) for v in value)
+        return copy.deepcopy(value)
+
+    return walk(tree)
+
+
+class BackgroundWrites:
+    """Writes to disk on one thread while training goes on, in the order they were queued.
+
+    A write must only read what was copied for it (`host_copy`), so training may change the live state at once. At
+    most `MAX_PENDING` writes wait or run: queueing another first waits for the oldest, which bounds the host memory
+    the copies take. A write's error is raised by the next `queue` or `wait`, so a failed save fails the run as a
+    synchronous one would.
+    """
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="florence-ops-save")
+        self._pending: list[Future] = []
+
+    def queue(self, write: Callable[[], None]) -> float:
+        """Queue `write`; returns the seconds spent waiting for an earlier write to make room."""
+        start = time.perf_counter()
+        while len(self._pending) >= MAX_PENDING:
+            self._pending.pop(0).result()
+        self._pending.append(self._pool.submit(write))
+        return time.perf_counter() - start
+
+    def wait(self) -> float:
+        """Wait for every queued write; returns the seconds waited."""
+        start = time.perf_counter()
+        while self._pending:
+            self._pending.pop(0).result()
+        return time.perf_counter() - start
 
 
 def run_fingerprint(params: Params, keys: tuple[str, ...], ignore: tuple[str, ...] = ()) -> str:
@@ -54,7 +117,9 @@ def run_fingerprint(params: Params, keys: tuple[str, ...], ignore: tuple[str, ..
 class CheckpointStore:
     """The `last` checkpoint of one run: save atomically, find, load, and delete once the run is done."""
 
-    def __init__(self, root: str | Path, fingerprint: str, live: str | Path | None = None):
+    def __init__(self, root: str | Path, fingerprint: str, live: str | Path | None = None,
+                 writes: BackgroundWrites | None = None):  # fmt: skip
+        self.writes = writes  # None: every save is written before `save` returns
         self.folder = Path(root) / fingerprint
         self.last = self.folder / "last"
         self.previous = self.folder / "last.previous"
@@ -68,32 +133,64 @@ class CheckpointStore:
                 return candidate
         return None
 
-    def save(self, accelerator, progress: dict[str, Any]) -> Path:
+    def save(self, accelerator, progress: dict[str, Any], state: tuple | None = None) -> Path:
         """Write accelerate's state and `progress` to `last`, replacing the previous checkpoint atomically.
 
         The process that writes the stage's outputs (`launch.writes_outputs`) adds DVCLive's folder, which lives on its
-        machine, and renames the folder once every process has saved its part."""
-        start = time.perf_counter()
+        machine, and renames the folder once every process has saved its part. With `writes` and the prepared
+        `state` (model, optimizer, scheduler) of an unsharded run, the weights, optimizer and scheduler are copied to
+        host memory and written in the background (`last` appears when they are); the RNG states, DVCLive's folder
+        and `progress` are taken now."""
+        start, waited = time.perf_counter(), 0.0
         tmp = self.folder / f".tmp-{progress['step']}"
         writer = writes_outputs(accelerator)
+        later = self.writes is not None and state is not None and not _sharded(accelerator)
         if writer:
+            if tmp.exists() and self.writes is not None:  # this step saved twice (an epoch's end): the first goes first
+                waited += self.writes.wait()
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
+        if later:
+            _save_rng_states(accelerator, tmp)
+        else:
+            accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()  # the global main process (weights) may be on another machine
         if writer:
             if self.live is not None and self.live.is_dir():
                 shutil.copytree(self.live, tmp / LIVE)
             (tmp / "progress.json").write_text(json.dumps(progress, indent=2))
-            if self.last.exists():
-                shutil.rmtree(self.previous, ignore_errors=True)
-                os.replace(self.last, self.previous)
-            os.replace(tmp, self.last)
-            shutil.rmtree(self.previous, ignore_errors=True)
+            if later:
+                copies = _state_copies(accelerator, *state)
+                waited += self.writes.queue(lambda: self._finish(tmp, progress["step"], copies))
+            else:
+                self._publish(tmp)
         accelerator.wait_for_everyone()
         if writer:
-            log.info("checkpoint of step %d saved in %.1f s", progress["step"], time.perf_counter() - start)
+            how = f" (waited {waited:.1f} s for an earlier save; written in the background)" if later else ""
+            log.info("checkpoint of step %d saved in %.1f s%s", progress["step"], time.perf_counter() - start, how)
         return self.last
+
+    def wait(self) -> None:
+        """Return once every checkpoint and model queued for writing is on disk."""
+        if self.writes is not None:
+            waited = self.writes.wait()
+            log.info("saves written %.1f s after the last step", waited)
+
+    def _finish(self, tmp: Path, step: int, copies: dict[str, Any]) -> None:
+        from accelerate.utils import save
+
+        start = time.perf_counter()
+        for name, value in copies.items():
+            save(value, tmp / name, safe_serialization=name.endswith(".safetensors"))
+        self._publish(tmp)
+        log.info("checkpoint of step %d written in %.1f s, off the training path", step, time.perf_counter() - start)
+
+    def _publish(self, tmp: Path) -> None:
+        if self.last.exists():
+            shutil.rmtree(self.previous, ignore_errors=True)
+            os.replace(self.last, self.previous)
+        os.replace(tmp, self.last)
+        shutil.rmtree(self.previous, ignore_errors=True)
 
     def restore_live(self, checkpoint: Path) -> None:
         """Put DVCLive's folder back as `checkpoint` saved it (main process; before DVCLive opens it to resume)."""
@@ -116,3 +213,30 @@ class CheckpointStore:
     def clear(self) -> None:
         """Delete this run's checkpoints (called when the run has finished and its model is saved)."""
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _sharded(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED,
+                                            DistributedType.MEGATRON_LM)  # fmt: skip
+
+
+def _save_rng_states(accelerator, folder: Path) -> None:
+    """This process's RNG states and step, as `save_state` records them, written now into `folder`."""
+    from accelerate.checkpointing import save_accelerator_state
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_accelerator_state(str(folder), [], [], [], [], accelerator.process_index, accelerator.step, accelerator.scaler)
+
+
+def _state_copies(accelerator, model, optimizer, scheduler) -> dict[str, Any]:
+    """What `save_state` writes for one unsharded model, optimizer and scheduler, under its file names, in host
+    memory."""
+    from accelerate.utils.constants import OPTIMIZER_NAME, SAFE_WEIGHTS_NAME, SCHEDULER_NAME
+
+    return {
+        SAFE_WEIGHTS_NAME: host_copy(accelerator.get_state_dict(model, unwrap=False)),
+        f"{OPTIMIZER_NAME}.bin": host_copy(optimizer.state_dict()),
+        f"{SCHEDULER_NAME}.bin": copy.deepcopy(scheduler.state_dict()),
+    }

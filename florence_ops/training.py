@@ -249,15 +249,16 @@ def fit(run: Run) -> tuple[Progress, torch.nn.Module]:
                 steps.queued(loss, epoch, progress.step, samples, scheduler.get_last_lr()[0])
                 if progress.step % params.train.checkpoint_every == 0:
                     steps.flush()
-                    run.checkpoints.save(acc, asdict(progress))
+                    run.checkpoints.save(acc, asdict(progress), (objective, optimizer, scheduler))
             steps.flush()
             progress.epoch, progress.batches_done = epoch + 1, 0
-            if _end_of_epoch(run, objective, progress, decoding):
+            if _end_of_epoch(run, objective, progress, decoding, (optimizer, scheduler)):
                 break
+    run.checkpoints.wait()
     return progress, objective
 
 
-def _end_of_epoch(run: Run, objective, progress: Progress, decoding: Decoding) -> bool:
+def _end_of_epoch(run: Run, objective, progress: Progress, decoding: Decoding, training: tuple) -> bool:
     """Score validation, keep the best model, checkpoint; true when early stopping says stop."""
     params, acc = run.params, run.accelerator
     record = {"epoch": progress.epoch, "step": progress.step}
@@ -277,7 +278,7 @@ def _end_of_epoch(run: Run, objective, progress: Progress, decoding: Decoding) -
         log.info("epoch %d: validation ANLS %.4f (best %.4f) on %d questions in %.1f s", progress.epoch, score,
                  progress.best_score, len(run.val_rows), seconds)  # fmt: skip
     progress.history.append(record)
-    run.checkpoints.save(acc, asdict(progress))
+    run.checkpoints.save(acc, asdict(progress), (objective, *training))
     patience = params.train.early_stopping_patience
     return patience is not None and progress.stale_epochs >= patience
 

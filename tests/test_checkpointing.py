@@ -86,3 +86,70 @@ def test_runs_keep_apart_and_clear_deletes_only_its_own(tmp_path):
     mine.clear()
     assert mine.latest() is None and not mine.folder.exists()
     assert other.progress(other.latest()) == {"step": 7}
+
+
+def _prepared_state():
+    import torch
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model(torch.ones(3, 4)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    return accelerator, (model, optimizer, scheduler)
+
+
+def test_a_background_save_returns_before_its_write_and_writes_what_save_state_writes(tmp_path):
+    """The checkpoint written off the training path holds the state as it was when the save was asked for, in the
+    same files and with the same contents as accelerate's `save_state` then, even though training changed the
+    weights and stepped the optimizer while the write waited for the disk."""
+    import threading
+
+    import torch
+    from safetensors.torch import load_file
+
+    from florence_ops.checkpointing import BackgroundWrites
+
+    accelerator, state = _prepared_state()
+    in_place = CheckpointStore(tmp_path / "in-place", "run").save(accelerator, {"step": 1})
+    writes, disk_free = BackgroundWrites(), threading.Event()
+    writes.queue(disk_free.wait)  # an earlier save still being written
+    store = CheckpointStore(tmp_path / "background", "run", writes=writes)
+    try:
+        assert store.save(accelerator, {"step": 1}, state) == store.last
+        assert not store.last.exists(), "the save waited for its write"
+        model, optimizer, _ = state
+        model(torch.ones(3, 4)).sum().backward()  # training goes on
+        optimizer.step()
+    finally:
+        disk_free.set()
+    store.wait()
+
+    assert files(store.last) == files(in_place)
+    for name in ("model.safetensors",):
+        written, expected = load_file(store.last / name), load_file(in_place / name)
+        assert all(torch.equal(written[k], expected[k]) for k in expected) and written.keys() == expected.keys()
+    written, expected = (torch.load(f / "optimizer.bin", weights_only=False) for f in (store.last, in_place))
+    assert written["param_groups"] == expected["param_groups"]
+    for index, values in expected["state"].items():
+        assert all(torch.equal(written["state"][index][k], v) for k, v in values.items())
+    assert torch.load(store.last / "scheduler.bin", weights_only=False) == torch.load(in_place / "scheduler.bin",
+                                                                                      weights_only=False)  # fmt: skip
+    rng = [torch.load(f / "random_states_0.pkl", weights_only=False) for f in (store.last, in_place)]
+    assert torch.equal(rng[0]["torch_manual_seed"], rng[1]["torch_manual_seed"]) and rng[0]["step"] == rng[1]["step"]
+
+
+def test_a_failed_background_write_fails_the_run_at_the_next_wait(tmp_path):
+    import pytest
+
+    from florence_ops.checkpointing import BackgroundWrites
+
+    writes = BackgroundWrites()
+    writes.queue(lambda: (tmp_path / "missing" / "model.safetensors").write_text("x"))
+    with pytest.raises(FileNotFoundError):
+        writes.wait()

@@ -20,7 +20,7 @@ import torch
 from accelerate.utils import DistributedType, set_seed
 
 from florence_ops.artifacts import SUMMARY_FILE, TRAINED_MODEL_DIR, move_directory, publish_directory, write_json
-from florence_ops.checkpointing import CheckpointStore, run_fingerprint
+from florence_ops.checkpointing import BackgroundWrites, CheckpointStore, host_copy, run_fingerprint
 from florence_ops.config import Params, pick
 from florence_ops.data.processed import ImageTable, read_questions
 from florence_ops.data.streaming import ParquetPages, ShardBatches, process_share
@@ -84,7 +84,7 @@ def train(params: Params, machine_rank: int | None = None) -> dict:
         source = vision_source(params, model, processor, images, acc)
     out = Path(params.paths.train)
     fingerprint = run_fingerprint(params, PARAMS_READ, ignore=RENDEZVOUS)
-    checkpoints = CheckpointStore(params.paths.checkpoints, fingerprint, params.paths.live)
+    checkpoints = CheckpointStore(params.paths.checkpoints, fingerprint, params.paths.live, BackgroundWrites())
     live = _live(params, checkpoints) if writer else None
     run = Run(
         params=params,
@@ -96,7 +96,7 @@ def train(params: Params, machine_rank: int | None = None) -> dict:
         eval_collator=_collator(processor, params, train=False),
         source=source,
         checkpoints=checkpoints,
-        save_best=lambda objective: save_trained(acc, objective, processor, checkpoints.best),
+        save_best=lambda objective: save_trained(acc, objective, processor, checkpoints.best, checkpoints.writes),
         live=live,
         own_batches=own_batches,
     )
@@ -172,16 +172,23 @@ def vision_source(params: Params, model, processor, images, acc, warm_up_ids: li
     return cached_source(cache, images.ids, acc.device)
 
 
-def save_trained(acc, objective, processor, target: Path) -> None:
+def save_trained(acc, objective, processor, target: Path, writes: BackgroundWrites | None = None) -> None:
     """Save the model being trained (full weights, or LoRA adapters with the trained projector); call on every
-    process: under FSDP the full state dict is gathered from all of them first."""
+    process: under FSDP the full state dict is gathered from all of them first. With `writes`, the weights are copied
+    to host memory and written in the background."""
     start, state = time.perf_counter(), None
     if acc.distributed_type == DistributedType.FSDP:
         prefix = "model."
         state = {k[len(prefix) :]: v for k, v in acc.get_state_dict(objective).items() if k.startswith(prefix)}
     if acc.is_main_process:
-        save_model(acc.unwrap_model(objective).model, processor, target, state)
-        log.info("model saved to %s in %.1f s", target, time.perf_counter() - start)
+        model = acc.unwrap_model(objective).model
+        if writes is None:
+            save_model(model, processor, target, state)
+        else:
+            copied = host_copy(state if state is not None else model.state_dict())
+            writes.queue(lambda: save_model(model, processor, target, copied))
+        log.info("model saved to %s in %.1f s%s", target, time.perf_counter() - start,
+                 " (written in the background)" if writes is not None else "")  # fmt: skip
     acc.wait_for_everyone()
 
 
