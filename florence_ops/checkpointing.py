@@ -137,16 +137,18 @@ class CheckpointStore:
         """Write accelerate's state and `progress` to `last`, replacing the previous checkpoint atomically.
 
         The process that writes the stage's outputs (`launch.writes_outputs`) adds DVCLive's folder, which lives on its
-        machine, and renames the folder once every process has saved its part. With `writes` and the prepared
-        `state` (model, optimizer, scheduler) of an unsharded run, the weights, optimizer and scheduler are copied to
-        host memory and written in the background (`last` appears when they are); the RNG states, DVCLive's folder
-        and `progress` are taken now."""
+        machine, and `progress`. Accelerate's global main process writes the weights, which may be on another machine.
+        With `writes` and the prepared `state` (model, optimizer, scheduler) of an unsharded run, that process copies
+        the weights, optimizer and scheduler to host memory and writes them in the background, then renames the
+        folder into place (`last` appears when it is written); the RNG states, DVCLive's folder and `progress` are
+        taken now. Otherwise the writing process renames the folder once every process has saved its part."""
         start, waited = time.perf_counter(), 0.0
         tmp = self.folder / f".tmp-{progress['step']}"
         writer = writes_outputs(accelerator)
         later = self.writes is not None and state is not None and not _sharded(accelerator)
-        if writer:
-            if tmp.exists() and self.writes is not None:  # this step saved twice (an epoch's end): the first goes first
+        owner = accelerator.is_main_process if later else writer  # clears `tmp`, renames it into place
+        if owner:
+            if later and tmp.exists():  # this step saved twice (an epoch's end): the first goes first
                 waited += self.writes.wait()
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
@@ -159,13 +161,15 @@ class CheckpointStore:
             if self.live is not None and self.live.is_dir():
                 shutil.copytree(self.live, tmp / LIVE)
             (tmp / "progress.json").write_text(json.dumps(progress, indent=2))
+        accelerator.wait_for_everyone()
+        if owner:
             if later:
                 copies = _state_copies(accelerator, *state)
                 waited += self.writes.queue(lambda: self._finish(tmp, progress["step"], copies))
             else:
                 self._publish(tmp)
         accelerator.wait_for_everyone()
-        if writer:
+        if owner:
             how = f" (waited {waited:.1f} s for an earlier save; written in the background)" if later else ""
             log.info("checkpoint of step %d saved in %.1f s%s", progress["step"], time.perf_counter() - start, how)
         return self.last
@@ -236,7 +240,8 @@ def _state_copies(accelerator, model, optimizer, scheduler) -> dict[str, Any]:
     from accelerate.utils.constants import OPTIMIZER_NAME, SAFE_WEIGHTS_NAME, SCHEDULER_NAME
 
     return {
-        SAFE_WEIGHTS_NAME: host_copy(accelerator.get_state_dict(model, unwrap=False)),
+        # save_state saves the model as prepare() received it: under DDP the module inside the wrapper
+        SAFE_WEIGHTS_NAME: host_copy(accelerator.get_state_dict(model)),
         f"{OPTIMIZER_NAME}.bin": host_copy(optimizer.state_dict()),
         f"{SCHEDULER_NAME}.bin": copy.deepcopy(scheduler.state_dict()),
     }

@@ -255,6 +255,7 @@ def fit(run: Run) -> tuple[Progress, torch.nn.Module]:
             if _end_of_epoch(run, objective, progress, decoding, (optimizer, scheduler)):
                 break
     run.checkpoints.wait()
+    acc.wait_for_everyone()  # the best model and the last checkpoint are on disk, whichever process wrote them
     return progress, objective
 
 
