@@ -3,7 +3,7 @@ to host memory and written in the background (`florence_ops.checkpointing.Backgr
 
 Builds Florence-2-base's or -large's shape from the real checkpoint's config (`--shape`), prepares it with fused
 AdamW (its state filled by one step) and a scheduler through accelerate as the train stage does, then saves an
-epoch's end `--rounds` times each way: `save_trained` (the best model) and `CheckpointStore.save` (accelerate's
+epoch's end `--rounds` times each way, after a round not counted: `save_trained` (the best model) and `CheckpointStore.save` (accelerate's
 state). `path_s` is the time the training loop waits; `written_s` the time until the background writes are on disk.
 
     PYTHONPATH=. python benchmarks/checkpoint_saves.py --reference ../shared/reference/florence-2-base-ft \\
@@ -82,11 +82,13 @@ def main(argv=None) -> dict:
     scheduler.step()
     state = (objective, optimizer, scheduler)
     rounds = {"in_place": [], "background": []}
-    for i in range(args.rounds):
+    for i in range(args.rounds + 1):  # the first round warms up (imports, first file writes) and is not counted
         for way, writes in (("in_place", None), ("background", BackgroundWrites())):
             shutil.rmtree(folder, ignore_errors=True)
-            rounds[way].append(epoch_end(acc, state, processor, folder, i + 1, writes))
-            print(way, rounds[way][-1], flush=True)
+            timing = epoch_end(acc, state, processor, folder, i + 1, writes)
+            print(way, timing, flush=True)
+            if i:
+                rounds[way].append(timing)
     shutil.rmtree(folder, ignore_errors=True)
     slug = (torch.cuda.get_device_name() if device.type == "cuda" else "cpu").lower().replace(" ", "-")
     median = {way: {key: statistics.median(r[key] for r in runs) for key in ("path_s", "written_s")}
