@@ -3,8 +3,9 @@ to host memory and written in the background (`florence_ops.checkpointing.Backgr
 
 Builds Florence-2-base's or -large's shape from the real checkpoint's config (`--shape`), prepares it with fused
 AdamW (its state filled by one step) and a scheduler through accelerate as the train stage does, then saves an
-epoch's end `--rounds` times each way, after a round not counted: `save_trained` (the best model) and `CheckpointStore.save` (accelerate's
-state). `path_s` is the time the training loop waits; `written_s` the time until the background writes are on disk.
+epoch's end `--rounds` times each way, after a round not counted: `save_trained` (the best model) and
+`CheckpointStore.save` (accelerate's state). `path_s` is the time the training loop waits; `written_s` the time until
+the background writes are on disk.
 
     PYTHONPATH=. python benchmarks/checkpoint_saves.py --reference ../shared/reference/florence-2-base-ft \\
         [--shape large-shape] [--rounds 3] [--folder /tmp/florence-ops-saves] [--out reports/benchmarks]
