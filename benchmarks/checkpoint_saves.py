@@ -1,5 +1,5 @@
 """What an epoch's end costs the training path: the best model and the checkpoint saved in place, as before, or copied
-to host memory and written in the background (`florence_ops.checkpointing.BackgroundWrites`).
+to host buffers kept from save to save and written in the background (`florence_ops.checkpointing.BackgroundWrites`).
 
 Builds Florence-2-base's or -large's shape from the real checkpoint's config (`--shape`), prepares it with fused
 AdamW (its state filled by one step) and a scheduler through accelerate as the train stage does, then saves an
@@ -83,8 +83,9 @@ def main(argv=None) -> dict:
     scheduler.step()
     state = (objective, optimizer, scheduler)
     rounds = {"in_place": [], "background": []}
-    for i in range(args.rounds + 1):  # the first round warms up (imports, first file writes) and is not counted
-        for way, writes in (("in_place", None), ("background", BackgroundWrites())):
+    background = BackgroundWrites()  # one per run, as the train stage keeps it: its host buffers serve every save
+    for i in range(args.rounds + 1):  # the first round (imports, first writes, host buffers) is not counted
+        for way, writes in (("in_place", None), ("background", background)):
             shutil.rmtree(folder, ignore_errors=True)
             timing = epoch_end(acc, state, processor, folder, i + 1, writes)
             print(way, timing, flush=True)

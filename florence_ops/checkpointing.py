@@ -13,9 +13,10 @@ leaves the previous checkpoint whole. With several machines `paths.checkpoints` 
 shared file system): each process saves its own RNG state there, and any machine's rerun resumes from it.
 
 Saves are written off the training path (`BackgroundWrites`): what a checkpoint or the best model holds is copied to
-host memory, then written and renamed into place on one thread while the next steps run. The files are those
-accelerate's `save_state` writes, with the RNG states taken when the save was asked for, so a resume is bit-exact.
-Sharded states (FSDP, DeepSpeed) gather through collectives and are saved in place, as before.
+host buffers kept from save to save (page-locked on a GPU machine), then written and renamed into place on one thread
+while the next steps run. The files are those accelerate's `save_state` writes, with the RNG states taken when the
+save was asked for, so a resume is bit-exact. Sharded states (FSDP, DeepSpeed) gather through collectives and are
+saved in place, as before.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from pathlib import Path
 from typing import Any
 
@@ -43,15 +45,27 @@ LIVE = "dvclive"  # DVCLive's folder inside a checkpoint
 MAX_PENDING = 2  # queued writes (each holding its host copy) before queueing another waits for the oldest
 
 
-def host_copy(tree):
+def host_copy(tree, buffers: list[torch.Tensor] | None = None):
     """`tree` (a state dict, an optimizer's nested one) with every tensor copied to host memory; tensors that share
-    storage (tied weights) still share it in the copy."""
+    storage (tied weights) still share it in the copy. With `buffers` (empty the first time), the copies go into the
+    host tensors of the last call with that list, in page-locked memory when they come from a GPU, and tensors of
+    another shape or dtype get new ones: a save then costs a device-to-host copy, not a fresh allocation."""
     seen: dict[tuple, torch.Tensor] = {}
+    from_gpu = False
 
     def copy_tensor(t: torch.Tensor) -> torch.Tensor:
+        nonlocal from_gpu
         key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-        if key not in seen:
+        if key in seen:
+            return seen[key]
+        if buffers is None:
             seen[key] = t.detach().to("cpu", copy=True)
+            return seen[key]
+        index, pinned = len(seen), t.is_cuda
+        if index == len(buffers) or buffers[index].shape != t.shape or buffers[index].dtype != t.dtype:
+            buffers[index : index + 1] = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned)]
+        seen[key] = buffers[index].copy_(t.detach(), non_blocking=pinned)
+        from_gpu |= pinned
         return seen[key]
 
     def walk(value):
@@ -63,28 +77,47 @@ def host_copy(tree):
             return type(value)(walk(v) for v in value)
         return copy.deepcopy(value)
 
-    return walk(tree)
+    copied = walk(tree)
+    if from_gpu:
+        torch.cuda.synchronize()  # the copies were queued on the GPU's streams: wait until they have landed
+    return copied
 
 
 class BackgroundWrites:
     """Writes to disk on one thread while training goes on, in the order they were queued.
 
-    A write must only read what was copied for it (`host_copy`), so training may change the live state at once. At
-    most `MAX_PENDING` writes wait or run: queueing another first waits for the oldest, which bounds the host memory
-    the copies take. A write's error is raised by the next `queue` or `wait`, so a failed save fails the run as a
-    synchronous one would.
+    A write must only read what was copied for it (`copy`), so training may change the live state at once. Each kind
+    of save (the checkpoint's weights, its optimizer state, the best model) has its own host buffers, kept from save
+    to save (page-locked when copied from a GPU); copying into them first waits for the write that read them last.
+    At most `MAX_PENDING` writes wait or run: queueing another first waits for the oldest. A write's error is raised
+    by the next `queue` or `wait`, so a failed save fails the run as a synchronous one would.
     """
 
     def __init__(self):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="florence-ops-save")
         self._pending: list[Future] = []
+        self._buffers: dict[str, list[torch.Tensor]] = {}
+        self._readers: dict[str, Future] = {}  # the write that reads each kind's buffers
 
-    def queue(self, write: Callable[[], None]) -> float:
-        """Queue `write`; returns the seconds spent waiting for an earlier write to make room."""
+    def copy(self, kind: str, tree) -> tuple[Any, float]:
+        """`tree` copied into the host buffers of `kind` (`host_copy`); returns it and the seconds spent waiting for
+        the write that read those buffers last."""
+        start = time.perf_counter()
+        reader = self._readers.pop(kind, None)
+        if reader is not None:
+            futures_wait([reader])  # its error, if any, is raised by the next queue or wait
+        waited = time.perf_counter() - start
+        return host_copy(tree, self._buffers.setdefault(kind, [])), waited
+
+    def queue(self, write: Callable[[], None], reads: tuple[str, ...] = ()) -> float:
+        """Queue `write`, which reads the host buffers of the kinds in `reads`; returns the seconds spent waiting for
+        an earlier write to make room."""
         start = time.perf_counter()
         while len(self._pending) >= MAX_PENDING:
             self._pending.pop(0).result()
-        self._pending.append(self._pool.submit(write))
+        future = self._pool.submit(write)
+        self._pending.append(future)
+        self._readers.update(dict.fromkeys(reads, future))
         return time.perf_counter() - start
 
     def wait(self) -> float:
@@ -164,8 +197,9 @@ class CheckpointStore:
         accelerator.wait_for_everyone()
         if owner:
             if later:
-                copies = _state_copies(accelerator, *state)
-                waited += self.writes.queue(lambda: self._finish(tmp, progress["step"], copies))
+                copies, copying_waited = _state_copies(accelerator, *state, self.writes)
+                waited += copying_waited
+                waited += self.writes.queue(lambda: self._finish(tmp, progress["step"], copies), STATE_KINDS)
             else:
                 self._publish(tmp)
         accelerator.wait_for_everyone()
@@ -234,14 +268,17 @@ def _save_rng_states(accelerator, folder: Path) -> None:
     save_accelerator_state(str(folder), [], [], [], [], accelerator.process_index, accelerator.step, accelerator.scaler)
 
 
-def _state_copies(accelerator, model, optimizer, scheduler) -> dict[str, Any]:
-    """What `save_state` writes for one unsharded model, optimizer and scheduler, under its file names, in host
-    memory."""
+STATE_KINDS = ("checkpoint weights", "checkpoint optimizer")  # host buffers of a checkpoint's background write
+
+
+def _state_copies(accelerator, model, optimizer, scheduler, writes: BackgroundWrites) -> tuple[dict[str, Any], float]:
+    """What `save_state` writes for one unsharded model, optimizer and scheduler, under its file names, in the host
+    buffers of `writes`; and the seconds spent waiting for those buffers."""
     from accelerate.utils.constants import OPTIMIZER_NAME, SAFE_WEIGHTS_NAME, SCHEDULER_NAME
 
-    return {
-        # save_state saves the model as prepare() received it: under DDP the module inside the wrapper
-        SAFE_WEIGHTS_NAME: host_copy(accelerator.get_state_dict(model)),
-        f"{OPTIMIZER_NAME}.bin": host_copy(optimizer.state_dict()),
-        f"{SCHEDULER_NAME}.bin": copy.deepcopy(scheduler.state_dict()),
-    }
+    # save_state saves the model as prepare() received it: under DDP the module inside the wrapper
+    weights, waited_weights = writes.copy(STATE_KINDS[0], accelerator.get_state_dict(model))
+    optimizer_state, waited_optimizer = writes.copy(STATE_KINDS[1], optimizer.state_dict())
+    copies = {SAFE_WEIGHTS_NAME: weights, f"{OPTIMIZER_NAME}.bin": optimizer_state,
+              f"{SCHEDULER_NAME}.bin": copy.deepcopy(scheduler.state_dict())}  # fmt: skip
+    return copies, waited_weights + waited_optimizer

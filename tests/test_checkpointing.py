@@ -153,3 +153,25 @@ def test_a_failed_background_write_fails_the_run_at_the_next_wait(tmp_path):
     writes.queue(lambda: (tmp_path / "missing" / "model.safetensors").write_text("x"))
     with pytest.raises(FileNotFoundError):
         writes.wait()
+
+
+def test_a_save_into_host_buffers_still_being_written_waits_for_that_write(tmp_path):
+    """Each kind of save copies into the same host buffers every time; the next copy waits until the write that
+    reads them is on disk, so that write holds the values of its own save, not the next one's."""
+    import threading
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from florence_ops.checkpointing import BackgroundWrites
+
+    writes, disk_free = BackgroundWrites(), threading.Event()
+    first, _ = writes.copy("weights", {"w": torch.ones(4)})
+    writes.queue(lambda: (disk_free.wait(), save_file(first, tmp_path / "first.safetensors")), ("weights",))
+    threading.Timer(0.3, disk_free.set).start()  # the disk frees up while the next save is being copied
+    second, waited = writes.copy("weights", {"w": torch.full((4,), 2.0)})
+    writes.wait()
+
+    assert torch.equal(load_file(tmp_path / "first.safetensors")["w"], torch.ones(4))
+    assert torch.equal(second["w"], torch.full((4,), 2.0)) and waited > 0.1
+    assert second["w"].data_ptr() == first["w"].data_ptr(), "the second save allocated new host memory"

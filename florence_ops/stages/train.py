@@ -20,7 +20,7 @@ import torch
 from accelerate.utils import DistributedType, set_seed
 
 from florence_ops.artifacts import SUMMARY_FILE, TRAINED_MODEL_DIR, move_directory, publish_directory, write_json
-from florence_ops.checkpointing import BackgroundWrites, CheckpointStore, host_copy, run_fingerprint
+from florence_ops.checkpointing import BackgroundWrites, CheckpointStore, run_fingerprint
 from florence_ops.config import Params, pick
 from florence_ops.data.processed import ImageTable, read_questions
 from florence_ops.data.streaming import ParquetPages, ShardBatches, process_share
@@ -185,8 +185,8 @@ def save_trained(acc, objective, processor, target: Path, writes: BackgroundWrit
         if writes is None:
             save_model(model, processor, target, state)
         else:
-            copied = host_copy(state if state is not None else model.state_dict())
-            writes.queue(lambda: save_model(model, processor, target, copied))
+            copied, _ = writes.copy("best model", state if state is not None else model.state_dict())
+            writes.queue(lambda: save_model(model, processor, target, copied), ("best model",))
         log.info("model saved to %s in %.1f s%s", target, time.perf_counter() - start,
                  " (written in the background)" if writes is not None else "")  # fmt: skip
     acc.wait_for_everyone()
