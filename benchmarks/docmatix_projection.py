@@ -2,7 +2,7 @@
 measured on one H200, for Florence-2-base and -large shapes: with the vision-feature cache, and with the frozen tower
 run inside the step (`train.vision_cache: false`) on the whole split or streamed by row groups (`train.streaming`).
 
-Nothing is measured here: the inputs are one-GPU rates (base: `reports/benchmarks/pipeline_nvidia-h200.json` and
+Nothing is measured here: the inputs are one-GPU rates (base: `reports/benchmarks/pipeline_nvidia-h200.run7.json` and
 `vision_in_step_nvidia-h200.json`; large: the large-shape run on one H200 that benchmarks/README.md reports), and the
 assumptions are written into the JSON.
 
@@ -115,7 +115,7 @@ def project(rates: dict, shape: str, gpus: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "reports/benchmarks")
-    parser.add_argument("--pipeline", type=Path, default=REPO / "reports/benchmarks/pipeline_nvidia-h200.json")
+    parser.add_argument("--pipeline", type=Path, default=REPO / "reports/benchmarks/pipeline_nvidia-h200.run7.json")
     parser.add_argument("--in-step", type=Path, default=REPO / "reports/benchmarks/vision_in_step_nvidia-h200.json")
     args = parser.parse_args()
     rates = one_gpu_rates(args.pipeline.resolve(), args.in_step.resolve())
