@@ -175,3 +175,40 @@ def test_a_save_into_host_buffers_still_being_written_waits_for_that_write(tmp_p
     assert torch.equal(load_file(tmp_path / "first.safetensors")["w"], torch.ones(4))
     assert torch.equal(second["w"], torch.full((4,), 2.0)) and waited > 0.1
     assert second["w"].data_ptr() == first["w"].data_ptr(), "the second save allocated new host memory"
+
+
+def test_the_best_model_written_in_the_background_leaves_the_training_tokenizer_alone(tmp_path):
+    """The training loop batches with the processor's tokenizer while the best model is being written. Saving the
+    processor resets a fast tokenizer's padding state, so saving it on the writer's thread broke batches being
+    collated then: a `dvc repro` of the default pipeline failed at an epoch's end with `ValueError: Unable to create
+    tensor`. Every batch collated while best models are written comes out whole, and each saved model directory
+    holds the processor, loadable."""
+    from accelerate import Accelerator
+    from transformers import AutoProcessor
+
+    from florence_ops.base_models import build_tiny_model, build_tiny_processor
+    from florence_ops.checkpointing import BackgroundWrites
+    from florence_ops.config import TinyModel
+    from florence_ops.model_inputs import Collator
+    from florence_ops.stages.train import save_trained
+    from florence_ops.training import DocVQAObjective
+
+    spec = TinyModel(image_size=64, vision_dims=[8, 16, 16, 32], vision_heads=[1, 2, 2, 4], d_model=32, heads=2,
+                     ffn_dim=64, vocab_size=300)  # fmt: skip
+    processor = build_tiny_processor(spec, ["<DocVQA>What is the total amount?", "ACME Corp", "$1,234.50"] * 5)
+    accelerator = Accelerator(cpu=True)
+    objective = accelerator.prepare(DocVQAObjective(build_tiny_model(spec, processor, 0)))
+    collate = Collator(processor.tokenizer, "<DocVQA>", 32, 16, train=True)
+    rows = [{"question": "What?", "answers": ["A"], "image_id": "p"},
+            {"question": "What is the total amount?", "answers": ["$1,234.50 ACME Corp"], "image_id": "p"}]  # fmt: skip
+    writes, target = BackgroundWrites(), tmp_path / "best"
+    for _ in range(20):
+        save_trained(accelerator, objective, processor, target, writes)
+        for _ in range(40):  # the next steps' batches, collated while the write runs
+            batch = collate(rows)
+            assert batch.input_ids.shape[0] == 2
+    writes.wait()
+
+    assert [p.name for p in tmp_path.iterdir()] == ["best"]
+    saved = AutoProcessor.from_pretrained(target)
+    assert saved.tokenizer("What?").input_ids == processor.tokenizer("What?").input_ids

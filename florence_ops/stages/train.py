@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -175,7 +177,8 @@ def vision_source(params: Params, model, processor, images, acc, warm_up_ids: li
 def save_trained(acc, objective, processor, target: Path, writes: BackgroundWrites | None = None) -> None:
     """Save the model being trained (full weights, or LoRA adapters with the trained projector); call on every
     process: under FSDP the full state dict is gathered from all of them first. With `writes`, the weights are copied
-    to host memory and written in the background."""
+    to host memory and written in the background; the processor is saved here, beside them, since its tokenizer is
+    the one the training loop batches with (a fast tokenizer's padding state is not safe to touch from two threads)."""
     start, state = time.perf_counter(), None
     if acc.distributed_type == DistributedType.FSDP:
         prefix = "model."
@@ -186,10 +189,24 @@ def save_trained(acc, objective, processor, target: Path, writes: BackgroundWrit
             save_model(model, processor, target, state)
         else:
             copied, _ = writes.copy("best model", state if state is not None else model.state_dict())
-            writes.queue(lambda: save_model(model, processor, target, copied), ("best model",))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            processor_files = Path(tempfile.mkdtemp(prefix=f".{target.name}-processor-", dir=target.parent))
+            save_processor(processor, processor_files)
+            writes.queue(lambda: save_model_with(model, copied, processor_files, target), ("best model",))
         log.info("model saved to %s in %.1f s%s", target, time.perf_counter() - start,
                  " (written in the background)" if writes is not None else "")  # fmt: skip
     acc.wait_for_everyone()
+
+
+def save_model_with(model, state_dict: dict, processor_files: Path, target: Path) -> None:
+    """Save a model's weights (`state_dict`) with the processor files saved beforehand to `processor_files` (then
+    removed) to `target` atomically."""
+    try:
+        with publish_directory(target) as staging:
+            model.save_pretrained(staging, state_dict=state_dict)
+            shutil.copytree(processor_files, staging, dirs_exist_ok=True)
+    finally:
+        shutil.rmtree(processor_files, ignore_errors=True)
 
 
 def save_model(model, processor, target: Path, state_dict: dict | None = None) -> None:
