@@ -149,6 +149,9 @@ def main(argv=None) -> dict:
              "data.synthetic.test_documents": 0, "epochs": args.epochs}  # fmt: skip
     extra = {key: parse_value(value) for key, _, value in (pair.partition("=") for pair in args.set)}
     profile = PROFILES[args.profile]
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    compile_cache_before = Path(cache_dir()).is_dir()  # a cold run finds none: a fresh machine
     root = workspace(Path(args.workdir), Path(args.reference), {**profile, **scale, **extra})
     log_dir = Path(args.out) / "pipeline_logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -163,6 +166,7 @@ def main(argv=None) -> dict:
         print(f"{stage}: {seconds:.1f} s", flush=True)
     args.overrides = extra
     report = summarise(root, stages, outputs, args, torch)
+    report["compile_cache_existed_at_start"] = compile_cache_before
     slug = report["device"].lower().replace(" ", "-")
     name = "pipeline" if args.profile == "base" else f"pipeline_{args.profile}"
     path = Path(args.out, f"{name}_{slug}.json")
@@ -178,9 +182,11 @@ def main(argv=None) -> dict:
 def warm_train(root: Path, stages: dict, outputs: dict, args, torch, log_dir: Path) -> dict:
     """The train stage again (`dvc repro --force`), its vision cache and checkpoints removed first, so that it
     rebuilds the cache as new data would: torch's compile caches (inductor's FX graphs, AOTAutograd; on by default,
-    under the machine's temporary directory) are now warm. The projection's other terms are the first run's."""
-    shutil.rmtree(root / ".cache" / "vision_features")
-    shutil.rmtree(root / "checkpoints", ignore_errors=True)
+    under the machine's temporary directory) are now warm, as are the OS's file cache, Triton's cache and the
+    workspace's bytecode. The projection's other terms are the first run's."""
+    paths = read_yaml(root / "params.yaml")["paths"]
+    shutil.rmtree(root / paths["vision_cache"], ignore_errors=True)
+    shutil.rmtree(root / paths["checkpoints"], ignore_errors=True)
     seconds, output = run_stage(root, "train", log_dir, force=True, log_name="train_warm")
     found = re.search(PATTERNS["stage"], output)
     warm_stages = {**stages, "train": {"seconds": round(seconds, 1),

@@ -144,8 +144,9 @@ def test_a_background_save_returns_before_its_write_and_writes_what_save_state_w
     assert torch.equal(rng[0]["torch_manual_seed"], rng[1]["torch_manual_seed"]) and rng[0]["step"] == rng[1]["step"]
 
 
-def test_a_failed_background_write_fails_the_run_at_the_next_wait(tmp_path):
+def test_a_failed_background_write_fails_the_run_at_the_next_wait_or_save(tmp_path):
     import pytest
+    import torch
 
     from florence_ops.checkpointing import BackgroundWrites
 
@@ -153,6 +154,11 @@ def test_a_failed_background_write_fails_the_run_at_the_next_wait(tmp_path):
     writes.queue(lambda: (tmp_path / "missing" / "model.safetensors").write_text("x"))
     with pytest.raises(FileNotFoundError):
         writes.wait()
+
+    writes.queue(lambda: (tmp_path / "missing" / "optimizer.bin").write_text("x"), ("weights",))
+    writes.copy("weights", {"w": torch.ones(2)})  # the next save: its copy waits for that write to end
+    with pytest.raises(FileNotFoundError):  # and its queueing reports the failure, not a save a checkpoint later
+        writes.queue(lambda: None)
 
 
 def test_a_save_into_host_buffers_still_being_written_waits_for_that_write(tmp_path):
