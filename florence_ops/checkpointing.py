@@ -45,20 +45,17 @@ LIVE = "dvclive"  # DVCLive's folder inside a checkpoint
 MAX_PENDING = 2  # queued writes (each holding its host copy) before queueing another waits for the oldest
 
 
-def host_copy(tree, buffers: list[torch.Tensor] | None = None):
-    """`tree` (a state dict, an optimizer's nested one) with every tensor copied to host memory; tensors that share
-    storage (tied weights) still share it in the copy. With `buffers` (empty the first time), the copies go into the
-    host tensors of the last call with that list, in page-locked memory when they come from a GPU, and tensors of
-    another shape or dtype get new ones: a save then costs a device-to-host copy, not a fresh allocation."""
+def host_copy(tree, buffers: list[torch.Tensor]):
+    """`tree` (a state dict, an optimizer's nested one) with every tensor copied into the host tensors `buffers` held
+    from the last call with that list (empty the first time), page-locked when they come from a GPU; tensors of
+    another shape or dtype get new ones. Tensors that share storage (tied weights) still share it in the copy. A save
+    then costs a device-to-host copy, not a fresh allocation."""
     seen: dict[tuple, torch.Tensor] = {}
     devices: set[torch.device] = set()
 
     def copy_tensor(t: torch.Tensor) -> torch.Tensor:
         key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
         if key in seen:
-            return seen[key]
-        if buffers is None:
-            seen[key] = t.detach().to("cpu", copy=True)
             return seen[key]
         index, pinned = len(seen), t.is_cuda
         kept = buffers[index] if index < len(buffers) else None
