@@ -124,6 +124,12 @@ def run_stage(root: Path, stage: str, log_dir: Path, force: bool = False, log_na
     return seconds, output
 
 
+def stage_times(seconds: float, output: str) -> dict:
+    """A stage's wall seconds under `dvc repro` and the seconds its own process logged."""
+    found = re.search(PATTERNS["stage"], output)
+    return {"seconds": round(seconds, 1), "stage_process_seconds": float(found.group(2)) if found else None}
+
+
 def size_gib(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**30 if path.exists() else 0.0
 
@@ -149,20 +155,17 @@ def main(argv=None) -> dict:
              "data.synthetic.test_documents": 0, "epochs": args.epochs}  # fmt: skip
     extra = {key: parse_value(value) for key, _, value in (pair.partition("=") for pair in args.set)}
     profile = PROFILES[args.profile]
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-    compile_cache_before = Path(cache_dir()).is_dir()  # a cold run finds none: a fresh machine
+    compile_cache = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir())
+    compile_cache_before = any((compile_cache / "fxgraph").glob("*"))  # compiled graphs (importing makes the folder)
     root = workspace(Path(args.workdir), Path(args.reference), {**profile, **scale, **extra})
     log_dir = Path(args.out) / "pipeline_logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     stages, outputs = {}, {}
     for stage in STAGES:
         seconds, outputs[stage] = run_stage(root, stage, log_dir)
-        found = re.search(PATTERNS["stage"], outputs[stage])
-        stages[stage] = {
-            "seconds": round(seconds, 1),
-            "stage_process_seconds": float(found.group(2)) if found else None,
-        }
+        stages[stage] = stage_times(seconds, outputs[stage])
         print(f"{stage}: {seconds:.1f} s", flush=True)
     args.overrides = extra
     report = summarise(root, stages, outputs, args, torch)
@@ -188,9 +191,7 @@ def warm_train(root: Path, stages: dict, outputs: dict, args, torch, log_dir: Pa
     shutil.rmtree(root / paths["vision_cache"], ignore_errors=True)
     shutil.rmtree(root / paths["checkpoints"], ignore_errors=True)
     seconds, output = run_stage(root, "train", log_dir, force=True, log_name="train_warm")
-    found = re.search(PATTERNS["stage"], output)
-    warm_stages = {**stages, "train": {"seconds": round(seconds, 1),
-                                       "stage_process_seconds": float(found.group(2)) if found else None}}  # fmt: skip
+    warm_stages = {**stages, "train": stage_times(seconds, output)}
     again = summarise(root, warm_stages, {**outputs, "train": output}, args, torch)
     return {
         "what": "the train stage run again on the same machine with its vision cache and checkpoints removed "
