@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import gto.api
-import yaml
 from gto.constants import VersionSort
 from gto.exceptions import ArtifactNotFound
 
 from florence_ops.artifacts import CHAMPION_FILE, METRICS_FILE, REGISTRY_FILE, publish_directory, write_json
 from florence_ops.config import PARAMS_FILE, Params, RegistryConfig
-from florence_ops.errors import UserError
+from florence_ops.errors import ConfigError, UserError
+from florence_ops.params_file import parse_value
 from florence_ops.promotion import MetricsError, Verdict, judge, read_champion
 
 log = logging.getLogger(__name__)
@@ -126,9 +126,9 @@ def tags_digest(source: str) -> str:
 def _report_at(view: Path, commit: str, name: str = METRICS_FILE) -> dict[str, Any] | None:
     """The file `name` of the reports folder of `commit` (where its params.yaml puts it); None when it has none."""
     try:
-        reports = yaml.safe_load(_git(view, "show", f"{commit}:{PARAMS_FILE}"))["paths"]["reports"]
+        reports = parse_value(_git(view, "show", f"{commit}:{PARAMS_FILE}"))["paths"]["reports"]  # YAML 1.2, as DVC
         return json.loads(_git(view, "show", f"{commit}:{Path(reports, name).as_posix()}"))
-    except (RegistryError, yaml.YAMLError, json.JSONDecodeError, KeyError, TypeError):
+    except (RegistryError, ConfigError, json.JSONDecodeError, KeyError, TypeError):
         return None
 
 

@@ -150,13 +150,15 @@ def registry_repo(tmp_path, git_remote, dvc_remote) -> Path:
     params.yaml pointing `registry.git_remote` at `git_remote` and DVC's default remote at `dvc_remote`."""
     import yaml
 
+    from florence_ops.params_file import read_yaml
+
     repo = tmp_path / "clone"
     repo.mkdir()
     run = functools.partial(subprocess.run, cwd=repo, check=True, capture_output=True)
     run(["git", "init", "--quiet"])
     run([sys.executable, "-m", "dvc", "init", "--quiet"])
     dvc_remote.add_to(repo)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = read_yaml(REPO / "params.yaml")  # YAML 1.2, as DVC and the stages read it
     params["registry"]["git_remote"] = "origin"
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())
