@@ -33,7 +33,7 @@ import transformers
 from fastapi import Depends, HTTPException
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from litserve.loops import BatchedLoop
-from litserve.loops.base import collate_requests
+from litserve.loops.base import _StopLoopError, collate_requests
 
 from florence_ops.config import Params
 from florence_ops.data.images import resize_for_model
@@ -67,8 +67,9 @@ def read_page(row: dict[str, Any], slot: torch.Tensor, size: tuple[int, int]) ->
 
 
 class GreedyLoop(BatchedLoop):
-    """LitServe's batched loop, greedy: a free worker starts a batch with every request already queued (up to
-    `serve.max_batch_size`) instead of waiting for more, unless `serve.batch_timeout_s` asks it to.
+    """LitServe's batched loop, greedy and prefetching: a free worker starts a batch with every request already
+    queued (up to `serve.max_batch_size`) instead of waiting for more, unless `serve.batch_timeout_s` asks it to; and
+    while a batch runs, a thread of the worker takes the requests arriving for the next one off LitServe's queue.
 
     Requests that arrive while a batch runs make up the next one, so the batch in flight is what gathers a batch,
     and the device is never idle while a request waits. Clients that each ask again when answered settle into
@@ -76,17 +77,105 @@ class GreedyLoop(BatchedLoop):
     answered. Waiting for a batch to fill (a timeout) leaves the device idle meanwhile; it only pays where a batch
     costs nearly the same whatever its size. With an empty queue the worker waits for the next request, in slices
     of `IDLE_WAIT_S`, as LitServe's own collation does.
+
+    Taking a request off LitServe's queue is a round trip to its manager process; one by one, a batch's worth
+    costs milliseconds that would otherwise come between two batches. The thread takes them as they arrive, at
+    most one batch ahead, with LitServe's `collate_requests`: each request taken is announced to its HTTP process
+    as this worker's at once, so a worker that dies holding it still gets it answered 503 (`InFlightGuard`).
     """
 
+    def __init__(self):
+        super().__init__()
+        self._prefetch_state()
+
+    def _prefetch_state(self) -> None:
+        self._lock = threading.Condition()  # guards what follows, and signals changes to it
+        self._held: list = []  # requests the thread took, not yet in a batch
+        self._late: list = []  # requests it found past `request_timeout`
+        self._in_hand = 0  # requests it got from the queue and has not yet put in `_held`
+        self._stopped = False  # it met LitServe's stop sentinel
+        self._failure: BaseException | None = None  # what ended it otherwise
+        self._collector: threading.Thread | None = None
+        self._sending = threading.Lock()  # LitServe's ZeroMQ socket is one per process and not thread-safe
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for each worker process (LitServe spawns them) without the thread and its locks."""
+        keep = {"_lock", "_held", "_late", "_in_hand", "_stopped", "_failure", "_collector", "_sending"}
+        return {key: value for key, value in self.__dict__.items() if key not in keep}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._prefetch_state()
+
+    def put_response(self, *args, **kwargs) -> None:
+        """LitServe's `put_response`, one thread at a time."""
+        with self._sending:
+            super().put_response(*args, **kwargs)
+
     def get_batch_requests(self, lit_api: ls.LitAPI, request_queue, transport) -> tuple[list, list]:
-        """LitServe's `collate_requests` for the first request, then for those already queued (or arriving within
-        `batch_timeout_s`)."""
-        batch, timed_out = collate_requests(self, _collating(lit_api, 1, IDLE_WAIT_S), request_queue, transport)
-        if batch and lit_api.max_batch_size > 1:
-            more, late = collate_requests(self, _collating(lit_api, lit_api.max_batch_size - 1, lit_api.batch_timeout),
-                                          request_queue, transport)  # fmt: skip
-            batch, timed_out = batch + more, timed_out + late
-        return batch, timed_out
+        """The requests the thread holds and those still queued (or arriving within `batch_timeout_s`), up to
+        `max_batch_size`; waits up to `IDLE_WAIT_S` for a first request."""
+        if self._collector is None:
+            self._collector = threading.Thread(target=self._collect, args=(lit_api, request_queue, transport),
+                                               name="request-prefetch", daemon=True)  # fmt: skip
+            self._collector.start()
+        size = lit_api.max_batch_size
+        with self._lock:
+            self._lock.wait_for(lambda: self._held or self._late or self._stopped, timeout=IDLE_WAIT_S)
+            batch, late = self._take(size)
+        if batch and len(batch) < size:  # whatever else is queued now, alongside the thread
+            more, later = collate_requests(self, _collating(lit_api, size - len(batch), lit_api.batch_timeout),
+                                           request_queue, transport)  # fmt: skip
+            with self._lock:
+                self._lock.wait_for(lambda: not self._in_hand)  # a request the thread is taking joins this batch
+                rest, latest = self._take(size - len(batch) - len(more))
+            batch, late = batch + more + rest, late + later + latest
+        return batch, late
+
+    def _take(self, count: int) -> tuple[list, list]:
+        """Up to `count` held requests and every late one (with the lock held); raises when LitServe stopped."""
+        if self._failure is not None:
+            raise RuntimeError("the worker's request prefetching failed") from self._failure
+        if self._stopped:
+            raise _StopLoopError()
+        batch, self._held = self._held[:count], self._held[count:]
+        late, self._late = self._late, []
+        self._lock.notify_all()  # room for the thread to take more
+        return batch, late
+
+    def _collect(self, lit_api: ls.LitAPI, request_queue, transport) -> None:
+        """Take requests off LitServe's queue as they arrive, one batch ahead at most (runs in a daemon thread)."""
+        queue = _Counted(request_queue, self)
+        one = _collating(lit_api, 1, IDLE_WAIT_S)
+        while not self._stopped:
+            with self._lock:
+                self._lock.wait_for(lambda: len(self._held) < lit_api.max_batch_size)
+            batch, late, stopped, failure = [], [], False, None
+            try:
+                batch, late = collate_requests(self, one, queue, transport)
+            except _StopLoopError:
+                stopped = True
+            except BaseException as error:  # the worker raises it with its next batch; LitServe restarts it
+                failure = error
+            with self._lock:
+                self._held += batch
+                self._late += late
+                self._in_hand = 0
+                self._stopped, self._failure = stopped or failure is not None, failure
+                self._lock.notify_all()
+
+
+class _Counted:
+    """LitServe's request queue as the prefetching thread reads it: what it gets counts as in hand until held."""
+
+    def __init__(self, requests, loop: GreedyLoop):
+        self.requests, self.loop = requests, loop
+
+    def get(self, timeout: float | None = None):
+        item = self.requests.get(timeout=timeout)
+        with self.loop._lock:
+            self.loop._in_hand += 1
+        return item
 
 
 def _collating(lit_api: ls.LitAPI, max_batch_size: int, batch_timeout: float) -> SimpleNamespace:
@@ -150,23 +239,29 @@ class DocVQAAPI(ls.LitAPI):
     def predict(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Answer a batch with the model in place when it starts: answer text, token counts and model version.
 
-        Each distinct page is read from shared memory straight into a pinned buffer and crosses to the device in one
-        copy. A request abandoned by its client before its batch started has no page any more; it is answered about
-        a blank page, for nobody, so that the rest of the batch is answered. Each result carries the batch's size,
-        start (`time.monotonic()`) and duration, for the response's headers."""
+        Each distinct page is read from shared memory straight into a pinned buffer, by the answerer's threads (one
+        per core), and crosses to the device in one copy. A request abandoned by its client before its batch started
+        has no page any more; it is answered about a blank page, for nobody, so that the rest of the batch is
+        answered. Each result carries the batch's size, start (`time.monotonic()`) and duration, and the part of it
+        spent reading pages, for the response's headers."""
         started = time.monotonic()
         answerer = self.answerer
         size = answerer.input_size
         image_ids = list(dict.fromkeys(row["image_id"] for row in rows))  # a page asked about twice: read once
         pages = self._page_buffer(len(image_ids), size)
-        for slot, image_id in zip(pages, image_ids):
+
+        def read(slot: torch.Tensor, image_id: str) -> None:
             if not any(read_page(row, slot, size) for row in rows if row["image_id"] == image_id):
                 slot.zero_()
+
+        list(answerer.pool.map(read, pages, image_ids))
+        pages_s = time.monotonic() - started
         source = PageRows(pages.to(self.torch_device, non_blocking=True), image_ids,
                           answerer.processor.image_processor)  # fmt: skip
         answers = answerer.answer([{"question": r["question"], "image_id": r["image_id"]} for r in rows], source)
         results = [self._result(answerer, row["question"], text) for row, text in zip(rows, answers)]
-        timing = {"batch_size": len(rows), "batch_started": started, "batch_s": time.monotonic() - started}
+        timing = {"batch_size": len(rows), "batch_started": started, "batch_s": time.monotonic() - started,
+                  "pages_s": pages_s}  # fmt: skip
         return [{**result, **timing} for result in results]
 
     def _page_buffer(self, count: int, size: tuple[int, int]) -> torch.Tensor:

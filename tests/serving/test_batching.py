@@ -1,6 +1,7 @@
 """How a model worker collects a batch (`worker.GreedyLoop`): every request already queued, at once, up to
-`serve.max_batch_size`; waiting for the first request when none is queued (not spinning); and waiting up to
-`serve.batch_timeout_s` for a batch to fill only when that is set."""
+`serve.max_batch_size`; waiting for the first request when none is queued (not spinning); waiting up to
+`serve.batch_timeout_s` for a batch to fill only when that is set; and taking the next batch's requests off the
+queue while a batch runs, each announced to its HTTP process as the worker's."""
 
 from __future__ import annotations
 
@@ -10,20 +11,38 @@ import time
 
 import litserve as ls
 import pytest
+from litserve.utils import LitAPIStatus
 
 from florence_ops.serving.worker import IDLE_WAIT_S, GreedyLoop
 
 TIMEOUT_S = 1.0  # a batch timeout long enough to show in the elapsed time
 
 
-class Worker:
-    """A worker's batching: its request queue and LitServe's batching settings."""
+class Transport:
+    """What a worker sends to the HTTP processes: LitServe's start message for each request it takes."""
 
-    def __init__(self, batch_timeout: float = 0.0):
+    def __init__(self, fail: bool = False):
+        self.started, self.fail = [], fail
+
+    def send(self, item: tuple, consumer_id: int) -> None:
+        uid, (_, status, _, _) = item
+        if self.fail:
+            raise ConnectionError("transport closed")
+        if status == LitAPIStatus.START:
+            self.started.append(uid)
+
+
+class Worker:
+    """A worker's batching: its request queue, LitServe's batching settings, and what it tells the HTTP processes
+    (LitServe sends a start message per request when workers are restarted, as the server's are)."""
+
+    def __init__(self, batch_timeout: float = 0.0, transport: Transport | None = None):
         self.requests = queue.Queue()
         self.api = ls.LitAPI(max_batch_size=8, batch_timeout=batch_timeout)
         self.api.request_timeout = 60  # LitServer sets it from its `timeout`
         self.loop = GreedyLoop()
+        self.loop._restart_workers = True
+        self.transport = transport or Transport()
 
     def ask(self, count: int, after_s: float = 0.0) -> None:
         """Queue `count` requests, after `after_s` (from a thread) when given."""
@@ -41,7 +60,7 @@ class Worker:
     def batch(self) -> tuple[int, float]:
         """The size of the next batch and how long collecting it took."""
         begin = time.monotonic()
-        batch, timed_out = self.loop.get_batch_requests(self.api, self.requests, transport=None)
+        batch, timed_out = self.loop.get_batch_requests(self.api, self.requests, self.transport)
         assert timed_out == []
         return len(batch), time.monotonic() - begin
 
@@ -75,3 +94,33 @@ def test_a_batch_is_never_larger_than_max_batch_size(batch_timeout):
     worker = Worker(batch_timeout)
     worker.ask(20)
     assert [worker.batch()[0] for _ in range(3)] == [8, 8, 4]
+
+
+def test_requests_arriving_while_a_batch_runs_are_taken_and_announced_before_it_ends():
+    worker = Worker()
+    worker.ask(1)
+    assert worker.batch()[0] == 1  # the batch runs from here on
+    worker.ask(5)
+    deadline = time.monotonic() + 2
+    while (not worker.requests.empty() or len(worker.transport.started) < 6) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert worker.requests.empty() and len(worker.transport.started) == 6  # held by this worker, as its HTTP
+    size, elapsed = worker.batch()  # processes know: a death now answers them 503
+    assert size == 5 and elapsed < 0.02
+
+
+def test_the_worker_never_takes_more_than_its_next_batch_ahead():
+    worker = Worker()
+    worker.ask(1)
+    assert worker.batch()[0] == 1
+    worker.ask(20)
+    time.sleep(0.2)
+    assert worker.requests.qsize() == 20 - 8  # the rest stay queued for a worker that is free
+    assert [worker.batch()[0] for _ in range(3)] == [8, 8, 4]
+
+
+def test_a_failure_to_take_requests_fails_the_next_batch():
+    worker = Worker(transport=Transport(fail=True))
+    worker.ask(1)
+    with pytest.raises(RuntimeError, match="prefetching failed"):
+        worker.batch()
