@@ -12,8 +12,8 @@ default), against the engine's batched ceiling and against answering one request
   looping over the question set for `--warmup-s` (not counted) and then `--duration-s` (measured). Counted: the
   requests answered (200) within the measured window; throughput is their number over the window's length, latency
   their percentiles, `mean_batch_size` the mean of their `X-Batch-Size` header, `server_timing_ms` the mean and p95
-  of each part of their `Server-Timing` header (prepare, queue, batch), `cpu_busy` the share of the machine's cores
-  busy over the window (all processes: server and clients). `failures` counts every request of the level that got
+  of each part of their `Server-Timing` header (prepare, queue, batch, pages), `cpu_busy` the share of the machine's
+  cores busy over the window (all processes: server and clients). `failures` counts every request of the level that got
   another status or a connection error, warm-up and the end of the window included.
 
 Questions are DocVQA-shaped: synthetic pages (about 930x1340 pixels, 4 questions each) sent as PNG, resized by the
@@ -59,6 +59,7 @@ import transformers  # noqa: E402
 import yaml  # noqa: E402
 
 from florence_ops.artifacts import write_json  # noqa: E402
+from florence_ops.base_models import build_reference_model, build_reference_processor  # noqa: E402
 from florence_ops.config import load_params, to_dict  # noqa: E402
 from florence_ops.data.synthetic import generate_split  # noqa: E402
 from florence_ops.params_file import parse_value  # noqa: E402
@@ -72,7 +73,13 @@ RECONNECT_PAUSE_S = 0.1  # after a connection error, so that a dead server is no
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="model directory in the Hugging Face layout")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", help="model directory in the Hugging Face layout")
+    model.add_argument("--reference", metavar="DIR",
+                       help="the real checkpoint's files (e.g. ../shared/reference/florence-2-base-ft): serve a model "
+                            "of its shape with random weights (`--shape`), saved to a temporary folder")  # fmt: skip
+    parser.add_argument("--shape", default="base-shape", choices=("base-shape", "large-shape"),
+                        help="with --reference: Florence-2-base's shape or -large's")  # fmt: skip
     parser.add_argument("--questions", type=int, default=256, help="distinct questions the clients loop over")
     parser.add_argument("--duration-s", type=float, default=60.0, help="measured seconds per client level")
     parser.add_argument("--warmup-s", type=float, default=5.0, help="seconds before each measurement, not counted")
@@ -85,6 +92,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="override a serve setting for this run, e.g. --set serve.max_batch_size=128")  # fmt: skip
     parser.add_argument("--out", default=str(REPO / "reports/benchmarks"), help="folder of the JSON result")
     return parser.parse_args(argv)
+
+
+def save_reference_model(reference: Path, shape: str, folder: Path) -> str:
+    """A model of `shape` built from the real checkpoint's files, random weights (seed 0), saved with its processor
+    to `folder`."""
+    processor = build_reference_processor(reference)
+    build_reference_model(shape, reference, processor, seed=0).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return str(folder)
 
 
 def make_questions(n: int) -> list[dict]:
@@ -334,6 +350,9 @@ def main(argv=None) -> dict:
     if args.duration_s <= 0 or args.warmup_s < 0 or min(args.clients) < 1 or args.questions < 1:
         raise SystemExit("error: --duration-s, --clients and --questions must be positive, --warmup-s not negative")
     params = load_params(args.params, {key: parse_value(value) for key, value in overrides.items()})
+    if args.reference:
+        folder = Path(tempfile.mkdtemp(prefix="serve-load-model-"))
+        args.model = save_reference_model(Path(args.reference), args.shape, folder)
     params_file = Path(tempfile.mkdtemp(prefix="serve-load-")) / "params.yaml"
     params_file.write_text(yaml.safe_dump(to_dict(params)))
     device = default_device()
@@ -342,7 +361,7 @@ def main(argv=None) -> dict:
     report = {
         "device": name,
         "device_slug": slug,
-        "model": str(Path(args.model).resolve()),
+        "model": f"{args.shape}, random weights" if args.reference else str(Path(args.model).resolve()),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),

@@ -108,7 +108,7 @@ class ChatCompletionsSpec(LitSpec):
             self.pages.discard(row["pixels"])
         response.headers["X-Batch-Size"] = str(result["batch_size"])
         response.headers["Server-Timing"] = server_timing(started, queued, result["batch_started"],
-                                                          result["batch_s"])  # fmt: skip
+                                                          result["batch_s"], result["pages_s"])  # fmt: skip
         usage = Usage(prompt_tokens=result["prompt_tokens"], completion_tokens=result["completion_tokens"],
                       total_tokens=result["prompt_tokens"] + result["completion_tokens"])  # fmt: skip
         choice = Choice(message=AssistantMessage(content=result["answer"]),
@@ -159,12 +159,13 @@ class ChatCompletionsSpec(LitSpec):
         return self._size[1]
 
 
-def server_timing(started: float, queued: float, batch_started: float, batch_s: float) -> str:
+def server_timing(started: float, queued: float, batch_started: float, batch_s: float, pages_s: float) -> str:
     """The `Server-Timing` header of an answer (milliseconds; `time.monotonic()` instants, one clock for all of the
     server's processes): `prepare` (reading the request and handing its page over), `queue` (waiting for its batch
-    to start) and `batch` (the batch that answered it, on the worker)."""
+    to start), `batch` (the batch that answered it, on the worker) and `pages` (the part of `batch` spent reading
+    the batch's pages on the host)."""
     return (f"prepare;dur={1000 * (queued - started):.1f}, queue;dur={1000 * max(batch_started - queued, 0):.1f}, "
-            f"batch;dur={1000 * batch_s:.1f}")  # fmt: skip
+            f"batch;dur={1000 * batch_s:.1f}, pages;dur={1000 * pages_s:.1f}")  # fmt: skip
 
 
 def model_size(model_dir: Path, params: Params) -> tuple[int, int]:
