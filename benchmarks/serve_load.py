@@ -12,9 +12,9 @@ default), against the engine's batched ceiling and against answering one request
   looping over the question set for `--warmup-s` (not counted) and then `--duration-s` (measured). Counted: the
   requests answered (200) within the measured window; throughput is their number over the window's length, latency
   their percentiles, `mean_batch_size` the mean of their `X-Batch-Size` header, `server_timing_ms` the mean and p95
-  of each part of their `Server-Timing` header (prepare, queue, batch, pages), `cpu_busy` the share of the machine's
-  cores busy over the window (all processes: server and clients). `failures` counts every request of the level that got
-  another status or a connection error, warm-up and the end of the window included.
+  of each part of their `Server-Timing` header (prepare, queue, batch, pages, between), `cpu_busy` the share of the
+  machine's cores busy over the window (all processes: server and clients). `failures` counts every request of the
+  level that got another status or a connection error, warm-up and the end of the window included.
 
 Questions are DocVQA-shaped: synthetic pages (about 930x1340 pixels, 4 questions each) sent as PNG, resized by the
 server to the model's input size. Any model directory in the Hugging Face layout works (`--model`); a random-weight

@@ -44,7 +44,8 @@ def answer(
     """
     model.eval()
     tokenizer = collator.tokenizer
-    lengths = [len(tokenizer(collator.prompt + row["question"]).input_ids) for row in rows]
+    prompts = [collator.prompt + row["question"] for row in rows]
+    lengths = [len(ids) for ids in tokenizer(prompts).input_ids] if prompts else []
     # A document's questions share a batch, so its image goes through the vision tower once (DocVQA asks about four
     # questions per page); question padding is small beside the 577 image tokens.
     order = sorted(range(len(rows)), key=lambda i: (rows[i]["image_id"], lengths[i]))

@@ -74,16 +74,21 @@ class Answerer:
         with without_cudnn():
             return answer(self.model, rows, self.collator, source, self.decoding, self.device)
 
-    def prompt_tokens(self, question: str) -> int:
-        """Encoder tokens of one question: the image's tokens plus the prompt and question as the collator cuts them."""
-        text = self.collator.tokenizer(
-            self.settings.prompt + question.strip(), truncation=True, max_length=self.settings.max_question_tokens
-        ).input_ids
-        return len(text) + int(getattr(self.processor, "num_image_tokens", 0) or 0)
+    def prompt_tokens(self, questions: Sequence[str]) -> list[int]:
+        """Encoder tokens of each question: the image's tokens plus the prompt and question as the collator cuts
+        them."""
+        if not questions:
+            return []
+        texts = [self.settings.prompt + question.strip() for question in questions]
+        encoded = self.collator.tokenizer(texts, truncation=True, max_length=self.settings.max_question_tokens)
+        image_tokens = int(getattr(self.processor, "num_image_tokens", 0) or 0)
+        return [len(ids) + image_tokens for ids in encoded.input_ids]
 
-    def answer_tokens(self, text: str) -> int:
-        """Tokens of an answer, without special tokens."""
-        return len(self.collator.tokenizer(text, add_special_tokens=False).input_ids)
+    def answer_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Tokens of each answer, without special tokens."""
+        if not texts:
+            return []
+        return [len(ids) for ids in self.collator.tokenizer(list(texts), add_special_tokens=False).input_ids]
 
     def question_problem(self, question: str) -> Problem | None:
         """`question_too_long` when the collator would cut `question`, else None (see `question_problem`)."""

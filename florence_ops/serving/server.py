@@ -107,8 +107,7 @@ class ChatCompletionsSpec(LitSpec):
         finally:  # answered, failed, or abandoned by its client: the worker is done with the page or never reads it
             self.pages.discard(row["pixels"])
         response.headers["X-Batch-Size"] = str(result["batch_size"])
-        response.headers["Server-Timing"] = server_timing(started, queued, result["batch_started"],
-                                                          result["batch_s"], result["pages_s"])  # fmt: skip
+        response.headers["Server-Timing"] = server_timing(started, queued, result)
         usage = Usage(prompt_tokens=result["prompt_tokens"], completion_tokens=result["completion_tokens"],
                       total_tokens=result["prompt_tokens"] + result["completion_tokens"])  # fmt: skip
         choice = Choice(message=AssistantMessage(content=result["answer"]),
@@ -159,13 +158,15 @@ class ChatCompletionsSpec(LitSpec):
         return self._size[1]
 
 
-def server_timing(started: float, queued: float, batch_started: float, batch_s: float, pages_s: float) -> str:
+def server_timing(started: float, queued: float, result: dict[str, Any]) -> str:
     """The `Server-Timing` header of an answer (milliseconds; `time.monotonic()` instants, one clock for all of the
     server's processes): `prepare` (reading the request and handing its page over), `queue` (waiting for its batch
-    to start), `batch` (the batch that answered it, on the worker) and `pages` (the part of `batch` spent reading
-    the batch's pages on the host)."""
-    return (f"prepare;dur={1000 * (queued - started):.1f}, queue;dur={1000 * max(batch_started - queued, 0):.1f}, "
-            f"batch;dur={1000 * batch_s:.1f}, pages;dur={1000 * pages_s:.1f}")  # fmt: skip
+    to start), `batch` (the batch that answered it, on the worker), `pages` (the part of `batch` spent reading the
+    batch's pages on the host) and `between` (the worker's time from the end of its previous batch to the start of
+    this one: sending answers, taking requests, or nothing to do)."""
+    parts = {"prepare": queued - started, "queue": max(result["batch_started"] - queued, 0),
+             "batch": result["batch_s"], "pages": result["pages_s"], "between": result["between_s"]}  # fmt: skip
+    return ", ".join(f"{name};dur={1000 * seconds:.1f}" for name, seconds in parts.items())
 
 
 def model_size(model_dir: Path, params: Params) -> tuple[int, int]:

@@ -197,6 +197,7 @@ class DocVQAAPI(ls.LitAPI):
         self.answerer: Answerer | None = None
         self.last_failed_load: dict[str, Any] | None = None
         self._pages: torch.Tensor | None = None
+        self._last_batch_ended: float | None = None  # time.monotonic() at the end of this worker's last predict
 
     def setup(self, device: str) -> None:
         """Load the model on `device` and start watching its directory for a newly promoted model."""
@@ -242,8 +243,8 @@ class DocVQAAPI(ls.LitAPI):
         Each distinct page is read from shared memory straight into a pinned buffer, by the answerer's threads (one
         per core), and crosses to the device in one copy. A request abandoned by its client before its batch started
         has no page any more; it is answered about a blank page, for nobody, so that the rest of the batch is
-        answered. Each result carries the batch's size, start (`time.monotonic()`) and duration, and the part of it
-        spent reading pages, for the response's headers."""
+        answered. Each result carries the batch's size, start (`time.monotonic()`) and duration, the part of it spent
+        reading pages, and the time since this worker's previous batch ended, for the response's headers."""
         started = time.monotonic()
         answerer = self.answerer
         size = answerer.input_size
@@ -259,9 +260,16 @@ class DocVQAAPI(ls.LitAPI):
         source = PageRows(pages.to(self.torch_device, non_blocking=True), image_ids,
                           answerer.processor.image_processor)  # fmt: skip
         answers = answerer.answer([{"question": r["question"], "image_id": r["image_id"]} for r in rows], source)
-        results = [self._result(answerer, row["question"], text) for row, text in zip(rows, answers)]
-        timing = {"batch_size": len(rows), "batch_started": started, "batch_s": time.monotonic() - started,
-                  "pages_s": pages_s}  # fmt: skip
+        prompt_tokens = answerer.prompt_tokens([row["question"] for row in rows])
+        results = [
+            {"answer": text, "prompt_tokens": prompt, "completion_tokens": completion, "version": answerer.version,
+             "truncated": completion >= answerer.decoding.max_new_tokens}
+            for text, prompt, completion in zip(answers, prompt_tokens, answerer.answer_tokens(answers))
+        ]  # fmt: skip
+        ended = time.monotonic()
+        timing = {"batch_size": len(rows), "batch_started": started, "batch_s": ended - started, "pages_s": pages_s,
+                  "between_s": started - self._last_batch_ended if self._last_batch_ended else 0.0}  # fmt: skip
+        self._last_batch_ended = ended
         return [{**result, **timing} for result in results]
 
     def _page_buffer(self, count: int, size: tuple[int, int]) -> torch.Tensor:
@@ -271,17 +279,6 @@ class DocVQAAPI(ls.LitAPI):
         if self._pages is None or self._pages.shape[1:] != shape[1:] or self._pages.shape[0] < count:
             self._pages = torch.empty(shape, dtype=torch.uint8, pin_memory=self.torch_device.type == "cuda")
         return self._pages[:count]
-
-    @staticmethod
-    def _result(answerer: Answerer, question: str, text: str) -> dict[str, Any]:
-        completion = answerer.answer_tokens(text)
-        return {
-            "answer": text,
-            "prompt_tokens": answerer.prompt_tokens(question),
-            "completion_tokens": completion,
-            "truncated": completion >= answerer.decoding.max_new_tokens,
-            "version": answerer.version,
-        }
 
     def unbatch(self, output: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """One result per request, in order."""

@@ -97,10 +97,11 @@ def test_server_timing_says_where_the_time_of_an_answer_went(served, client):
                                                            messages=[{"role": "user", "content": content}])  # fmt: skip
     latency_ms = 1000 * (time.perf_counter() - begin)
     timing = dict(part.strip().split(";dur=") for part in raw.headers["Server-Timing"].split(","))
-    assert list(timing) == ["prepare", "queue", "batch", "pages"]
-    prepare, queue, batch, pages = (float(timing[name]) for name in ("prepare", "queue", "batch", "pages"))
+    assert list(timing) == ["prepare", "queue", "batch", "pages", "between"]
+    prepare, queue, batch, pages, between = (float(timing[name]) for name in timing)
     assert prepare > 0 and queue >= 0 and batch > 0 and prepare + queue + batch < latency_ms
     assert 0 < pages < batch  # reading the page is part of answering its batch
+    assert between >= 0  # the worker's first batch, or the time since the batch of the fixture's earlier requests
     expected = evaluation_answers(served, served / "models/export", "validation")
     assert raw.parse().choices[0].message.content == expected[record["questionId"]]
 
