@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from florence_ops.processes import process_alive
 from florence_ops.serving.supervision import POLL_S
 
 log = logging.getLogger(__name__)
+UNCLAIMED_GRACE_S = 10.0  # past serve.request_timeout_s, before a request no worker took is answered 504
 RETRY_AFTER_S = 5  # what a 503 tells clients to wait: about the time a model worker takes to restart
 REPLICA_FILE = "replica.json"
 
@@ -95,13 +97,18 @@ def health(root: Path, workers_ready: bool, expected_workers: int) -> tuple[int,
 
 
 class InFlightGuard:
-    """In an HTTP process: fails the requests a model worker had taken when it died, with 503, within `POLL_S`.
+    """In an HTTP process: fails the requests a model worker had taken when it died, with 503, within `POLL_S`; and
+    a request that no worker has taken `UNCLAIMED_GRACE_S` past `serve.request_timeout_s` with 504.
 
     LitServe tells an HTTP process which worker took a request (the worker's start message, sent when workers
-    are restarted) but not that the worker died; requests still in the queue are left for its replacement."""
+    are restarted) but not that the worker died; requests still in the queue are left for its replacement. A worker
+    that dies between taking a request off the queue and announcing it leaves a request that nobody will answer:
+    a worker would have answered it 504 had it still been queued that long, so it gets that."""
 
-    def __init__(self, root: Path, response_buffer: dict):
+    def __init__(self, root: Path, response_buffer: dict, request_timeout_s: float):
         self.root, self.response_buffer = Path(root), response_buffer
+        self.unclaimed_after_s = request_timeout_s + UNCLAIMED_GRACE_S
+        self._unclaimed: dict[str, float] = {}  # uid -> when this process first saw it not taken by any worker
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -115,6 +122,7 @@ class InFlightGuard:
             dead = {str(s["worker_id"]) for s in read_worker_statuses(self.root) if not s["alive"]}
             if dead:
                 self.fail_requests_of(dead)
+            self.fail_unclaimed(time.monotonic())
 
     def fail_requests_of(self, dead: set[str]) -> None:
         """Answer 503 to every unanswered request taken by a worker in `dead`."""
@@ -125,3 +133,15 @@ class InFlightGuard:
                 item.response = (error, LitAPIStatus.ERROR)
                 item.event.set()
                 log.warning("request %s failed: its model worker %s died", uid, item.worker_id)
+
+    def fail_unclaimed(self, now: float) -> None:
+        """Answer 504 to every request that no worker has taken for `unclaimed_after_s` (as of `now`)."""
+        waiting = {uid: item for uid, item in list(self.response_buffer.items())
+                   if item.worker_id is None and not item.event.is_set()}  # fmt: skip
+        self._unclaimed = {uid: self._unclaimed.get(uid, now) for uid in waiting}
+        for uid, since in self._unclaimed.items():
+            if now - since > self.unclaimed_after_s:
+                error = HTTPException(504, f"no model worker took this request within {self.unclaimed_after_s:.0f} s")
+                waiting[uid].response = (error, LitAPIStatus.ERROR)
+                waiting[uid].event.set()
+                log.warning("request %s failed: no model worker took it within %.0f s", uid, self.unclaimed_after_s)

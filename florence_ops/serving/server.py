@@ -99,7 +99,8 @@ class ChatCompletionsSpec(LitSpec):
         row = await self._prepare(request)
         if self._handler is None:
             self._handler = RegularRequestHandler(self.lit_api, self._server)
-            self._guard = InFlightGuard(self.pages.root, self._server.response_buffer)
+            self._guard = InFlightGuard(self.pages.root, self._server.response_buffer,
+                                        self.params.serve.request_timeout_s)  # fmt: skip
             self._guard.start()
         queued = time.monotonic()
         try:
@@ -206,6 +207,7 @@ def build_server(model_dir: str | Path, params: Params, pages: PageHandoff) -> l
         middlewares=middlewares,
         fast_queue=True,  # responses over ZeroMQ: LitServe's transport for hundreds of requests per second
     )
+    api.loop.prefetch = len(server.devices) * cfg.workers_per_device == 1  # see GreedyLoop
     add_routes(server, api, pages.root)
     return server
 

@@ -82,10 +82,13 @@ class GreedyLoop(BatchedLoop):
     costs milliseconds that would otherwise come between two batches. The thread takes them as they arrive, at
     most one batch ahead, with LitServe's `collate_requests`: each request taken is announced to its HTTP process
     as this worker's at once, so a worker that dies holding it still gets it answered 503 (`InFlightGuard`).
+    Prefetching is for a server with one model worker (`prefetch`, set by `build_server`): where there are
+    several, a busy worker leaves the queue to the free ones.
     """
 
-    def __init__(self):
+    def __init__(self, prefetch: bool = True):
         super().__init__()
+        self.prefetch = prefetch
         self._prefetch_state()
 
     def _prefetch_state(self) -> None:
@@ -93,7 +96,7 @@ class GreedyLoop(BatchedLoop):
         self._held: list = []  # requests the thread took, not yet in a batch
         self._late: list = []  # requests it found past `request_timeout`
         self._in_hand = 0  # requests it got from the queue and has not yet put in `_held`
-        self._stopped = False  # it met LitServe's stop sentinel
+        self._stopped = False  # it met LitServe's stop sentinel, or `close` was called
         self._failure: BaseException | None = None  # what ended it otherwise
         self._collector: threading.Thread | None = None
         self._sending = threading.Lock()  # LitServe's ZeroMQ socket is one per process and not thread-safe
@@ -107,6 +110,12 @@ class GreedyLoop(BatchedLoop):
         self.__dict__.update(state)
         self._prefetch_state()
 
+    def close(self) -> None:
+        """Stop the prefetching thread (a worker's process ends it by exiting)."""
+        with self._lock:
+            self._stopped = True
+            self._lock.notify_all()
+
     def put_response(self, *args, **kwargs) -> None:
         """LitServe's `put_response`, one thread at a time."""
         with self._sending:
@@ -115,6 +124,8 @@ class GreedyLoop(BatchedLoop):
     def get_batch_requests(self, lit_api: ls.LitAPI, request_queue, transport) -> tuple[list, list]:
         """The requests the thread holds and those still queued (or arriving within `batch_timeout_s`), up to
         `max_batch_size`; waits up to `IDLE_WAIT_S` for a first request."""
+        if not self.prefetch:
+            return self._collate(lit_api, request_queue, transport)
         if self._collector is None:
             self._collector = threading.Thread(target=self._collect, args=(lit_api, request_queue, transport),
                                                name="request-prefetch", daemon=True)  # fmt: skip
@@ -123,14 +134,28 @@ class GreedyLoop(BatchedLoop):
         with self._lock:
             self._lock.wait_for(lambda: self._held or self._late or self._stopped, timeout=IDLE_WAIT_S)
             batch, late = self._take(size)
+            if batch and lit_api.batch_timeout > 0:  # the thread fills the batch meanwhile
+                self._lock.wait_for(lambda: len(batch) + len(self._held) >= size or self._stopped,
+                                    timeout=lit_api.batch_timeout)  # fmt: skip
+                more, later = self._take(size - len(batch))
+                return batch + more, late + later
         if batch and len(batch) < size:  # whatever else is queued now, alongside the thread
-            more, later = collate_requests(self, _collating(lit_api, size - len(batch), lit_api.batch_timeout),
-                                           request_queue, transport)  # fmt: skip
+            more, later = collate_requests(self, _collating(lit_api, size - len(batch), 0), request_queue, transport)
             with self._lock:
                 self._lock.wait_for(lambda: not self._in_hand)  # a request the thread is taking joins this batch
                 rest, latest = self._take(size - len(batch) - len(more))
             batch, late = batch + more + rest, late + later + latest
         return batch, late
+
+    def _collate(self, lit_api: ls.LitAPI, request_queue, transport) -> tuple[list, list]:
+        """Without prefetching: LitServe's `collate_requests` for the first request, then for those already queued
+        (or arriving within `batch_timeout_s`)."""
+        batch, timed_out = collate_requests(self, _collating(lit_api, 1, IDLE_WAIT_S), request_queue, transport)
+        if batch and lit_api.max_batch_size > 1:
+            more, late = collate_requests(self, _collating(lit_api, lit_api.max_batch_size - 1, lit_api.batch_timeout),
+                                          request_queue, transport)  # fmt: skip
+            batch, timed_out = batch + more, timed_out + late
+        return batch, timed_out
 
     def _take(self, count: int) -> tuple[list, list]:
         """Up to `count` held requests and every late one (with the lock held); raises when LitServe stopped."""
@@ -149,7 +174,9 @@ class GreedyLoop(BatchedLoop):
         one = _collating(lit_api, 1, IDLE_WAIT_S)
         while not self._stopped:
             with self._lock:
-                self._lock.wait_for(lambda: len(self._held) < lit_api.max_batch_size)
+                self._lock.wait_for(lambda: len(self._held) < lit_api.max_batch_size or self._stopped)
+                if self._stopped:
+                    return
             batch, late, stopped, failure = [], [], False, None
             try:
                 batch, late = collate_requests(self, one, queue, transport)
@@ -161,7 +188,8 @@ class GreedyLoop(BatchedLoop):
                 self._held += batch
                 self._late += late
                 self._in_hand = 0
-                self._stopped, self._failure = stopped or failure is not None, failure
+                self._stopped = self._stopped or stopped or failure is not None
+                self._failure = failure
                 self._lock.notify_all()
 
 

@@ -18,6 +18,17 @@ from florence_ops.serving.worker import IDLE_WAIT_S, GreedyLoop
 TIMEOUT_S = 1.0  # a batch timeout long enough to show in the elapsed time
 
 
+running: list[GreedyLoop] = []
+
+
+@pytest.fixture(autouse=True)
+def close_loops():
+    """Stop each test's prefetching thread, as a worker's exit does."""
+    yield
+    while running:
+        running.pop().close()
+
+
 class Transport:
     """What a worker sends to the HTTP processes: LitServe's start message for each request it takes."""
 
@@ -36,13 +47,14 @@ class Worker:
     """A worker's batching: its request queue, LitServe's batching settings, and what it tells the HTTP processes
     (LitServe sends a start message per request when workers are restarted, as the server's are)."""
 
-    def __init__(self, batch_timeout: float = 0.0, transport: Transport | None = None):
+    def __init__(self, batch_timeout: float = 0.0, transport: Transport | None = None, prefetch: bool = True):
         self.requests = queue.Queue()
         self.api = ls.LitAPI(max_batch_size=8, batch_timeout=batch_timeout)
         self.api.request_timeout = 60  # LitServer sets it from its `timeout`
-        self.loop = GreedyLoop()
+        self.loop = GreedyLoop(prefetch)
         self.loop._restart_workers = True
         self.transport = transport or Transport()
+        running.append(self.loop)
 
     def ask(self, count: int, after_s: float = 0.0) -> None:
         """Queue `count` requests, after `after_s` (from a thread) when given."""
@@ -81,12 +93,22 @@ def test_with_nothing_queued_the_worker_waits_for_the_next_request_without_spinn
     assert size == 1 and elapsed < IDLE_WAIT_S
 
 
-def test_a_batch_timeout_waits_for_the_batch_to_fill():
-    worker = Worker(batch_timeout=TIMEOUT_S)
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_a_batch_timeout_waits_for_the_batch_to_fill(prefetch):
+    worker = Worker(batch_timeout=TIMEOUT_S, prefetch=prefetch)
     worker.ask(2)
     worker.ask(3, after_s=TIMEOUT_S / 4)
     size, elapsed = worker.batch()
     assert size == 5 and TIMEOUT_S * 0.9 < elapsed < TIMEOUT_S * 2
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_a_batch_timeout_ends_when_the_batch_is_full(prefetch):
+    worker = Worker(batch_timeout=TIMEOUT_S, prefetch=prefetch)
+    worker.ask(1)
+    worker.ask(7, after_s=TIMEOUT_S / 4)
+    size, elapsed = worker.batch()
+    assert size == 8 and elapsed < TIMEOUT_S / 2
 
 
 @pytest.mark.parametrize("batch_timeout", [0.0, TIMEOUT_S])
@@ -124,3 +146,12 @@ def test_a_failure_to_take_requests_fails_the_next_batch():
     worker.ask(1)
     with pytest.raises(RuntimeError, match="prefetching failed"):
         worker.batch()
+
+
+def test_without_prefetching_a_busy_worker_leaves_the_queue_to_free_ones():
+    worker = Worker(prefetch=False)  # what a server with several model workers runs
+    worker.ask(1)
+    assert worker.batch()[0] == 1
+    worker.ask(5)
+    time.sleep(0.2)
+    assert worker.requests.qsize() == 5 and len(worker.transport.started) == 1

@@ -16,8 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from litserve.utils import ResponseBufferItem
 from PIL import Image
 
+from florence_ops.serving.health import UNCLAIMED_GRACE_S, InFlightGuard
 from tests.serving.conftest import Server, data_url, free_port, png_bytes, raw_pages, write_params
 
 HEAL_S = 60  # a model worker is restarted and loaded again within this (seconds)
@@ -227,3 +229,18 @@ def read_response(sock: socket.socket) -> bytes:
     while len(body) < length and (chunk := sock.recv(4096)):
         body += chunk
     return head + b"\r\n\r\n" + body
+
+
+def test_a_request_no_worker_took_is_answered_504_after_the_request_timeout(tmp_path):
+    """A worker that dies between taking a request off the queue and announcing it leaves a request nobody would
+    answer: the HTTP process answers it as a worker answers one queued too long."""
+    import asyncio
+
+    lost, taken = ResponseBufferItem(asyncio.Event()), ResponseBufferItem(asyncio.Event(), worker_id=0)
+    guard = InFlightGuard(tmp_path, {"lost": lost, "taken": taken}, request_timeout_s=60.0)
+    guard.fail_unclaimed(100.0)
+    guard.fail_unclaimed(100.0 + 60.0 + UNCLAIMED_GRACE_S - 1)
+    assert not lost.event.is_set()  # still within the request timeout and its grace
+    guard.fail_unclaimed(100.0 + 60.0 + UNCLAIMED_GRACE_S + 1)
+    assert lost.event.is_set() and lost.response[0].status_code == 504
+    assert not taken.event.is_set()  # a worker's own: answered by it, or 503 if it dies

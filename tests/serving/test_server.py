@@ -247,3 +247,16 @@ def test_question_over_the_token_limit_gets_400_naming_the_limit(served, server,
     record = raw_pages(served, "validation")[0]
     reply = ask(client, record["question"], record["image"]["bytes"])
     assert reply.choices[0].message.content == validation_answers[record["questionId"]]
+
+
+@pytest.mark.parametrize(("workers_per_device", "prefetch"), [(1, True), (2, False)])
+def test_the_worker_takes_requests_ahead_only_when_it_is_the_servers_only_one(served, tmp_path, workers_per_device,
+                                                                               prefetch):  # fmt: skip
+    from florence_ops.serving.handoff import PageHandoff
+    from florence_ops.serving.server import build_server
+    from tests.conftest import tiny_params
+
+    params = tiny_params(tmp_path, **{"serve.workers_per_device": workers_per_device, "serve.accelerator": "cpu"})
+    server = build_server(served / "models/export", params, PageHandoff(tmp_path))
+    (api,) = server.litapi_connector.lit_apis
+    assert api.loop.prefetch is prefetch  # with several, a busy worker would take requests a free one could answer
