@@ -62,6 +62,7 @@ from florence_ops.artifacts import write_json  # noqa: E402
 from florence_ops.base_models import build_reference_model, build_reference_processor  # noqa: E402
 from florence_ops.config import load_params, to_dict  # noqa: E402
 from florence_ops.data.synthetic import generate_split  # noqa: E402
+from florence_ops.modeling import save_processor  # noqa: E402
 from florence_ops.params_file import parse_value  # noqa: E402
 from florence_ops.serving.answering import default_device, load_answerer  # noqa: E402
 from florence_ops.serving.pages import model_page, page_id  # noqa: E402
@@ -99,7 +100,7 @@ def save_reference_model(reference: Path, shape: str, folder: Path) -> str:
     to `folder`."""
     processor = build_reference_processor(reference)
     build_reference_model(shape, reference, processor, seed=0).save_pretrained(folder)
-    processor.save_pretrained(folder)
+    save_processor(processor, folder)
     return str(folder)
 
 

@@ -172,7 +172,7 @@ class GreedyLoop(BatchedLoop):
         """Take requests off LitServe's queue as they arrive, one batch ahead at most (runs in a daemon thread)."""
         queue = _Counted(request_queue, self)
         one = _collating(lit_api, 1, IDLE_WAIT_S)
-        while not self._stopped:
+        while True:
             with self._lock:
                 self._lock.wait_for(lambda: len(self._held) < lit_api.max_batch_size or self._stopped)
                 if self._stopped:
