@@ -13,11 +13,15 @@ recompilation).
 Variants:
 - eager: the pipeline's step as it is.
 - eager_no_dropout: every dropout probability set to 0 (what the dropouts cost; not a training setting).
-- compile_forward: `model.forward = torch.compile(model.forward)`, what `train.compile: true` does.
+- compile_forward: `model.forward = torch.compile(model.forward)`, what `train.compile: true` did until 2026-12-03.
+- compile_objective: `DocVQAObjective(compile=True)`, what `train.compile: true` does: projector, model and loss as
+  one graph compiled once for every batch shape (`florence_ops.training.CompiledLoss`).
 - compile_layers: accelerate's `compile_regions` on the BART encoder and decoder layer lists (diagnostic: the
   compiled layers' state_dict keys gain `_orig_mod`, so a model trained so would not save under its own names).
 - compile_inplace / compile_inplace_dynamic: `Module.compile()` (keys unchanged) on each BART layer, with automatic
   dynamic shapes / `dynamic=True`.
+- *_nomask_unpadded: unpadded batches given to the model without masks (what a batch without padding needs), so
+  transformers neither reads them on the host nor hands attention a mask.
 - no_decoder_syncs: the encoder run apart, the decoder given a ready 4-D cross-attention mask and no padding mask of
   its own (causal only; right padding cannot reach a real token), which removes transformers' host reads of the
   decoder's masks.
@@ -25,8 +29,9 @@ Variants:
     PYTHONPATH=. python benchmarks/train_step_variants.py --reference ../shared/reference/florence-2-base-ft \\
         [--variants eager compile_inplace ...] [--batch 256] [--steps 30] [--out reports/benchmarks]
 
-Writes <out>/train_variants_<device-slug>.json. Run `eager` first: `no_decoder_syncs` replaces the objective's
-forward for the rest of the process.
+Writes <out>/train_variants_<device-slug>.json (with every step's loss: the numerics check of a variant against
+eager); `--profile DIR` also writes each variant's kernel table. Run `eager` first: `no_decoder_syncs` and the
+`nomask` variants replace the objective's loss for the rest of the process.
 """
 
 from __future__ import annotations
@@ -49,13 +54,13 @@ from transformers import get_scheduler  # noqa: E402
 from transformers.models.bart.modeling_bart import shift_tokens_right  # noqa: E402
 
 from benchmarks.gpu_train_step import DeviceFeatures  # noqa: E402
+from florence_ops import training  # noqa: E402
 from florence_ops.artifacts import write_json  # noqa: E402
 from florence_ops.base_models import build_reference_model, build_reference_processor  # noqa: E402
 from florence_ops.model_inputs import IGNORE_INDEX, TextBatch, embed_inputs, project_vision  # noqa: E402
 from florence_ops.modeling import freeze, train_mode, unwrap  # noqa: E402
 from florence_ops.precision import mixed_precision  # noqa: E402
 from florence_ops.training import DocVQAObjective, make_optimizer, train_window  # noqa: E402
-from florence_ops.vision.sources import tower_output  # noqa: E402
 
 WARM_STEPS = 12
 PRECISION = "auto"  # train.precision as params.yaml sets it; florence_ops.precision decides what it means here
@@ -107,23 +112,35 @@ def compile_inplace(model, **kwargs):
 
 
 def no_decoder_syncs(model):
-    def forward(self, batch, source):
-        base = unwrap(self.model)
-        features = project_vision(base, tower_output(base, source, batch, batch.input_ids.device))
-        embeds, mask = embed_inputs(base, features, batch)
+    def loss(model, vision, input_ids, attention_mask, labels, decoder_attention_mask):
+        base = unwrap(model)
+        embeds, mask = embed_inputs(base, project_vision(base, vision), input_ids, attention_mask)
         text = base.config.text_config
-        decoder_ids = shift_tokens_right(batch.labels, text.pad_token_id, text.decoder_start_token_id)
+        decoder_ids = shift_tokens_right(labels, text.pad_token_id, text.decoder_start_token_id)
         encoded = base.get_encoder()(inputs_embeds=embeds, attention_mask=mask)
         cross = mask.bool()[:, None, None, :].expand(len(mask), 1, decoder_ids.shape[1], mask.shape[1]).contiguous()
-        logits = self.model(encoder_outputs=encoded, attention_mask=cross, decoder_input_ids=decoder_ids).logits
-        return F.cross_entropy(logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX,
+        logits = model(
+            encoder_outputs=encoded, attention_mask=cross, decoder_input_ids=decoder_ids, use_cache=False
+        ).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                reduction="sum")  # fmt: skip
 
-    DocVQAObjective.forward = forward
+    training.answer_loss = loss
 
 
 def bf16_weights(model):
     model.to(torch.bfloat16)
+
+
+def without_masks(model):
+    """Unpadded batches given to the model without masks (a batch without padding needs none), so transformers
+    neither reads them on the host nor hands SDPA a mask."""
+    original = training.answer_loss
+
+    def loss(model, vision, input_ids, attention_mask, labels, decoder_attention_mask):
+        return original(model, vision, input_ids, None, labels, None)
+
+    training.answer_loss = loss
 
 
 VARIANTS = {
@@ -138,10 +155,19 @@ VARIANTS = {
     "compile_inplace": compile_inplace,
     "compile_inplace_dynamic": lambda model: compile_inplace(model, dynamic=True),
     "no_decoder_syncs": no_decoder_syncs,
+    "compile_inplace_nomask_unpadded": lambda model: (without_masks(model), compile_inplace(model)),
+    "compile_inplace_nomask_no_dropout_unpadded": lambda model: (
+        without_masks(model),
+        no_dropout(model),
+        compile_inplace(model),
+    ),
+    "compile_objective": lambda model: None,  # DocVQAObjective(compile=True): what `train.compile: true` does
+    "compile_objective_unpadded": lambda model: None,
+    "compile_objective_nomask_unpadded": without_masks,
 }
 
 
-def run(name: str, base, batches: dict[bool, list[TextBatch]], source, steps: int, device) -> dict:
+def run(name: str, base, batches: dict[bool, list[TextBatch]], source, steps: int, device, profile=None) -> dict:
     from accelerate import Accelerator
 
     torch._dynamo.reset()
@@ -153,11 +179,12 @@ def run(name: str, base, batches: dict[bool, list[TextBatch]], source, steps: in
     freeze(model, ["vision_tower"])
     VARIANTS[name](model)
     accelerator = Accelerator(mixed_precision=mixed_precision(PRECISION, device), cpu=device.type == "cpu")
-    objective = DocVQAObjective(model)
+    objective = DocVQAObjective(model, compile=name.startswith("compile_objective"))
     train_mode(objective)
     optimizer = make_optimizer(objective, 1e-4, 0.01, device)
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=5, num_training_steps=1000)
-    times = []
+    times, losses = [], []
+    torch.manual_seed(0)
     for i in range(steps):
         _sync(device)
         start = time.perf_counter()
@@ -165,13 +192,39 @@ def run(name: str, base, batches: dict[bool, list[TextBatch]], source, steps: in
         loss = loss.value()
         _sync(device)
         times.append(time.perf_counter() - start)
+        losses.append(round(loss, 4))
     warm = min(WARM_STEPS, len(times) // 2)
     step = statistics.median(times[warm:])
+    if profile is not None:
+        _profile(
+            name,
+            lambda i: train_window(
+                accelerator, objective, optimizer, scheduler, [batches[i % len(batches)]], source, 1.0
+            ).value(),
+            profile,
+        )
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return {"variant": name, "batch": len(batches[0].image_ids), "step_ms": round(1000 * step, 1),
             "samples_per_s": round(len(batches[0].image_ids) / step, 1),
             "first_s": round(sum(times[:warm]) - warm * step, 1), "first_steps_s": [round(t, 2) for t in times[:6]],
-            "loss": round(loss, 4), "peak_gib": peak and round(peak, 1)}  # fmt: skip
+            "loss": round(loss, 4), "losses": losses, "peak_gib": peak and round(peak, 1)}  # fmt: skip
+
+
+def _profile(name: str, step, folder: Path, steps: int = 3) -> None:
+    """Kernel time of `steps` more steps under torch.profiler, the top ops by self device time, to folder/<name>.txt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            step(i)
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / steps
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=90)
+    folder.mkdir(parents=True, exist_ok=True)
+    header = f"{name}: {steps} steps, {1000 * wall:.1f} ms/step under the profiler"
+    Path(folder, f"{name}.txt").write_text(f"{header}\n{table}")
 
 
 def _sync(device) -> None:
@@ -189,6 +242,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(REPO / "reports" / "benchmarks"))
+    parser.add_argument("--profile", help="also profile 3 steps of each variant, tables to this folder")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     processor = build_reference_processor(args.reference)
@@ -200,7 +254,8 @@ def main(argv=None) -> list[dict]:
     batches = {padded: [text_batch(i, args.batch, pool, device, padded) for i in range(12)] for padded in (True, False)}
     results = []
     for name in args.variants:
-        results.append(run(name, base, batches, source, args.steps, device))
+        profile = Path(args.profile) if args.profile else None
+        results.append(run(name, base, batches, source, args.steps, device, profile))
         print(json.dumps(results[-1]), flush=True)
     slug = (torch.cuda.get_device_name() if device.type == "cuda" else "cpu").lower().replace(" ", "-")
     report = {"benchmark": "train_step_variants", "device": slug, "shape": args.shape, "torch": torch.__version__,

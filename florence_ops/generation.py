@@ -81,7 +81,7 @@ def answer_across_processes(
 def generate_ids(model, batch: TextBatch, source, decoding: Decoding, device: torch.device) -> torch.Tensor:
     """Generated token ids for one batch: the encoder runs once, then greedy or beam decoding."""
     features = project_vision(model, tower_output(model, source, batch, device))
-    embeds, mask = embed_inputs(model, features, batch)
+    embeds, mask = embed_inputs(model, features, batch.input_ids, batch.attention_mask)
     encoder_outputs = model.get_encoder()(inputs_embeds=embeds, attention_mask=mask)
     return model.generate(
         encoder_outputs=encoder_outputs,

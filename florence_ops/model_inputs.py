@@ -83,12 +83,13 @@ class Collator:
         return batch
 
 
-def embed_inputs(model, image_features: torch.Tensor, batch: TextBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoder input embeddings `[image tokens; text tokens]` and their attention mask."""
-    text = model.get_input_embeddings()(batch.input_ids)
-    image = image_features.to(text.dtype)
-    ones = batch.attention_mask.new_ones(image.shape[:2])
-    return torch.cat([image, text], dim=1), torch.cat([ones, batch.attention_mask], dim=1)
+def embed_inputs(model, image_features: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """Encoder input embeddings `[image tokens; text tokens]` and their attention mask (None without padding)."""
+    text = model.get_input_embeddings()(input_ids)
+    embeds = torch.cat([image_features.to(text.dtype), text], dim=1)
+    if attention_mask is None:
+        return embeds, None
+    return embeds, torch.cat([attention_mask.new_ones(image_features.shape[:2]), attention_mask], dim=1)
 
 
 def project_vision(model, vision_output: torch.Tensor) -> torch.Tensor:

@@ -46,29 +46,57 @@ log = logging.getLogger(__name__)
 
 
 class DocVQAObjective(ModelWrapper):
-    """Florence-2 plus its training loss as one module, so DDP and FSDP see every trainable parameter in `forward`."""
+    """Florence-2 plus its training loss as one module, so DDP and FSDP see every trainable parameter in `forward`.
 
-    def __init__(self, model: torch.nn.Module):
+    With `compile`, everything after the page lookup (projector, encoder, decoder, loss) runs as one compiled graph
+    (`CompiledLoss`).
+    """
+
+    def __init__(self, model: torch.nn.Module, compile: bool = False):
         super().__init__()
         self.model = model
+        self.loss = CompiledLoss(answer_loss) if compile else answer_loss
 
     def forward(self, batch: TextBatch, source) -> torch.Tensor:
         """Summed cross-entropy over the batch's answer tokens (teacher forcing)."""
-        base = unwrap(self.model)
-        features = project_vision(base, tower_output(base, source, batch, batch.input_ids.device))
-        embeds, mask = embed_inputs(base, features, batch)
-        text_config = base.config.text_config
-        decoder_input_ids = shift_tokens_right(
-            batch.labels, text_config.pad_token_id, text_config.decoder_start_token_id
-        )
-        logits = self.model(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            decoder_input_ids=decoder_input_ids,
-            decoder_attention_mask=batch.decoder_attention_mask,
-        ).logits
-        return F.cross_entropy(logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="sum")  # fmt: skip
+        vision = tower_output(unwrap(self.model), source, batch, batch.input_ids.device)
+        return self.loss(self.model, vision, batch.input_ids, batch.attention_mask, batch.labels,
+                         batch.decoder_attention_mask)  # fmt: skip
+
+
+def answer_loss(model, vision, input_ids, attention_mask, labels, decoder_attention_mask) -> torch.Tensor:
+    """Summed cross-entropy over the answer tokens `labels` of questions `input_ids` about pages whose tower output
+    is `vision` (one row per question)."""
+    base = unwrap(model)
+    embeds, mask = embed_inputs(base, project_vision(base, vision), input_ids, attention_mask)
+    text_config = base.config.text_config
+    decoder_input_ids = shift_tokens_right(labels, text_config.pad_token_id, text_config.decoder_start_token_id)
+    logits = model(
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        decoder_input_ids=decoder_input_ids,
+        decoder_attention_mask=decoder_attention_mask,
+        use_cache=False,  # teacher forcing decodes in one pass: a key/value cache is only copies (and recompiles)
+    ).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+class CompiledLoss:
+    """`loss(model, vision, *text)` compiled once for every batch: batch size and text lengths are dynamic from the
+    first call (sizes that happen to be equal in it are not taken to be equal for ever), the pages' features
+    contiguous, so that batches of any shape reuse one graph (forward and backward) instead of compiling again."""
+
+    def __init__(self, loss):
+        self.compiled = torch.compile(loss)
+
+    def __call__(self, model, vision: torch.Tensor, *text: torch.Tensor | None) -> torch.Tensor:
+        vision = vision.contiguous()
+        torch._dynamo.maybe_mark_dynamic(vision, 0)
+        for tensor in text:
+            if tensor is not None:
+                torch._dynamo.maybe_mark_dynamic(tensor, (0, 1))
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            return self.compiled(model, vision, *text)
 
 
 @dataclass
@@ -218,7 +246,7 @@ def fit(run: Run) -> tuple[Progress, torch.nn.Module]:
     """
     params, acc = run.params, run.accelerator
     accum = params.train.grad_accum_steps
-    objective = DocVQAObjective(run.model)
+    objective = DocVQAObjective(run.model, params.train.compile)
     optimizer = make_optimizer(objective, params.lr, params.train.weight_decay, acc.device)
     if run.own_batches is None:  # global batches, split across processes by accelerate
         loader = make_loader(run.train_rows, run.collator, params, global_batches(run.train_rows, params), run.source)

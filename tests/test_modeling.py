@@ -57,7 +57,7 @@ def test_model_loss_equals_hand_computed_cross_entropy(tiny):
     batch, source = _inputs(model, tiny, ROWS)
     pixels = source.prepare(source.load(batch.image_ids), torch.device("cpu"))
     features = project_vision(model, model.model.vision_tower(pixels).last_hidden_state)
-    embeds, mask = embed_inputs(model, features, batch)
+    embeds, mask = embed_inputs(model, features, batch.input_ids, batch.attention_mask)
     start = model.config.text_config.decoder_start_token_id
     pad = model.config.text_config.pad_token_id
     targets = batch.labels
@@ -180,3 +180,35 @@ def test_tower_with_fused_kernels_gives_the_towers_output(tiny):
     with torch.no_grad():
         torch.testing.assert_close(fused(pixels).last_hidden_state, tower(pixels).last_hidden_state)
     assert tower.config._attn_implementation != "eager"  # the model's own tower is untouched
+
+
+def test_compiled_objective_gives_the_eager_loss_and_gradients_for_every_batch_shape(tiny, monkeypatch):
+    """`train.compile` compiles the objective after the page lookup once, with dynamic shapes: batches of other
+    sizes and lengths get the eager loss and gradients without compiling again. (Traced by dynamo and AOTAutograd as
+    in training, run without inductor's code generation, which takes minutes on two cores; the GPU benchmark
+    compares inductor's loss curve with eager's, benchmarks/train_step_variants.py.)"""
+    import functools
+
+    import torch._dynamo.utils
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    eager, compiled = _model(tiny).train(), _model(tiny).train()
+    objectives = DocVQAObjective(eager), DocVQAObjective(compiled, compile=True)
+    long_question = dict(ROWS[1], question="Which company issued this document and what is the total amount?")
+    long_answer = dict(ROWS[0], answers=["ACME Corp $1,234.50 ACME Corp"])
+    batches = [ROWS, [long_question, ROWS[0], ROWS[1]], [long_answer, long_question]]  # other sizes and lengths
+    for rows in batches:
+        batch, source = _inputs(eager, tiny, rows)
+        losses = []
+        for objective in objectives:
+            objective.zero_grad()
+            torch.manual_seed(0)  # the same dropout masks
+            losses.append(objective(batch, source))
+            losses[-1].backward()
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+        for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+            if p.grad is not None:
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

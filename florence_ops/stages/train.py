@@ -72,8 +72,6 @@ def train(params: Params, machine_rank: int | None = None) -> dict:
     log.info("trainable parameters: %d of %d (%.1f%%)", trainable, total, 100 * trainable / total)
     if params.train.gradient_checkpointing:
         unwrap(model).gradient_checkpointing_enable()
-    if params.train.compile:
-        model.forward = torch.compile(model.forward)
 
     processed = Path(params.paths.processed)
     if cfg.streaming:
