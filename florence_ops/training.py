@@ -87,7 +87,8 @@ class CompiledLoss:
     contiguous, so that batches of any shape reuse one graph (forward and backward) instead of compiling again."""
 
     def __init__(self, loss):
-        self.compiled = torch.compile(loss)
+        # The tiling analysis is for static shapes; with dynamic ones, torch 2.11's fails an assertion on this graph.
+        self.compiled = torch.compile(loss, options={"triton.coalesce_tiling_analysis": False})
 
     def __call__(self, model, vision: torch.Tensor, *text: torch.Tensor | None) -> torch.Tensor:
         vision = vision.contiguous()
