@@ -220,7 +220,8 @@ def _rows(processed: Path, split: str) -> list[dict]:
 
 def _collator(processor, params: Params, train: bool) -> Collator:
     cfg = params.train
-    return Collator(processor.tokenizer, cfg.prompt, cfg.max_question_tokens, cfg.max_answer_tokens, train)
+    multiple = 8 if train and cfg.compile else None  # the compiled step's one graph (`Collator`)
+    return Collator(processor.tokenizer, cfg.prompt, cfg.max_question_tokens, cfg.max_answer_tokens, train, multiple)
 
 
 def _live(params: Params, checkpoints: CheckpointStore):

@@ -171,7 +171,8 @@ def test_broken_new_model_keeps_the_old_one_served_and_healthz_says_so(served, s
     failed = after["last_failed_load"]
     assert failed["version"] != before["version"] and "safetensor" in failed["error"].lower()
     assert failed["attempts"] <= 4, failed  # backing off: 0.4, 0.8, 1.6, 3.2 s, not every 0.2 s
-    assert server.log.read_text().count("not loaded") == failed["attempts"]
+    # Every failed attempt is logged; one more may have failed between the last health read and the stop.
+    assert failed["attempts"] <= server.log.read_text().count("not loaded") <= failed["attempts"] + 1
 
 
 def test_slow_clients_do_not_lock_others_out(start):
