@@ -12,7 +12,7 @@ recompilation).
 
 Variants:
 - eager: the pipeline's step as it is.
-- eager_with_cache: the step until 2026-12-03, the decoder keeping a key/value cache (undone after the run).
+- eager_with_cache: the step until 2026-12-03, the decoder keeping a key/value cache.
 - eager_no_dropout: every dropout probability set to 0 (what the dropouts cost; not a training setting).
 - compile_forward: `model.forward = torch.compile(model.forward)`, what `train.compile: true` did until 2026-12-03.
 - compile_objective: `DocVQAObjective(compile=True)`, what `train.compile: true` does: projector, model and loss as
@@ -130,25 +130,10 @@ def no_decoder_syncs(model):
 
 
 def with_cache(model):
-    """The step as it was until 2026-12-03: the decoder keeping a key/value cache it never reads (use_cache left at
-    the config's true)."""
-
-    def loss(model, vision, input_ids, attention_mask, labels, decoder_attention_mask):
-        base = unwrap(model)
-        embeds, mask = embed_inputs(base, project_vision(base, vision), input_ids, attention_mask)
-        text = base.config.text_config
-        decoder_ids = shift_tokens_right(labels, text.pad_token_id, text.decoder_start_token_id)
-        logits = model(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            decoder_input_ids=decoder_ids,
-            decoder_attention_mask=decoder_attention_mask,
-        ).logits
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="sum")  # fmt: skip
-
-    original, training.answer_loss = training.answer_loss, loss
-    return lambda: setattr(training, "answer_loss", original)  # undone after its run
+    """The step as it was until 2026-12-03: the decoder keeping a key/value cache it never reads (use_cache as the
+    config has it, true)."""
+    forward = model.forward
+    model.forward = lambda *args, **kwargs: forward(*args, **{**kwargs, "use_cache": True})
 
 
 def bf16_weights(model):
@@ -201,7 +186,7 @@ def run(name: str, base, batches: dict[bool, list[TextBatch]], source, steps: in
     batches = batches[not name.endswith("_unpadded")]
     model = copy.deepcopy(base).to(device)
     freeze(model, ["vision_tower"])
-    undo = VARIANTS[name](model)
+    VARIANTS[name](model)
     accelerator = Accelerator(mixed_precision=mixed_precision(PRECISION, device), cpu=device.type == "cpu")
     objective = DocVQAObjective(model, compile=name.startswith("compile_objective"))
     train_mode(objective)
@@ -217,8 +202,6 @@ def run(name: str, base, batches: dict[bool, list[TextBatch]], source, steps: in
         _sync(device)
         times.append(time.perf_counter() - start)
         losses.append(round(loss, 4))
-    if callable(undo):
-        undo()
     warm = min(WARM_STEPS, len(times) // 2)
     step = statistics.median(times[warm:])
     if profile is not None:
