@@ -62,6 +62,7 @@ def test_hub_model_while_offline_says_what_to_change(tmp_path):
     assert line.startswith("error: model.name: florence-community/Florence-2-base-ft is not in the local hub cache")
     assert "set HF_HUB_OFFLINE=0 and check the connection" in line and "model.name to tiny" in line
     assert not (tmp_path / "models" / "base").exists()
+    assert not (tmp_path / "data" / "raw").exists()  # the model is resolved before any data is fetched
 
 
 def test_hub_data_while_offline_says_what_to_change(tmp_path):
@@ -117,6 +118,7 @@ def test_local_model_directory_that_does_not_exist_says_so(tmp_path):
     line = the_error_line(run_cli(tmp_path, "download"))
     assert line.startswith("error: model.name: ./models/my-florence is neither a local directory nor a hub id")
     assert line.endswith("; check the path")
+    assert not (tmp_path / "data" / "raw").exists()  # the model is resolved before any data is fetched
 
 
 @pytest.mark.parametrize("command", ["train", "serve"])

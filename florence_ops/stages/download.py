@@ -24,9 +24,16 @@ log = logging.getLogger(__name__)
 
 
 def download(params: Params) -> dict:
-    """Write raw records to `paths.raw` and the base model + processor to `paths.base_model`; return counts."""
+    """Write raw records to `paths.raw` and the base model + processor to `paths.base_model`; return counts.
+
+    The base model comes first, so a model name that resolves to nothing fails before any data is fetched, except the
+    tiny model, whose tokenizer is trained on the raw text."""
+    tiny = params.model.name == "tiny"
+    if not tiny:
+        save_base_model(params)
     counts = materialize_raw(params.data, params.seed, Path(params.paths.raw))
-    save_base_model(params)
+    if tiny:
+        save_base_model(params)
     log.info("raw records per split: %s", counts)
     return {"records": counts, "model": params.model.name}
 
