@@ -51,40 +51,34 @@ def build_prompt(prompt: str, question: str) -> str:
     return prompt + question.strip()
 
 
-def encode_labels(tokenizer, answers: Sequence[str], max_tokens: int, pad_to_multiple_of: int | None = None):
+def encode_labels(tokenizer, answers: Sequence[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Answer token ids with padding replaced by IGNORE_INDEX, and the decoder attention mask."""
-    encoded = tokenizer(list(answers), padding=True, truncation=True, max_length=max_tokens, return_tensors="pt",
-                        pad_to_multiple_of=pad_to_multiple_of)  # fmt: skip
+    encoded = tokenizer(list(answers), padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
     mask = encoded["attention_mask"]
     labels = encoded["input_ids"].masked_fill(mask == 0, IGNORE_INDEX)
     return labels, mask
 
 
 class Collator:
-    """Turns rows of a processed split into a `TextBatch`; answers become labels when `train` is true.
+    """Turns rows of a processed split into a `TextBatch`; answers become labels when `train` is true."""
 
-    `pad_to_multiple_of` pads questions and answers to a multiple of that many tokens (masked, labels ignored): a
-    compiled step then meets one length class in every batch (inductor guards on lengths divisible by 8).
-    """
-
-    def __init__(self, tokenizer, prompt: str, max_question_tokens: int, max_answer_tokens: int, train: bool,
-                 pad_to_multiple_of: int | None = None):  # fmt: skip
+    def __init__(self, tokenizer, prompt: str, max_question_tokens: int, max_answer_tokens: int, train: bool):
         self.tokenizer = tokenizer
         self.prompt = prompt
         self.max_question_tokens = max_question_tokens
         self.max_answer_tokens = max_answer_tokens
         self.train = train
-        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, rows: list[dict]) -> TextBatch:
         texts = [build_prompt(self.prompt, row["question"]) for row in rows]
-        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_question_tokens,
-                                 return_tensors="pt", pad_to_multiple_of=self.pad_to_multiple_of)  # fmt: skip
+        encoded = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_question_tokens, return_tensors="pt"
+        )
         batch = TextBatch(encoded["input_ids"], encoded["attention_mask"], [row["image_id"] for row in rows])
         if self.train:
             # The common recipe trains on the first accepted answer.
             batch.labels, batch.decoder_attention_mask = encode_labels(
-                self.tokenizer, [row["answers"][0] for row in rows], self.max_answer_tokens, self.pad_to_multiple_of
+                self.tokenizer, [row["answers"][0] for row in rows], self.max_answer_tokens
             )
         return batch
 

@@ -85,10 +85,9 @@ class CompiledLoss:
     """`loss(model, vision, *text)` compiled once for every batch: batch size and text lengths are dynamic from the
     first call (sizes that happen to be equal in it are not taken to be equal for ever), the pages' features
     contiguous, so that batches of other shapes reuse one graph (forward and backward) instead of compiling again.
-    Inductor still guards on lengths divisible by 8, hence the train stage's collator pads text to a multiple of
-    `PAD_TO` when compiling; a batch of one question compiles apart (torch specialises sizes 0 and 1)."""
-
-    PAD_TO = 8
+    On a GPU inductor still compiles again now and then for a shape it guards on (answers a multiple of 8 tokens
+    long, an epoch's short last batch: 40-65 s each on a cold H200, seconds from warm compile caches); a batch of
+    one question compiles apart (torch specialises sizes 0 and 1)."""
 
     def __init__(self, loss):
         # The tiling analysis is for static shapes; with dynamic ones, torch 2.11's fails an assertion on this graph.

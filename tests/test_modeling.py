@@ -33,9 +33,9 @@ def _model(tiny, seed=0):
     return build_tiny_model(spec, processor, seed)
 
 
-def _inputs(model, tiny, rows, pad_to_multiple_of=None):
+def _inputs(model, tiny, rows):
     processor, images, _ = tiny
-    batch = Collator(processor.tokenizer, "<DocVQA>", 32, 16, train=True, pad_to_multiple_of=pad_to_multiple_of)(rows)
+    batch = Collator(processor.tokenizer, "<DocVQA>", 32, 16, train=True)(rows)
     source = PixelSource(images, processor.image_processor)
     return batch, source
 
@@ -194,8 +194,7 @@ def test_tower_with_fused_kernels_gives_the_towers_output(tiny):
 
 def test_compiled_objective_gives_the_eager_loss_and_gradients_for_every_batch_shape(tiny, monkeypatch):
     """`train.compile` compiles the objective after the page lookup once, with dynamic shapes: batches of other
-    sizes and lengths, padded to a multiple of 8 tokens as the train stage's collator pads them when compiling, get
-    the eager loss and gradients of unpadded batches without compiling again. (Traced by dynamo and AOTAutograd as
+    sizes and lengths get the eager loss and gradients without compiling again. (Traced by dynamo and AOTAutograd as
     in training, run without inductor's code generation, which takes minutes on two cores; the GPU benchmark
     compares inductor's loss curve with eager's, benchmarks/train_step_variants.py.)"""
     import functools
@@ -212,13 +211,11 @@ def test_compiled_objective_gives_the_eager_loss_and_gradients_for_every_batch_s
     batches = [ROWS, [long_question, ROWS[0], ROWS[1]], [long_answer, long_question]]  # other sizes and lengths
     for rows in batches:
         batch, source = _inputs(eager, tiny, rows)
-        padded, _ = _inputs(eager, tiny, rows, pad_to_multiple_of=8)
-        assert padded.input_ids.shape[1] % 8 == 0 and padded.labels.shape[1] % 8 == 0
         losses = []
-        for objective, inputs in zip(objectives, (batch, padded)):
+        for objective in objectives:
             objective.zero_grad()
             torch.manual_seed(0)  # the same dropout masks
-            losses.append(objective(inputs, source))
+            losses.append(objective(batch, source))
             losses[-1].backward()
         torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
         for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):

@@ -30,7 +30,7 @@ from florence_ops.errors import UserError
 from florence_ops.launch import launch, needs_launch, writes_outputs
 from florence_ops.model_inputs import Collator
 from florence_ops.modeling import apply_lora, freeze, load_pretrained, save_processor, unwrap
-from florence_ops.training import CompiledLoss, Run, fit, make_accelerator
+from florence_ops.training import Run, fit, make_accelerator
 from florence_ops.vision.sources import PixelSource, cached_source
 from florence_ops.vision.stage_cache import encoded_source, open_or_build_together
 
@@ -220,8 +220,7 @@ def _rows(processed: Path, split: str) -> list[dict]:
 
 def _collator(processor, params: Params, train: bool) -> Collator:
     cfg = params.train
-    multiple = CompiledLoss.PAD_TO if train and cfg.compile else None  # the compiled step's one graph
-    return Collator(processor.tokenizer, cfg.prompt, cfg.max_question_tokens, cfg.max_answer_tokens, train, multiple)
+    return Collator(processor.tokenizer, cfg.prompt, cfg.max_question_tokens, cfg.max_answer_tokens, train)
 
 
 def _live(params: Params, checkpoints: CheckpointStore):
