@@ -4,7 +4,9 @@ but the remotes (a bare git repository, an S3 server as the DVC remote) and the 
 1. Two runs at once: one takes the pool's slot, trains and is promoted; the other waits for the slot, then skips
    training: the version holding prod in the registry was trained on the same data and params.
 2. A machine dies (its worker and everything it started SIGKILLed) while training a changed params.yaml: the slot
-   frees when its lease expires, the remotes are unchanged, and the next run trains and succeeds.
+   frees when its lease expires, the remotes are unchanged, and the next run trains and succeeds. The killed run,
+   which can no longer report its end, is marked Crashed by the automation of `flows/automations.yaml` once its
+   heartbeats stop.
 Once the first phase has put a version in prod, two serving replicas start (`pool_replicas.py`: each in its own
 directory, following `registry:florence-docvqa#prod` on the git remote, fetching from S3), and a client asks both
 until the end. The second phase's promotion is swapped in by both without a failed request.
@@ -176,7 +178,7 @@ def phase_machine_dies(root: Path, seed: Path, endpoint: str, workers: dict, wat
     worker = workers.pop(worker_name)
     for member in [*psutil.Process(worker.pid).children(recursive=True), psutil.Process(worker.pid)]:
         member.send_signal(signal.SIGKILL)
-    killed_at = time.monotonic()
+    killed_at, killed_wall = time.monotonic(), time.time()
     [after] = trigger()
     holding = "holding the pool's retraining slot"
     machines.wait_for(lambda: any(holding in line for line in logs(after)), "the next run holding the slot", 300, 1)
@@ -184,12 +186,16 @@ def phase_machine_dies(root: Path, seed: Path, endpoint: str, workers: dict, wat
     unchanged = before == (machines.s3_objects(endpoint), machines.git(origin, "for-each-ref"))
     wait_finished([after])
     next_run = summary(after, root)
+    machines.wait_for(lambda: state(killed).is_final(), "the killed run's end", 300, 2)  # heartbeats missed
+    crashed = state(killed)
     swap = None
     if next_run["decision"] == "promoted":  # the replicas follow the promotion
         assigned_at, tag = replicas.latest_prod(watch, started)
         watch.wait_moved(served_before, 120)
         swap = watch.swap(served_before, assigned_at, tag)
-    return {"killed_worker": worker_name, "killed_run": killed, "next_run_held_the_slot_after_s": freed_s,
+    killed_run = {"id": killed, "state": crashed.type.value, "message": crashed.message,
+                  "ended_s_after_the_kill": round(crashed.timestamp.timestamp() - killed_wall, 1)}  # fmt: skip
+    return {"killed_worker": worker_name, "killed_run": killed_run, "next_run_held_the_slot_after_s": freed_s,
             "remotes_unchanged": unchanged, "next_run": next_run, "replicas_swap": swap}  # fmt: skip
 
 
@@ -215,6 +221,7 @@ def rehearse(root: Path, overrides: dict) -> dict:
         machines.prefect_cli(seed, api_url, "work-pool", "create", machines.POOL, "--type", "process")
         machines.prefect_cli(seed, api_url, "--no-prompt", "deploy", "--name", "scheduled",
                              FLORENCE_OPS_GIT_URL=origin.as_uri())  # fmt: skip
+        machines.prefect_cli(seed, api_url, "automation", "create", "--from-file", "flows/automations.yaml")
         workers = {name: machines.start_worker(root, name, api_url) for name in ("machine-1", "machine-2")}
         try:
             result = {"two_at_once": phase_two_at_once(root)}

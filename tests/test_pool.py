@@ -118,6 +118,11 @@ def test_pool_rehearsal_one_run_at_a_time_a_dead_machine_replicas_following_prod
     assert died["remotes_unchanged"] and died["next_run"]["worker"] != died["killed_worker"]
     assert died["next_run"]["state"] == "COMPLETED" and "train" in died["next_run"]["stages_ran"]
     assert 5 < died["next_run"]["slot_wait_s"] <= pool.SLOT_LEASE_S + 30  # the killed run's lease ran out
+    # the killed run cannot report its end: the automation marks it Crashed 90 s after its last heartbeat (sent every
+    # 30 s, so 60-90 s before the kill's), not Running for ever
+    assert died["killed_run"]["state"] == "CRASHED", died["killed_run"]
+    assert "No heartbeat for 90 s" in died["killed_run"]["message"]
+    assert 90 - 30 <= died["killed_run"]["ended_s_after_the_kill"] <= 90 + 60, died["killed_run"]
 
     # two replicas following prod swapped to the promoted version within their poll interval, no request failed
     swap = died["replicas_swap"]
