@@ -187,14 +187,14 @@ def phase_machine_dies(root: Path, seed: Path, endpoint: str, workers: dict, wat
     wait_finished([after])
     next_run = summary(after, root)
     machines.wait_for(lambda: state(killed).is_final(), "the killed run's end", 300, 2)  # heartbeats missed
-    crashed = state(killed)
+    ended = state(killed)
     swap = None
     if next_run["decision"] == "promoted":  # the replicas follow the promotion
         assigned_at, tag = replicas.latest_prod(watch, started)
         watch.wait_moved(served_before, 120)
         swap = watch.swap(served_before, assigned_at, tag)
-    killed_run = {"id": killed, "state": crashed.type.value, "message": crashed.message,
-                  "ended_s_after_the_kill": round(crashed.timestamp.timestamp() - killed_wall, 1)}  # fmt: skip
+    killed_run = {"id": killed, "state": ended.type.value, "message": ended.message,
+                  "ended_s_after_the_kill": round(ended.timestamp.timestamp() - killed_wall, 1)}  # fmt: skip
     return {"killed_worker": worker_name, "killed_run": killed_run, "next_run_held_the_slot_after_s": freed_s,
             "remotes_unchanged": unchanged, "next_run": next_run, "replicas_swap": swap}  # fmt: skip
 

@@ -40,6 +40,21 @@ def _inputs(model, tiny, rows):
     return batch, source
 
 
+@pytest.fixture
+def compiled_graphs(monkeypatch):
+    """`torch.compile` traced by dynamo and AOTAutograd as in training but run without inductor's code generation,
+    which takes minutes on two cores (the GPU benchmarks run inductor); yields dynamo's counters, cleared."""
+    import functools
+
+    import torch._dynamo.utils
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield torch._dynamo.utils.counters
+    torch._dynamo.reset()
+
+
 def test_labels_mask_padding_and_decoder_mask(tiny):
     batch, _ = _inputs(_model(tiny), tiny, ROWS)
     lengths = (batch.labels != IGNORE_INDEX).sum(1)
@@ -144,20 +159,12 @@ def test_pixels_normalised_on_the_device_equal_the_image_processor(tiny):
     assert ours.is_contiguous() and torch.equal(ours, theirs)
 
 
-def test_compiled_tower_gives_the_eager_output_and_leaves_the_model_as_it_was(tiny, monkeypatch):
+def test_compiled_tower_gives_the_eager_output_and_leaves_the_model_as_it_was(tiny, compiled_graphs):
     """The cache build compiles a copy of the frozen tower by regions (static shapes, a short last batch padded to the
-    first batch's size); the model's own tower, which is saved with the model, keeps its modules and weights. (Traced
-    by dynamo and AOTAutograd, without inductor's code generation, which takes a minute on two cores; the GPU
-    benchmark compares inductor's output with fp32's, benchmarks/gpu_vision_tower.py.)"""
-    import functools
-
-    import torch._dynamo.utils
-
+    first batch's size); the model's own tower, which is saved with the model, keeps its modules and weights. (The
+    GPU benchmark compares inductor's output with fp32's, benchmarks/gpu_vision_tower.py.)"""
     from florence_ops.vision.encoder import tower_encoder
 
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
     processor, images, _ = tiny
     tower = _model(tiny).model.vision_tower.eval()
     modules = {name: type(module) for name, module in tower.named_modules()}
@@ -168,7 +175,7 @@ def test_compiled_tower_gives_the_eager_output_and_leaves_the_model_as_it_was(ti
     encode = tower_encoder(tower, source, torch.device("cpu"), None, compile=True)
     torch.testing.assert_close(encode(pages), eager, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(encode(pages[:1]), eager[:1], rtol=1e-4, atol=1e-5)  # padded to 2, then cut
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the regions were compiled, not run eagerly
+    assert compiled_graphs["stats"]["unique_graphs"] > 0  # the regions were compiled, not run eagerly
     assert {name: type(module) for name, module in tower.named_modules()} == modules
     assert tower.state_dict().keys() == weights.keys()
     assert all(torch.equal(tower.state_dict()[name], tensor) for name, tensor in weights.items())
@@ -192,18 +199,10 @@ def test_tower_with_fused_kernels_gives_the_towers_output(tiny):
     assert tower.config._attn_implementation != "eager"  # the model's own tower is untouched
 
 
-def test_compiled_objective_gives_the_eager_loss_and_gradients_for_every_batch_shape(tiny, monkeypatch):
+def test_compiled_objective_gives_the_eager_loss_and_gradients_for_every_batch_shape(tiny, compiled_graphs):
     """`train.compile` compiles the objective after the page lookup once, with dynamic shapes: batches of other
-    sizes and lengths get the eager loss and gradients without compiling again. (Traced by dynamo and AOTAutograd as
-    in training, run without inductor's code generation, which takes minutes on two cores; the GPU benchmark
-    compares inductor's loss curve with eager's, benchmarks/train_step_variants.py.)"""
-    import functools
-
-    import torch._dynamo.utils
-
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
+    sizes and lengths get the eager loss and gradients without compiling again. (The GPU benchmark compares
+    inductor's loss curve with eager's, benchmarks/train_step_variants.py.)"""
     eager, compiled = _model(tiny).train(), _model(tiny).train()
     objectives = DocVQAObjective(eager), DocVQAObjective(compiled, compile=True)
     long_question = dict(ROWS[1], question="Which company issued this document and what is the total amount?")
@@ -221,4 +220,4 @@ def test_compiled_objective_gives_the_eager_loss_and_gradients_for_every_batch_s
         for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
             if p.grad is not None:
                 torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert compiled_graphs["stats"]["unique_graphs"] == 1

@@ -16,6 +16,7 @@ import pytest
 from benchmarks.pool_machines import BUCKET, git
 from florence_ops import pool
 from florence_ops.errors import UserError
+from florence_ops.params_file import read_yaml
 from tests.conftest import REPO, TINY_OVERRIDES, tiny_params
 from tests.remotes import s3_endpoint  # noqa: F401 (fixture)
 
@@ -118,11 +119,15 @@ def test_pool_rehearsal_one_run_at_a_time_a_dead_machine_replicas_following_prod
     assert died["remotes_unchanged"] and died["next_run"]["worker"] != died["killed_worker"]
     assert died["next_run"]["state"] == "COMPLETED" and "train" in died["next_run"]["stages_ran"]
     assert 5 < died["next_run"]["slot_wait_s"] <= pool.SLOT_LEASE_S + 30  # the killed run's lease ran out
-    # the killed run cannot report its end: the automation marks it Crashed 90 s after its last heartbeat (sent every
-    # 30 s, so 60-90 s before the kill's), not Running for ever
+    # the killed run cannot report its end: the automation marks it Crashed `within` s after its last heartbeat (one
+    # every `beat` s, so up to `beat` s before the kill), not Running for ever
+    [automation] = read_yaml(REPO / "flows/automations.yaml")["automations"]
+    within = automation["trigger"]["within"]
+    beat = int(read_yaml(REPO / "prefect.yaml")["deployments"][0]["work_pool"]["job_variables"]["env"]
+               ["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"])  # fmt: skip
     assert died["killed_run"]["state"] == "CRASHED", died["killed_run"]
-    assert "No heartbeat for 90 s" in died["killed_run"]["message"]
-    assert 90 - 30 <= died["killed_run"]["ended_s_after_the_kill"] <= 90 + 60, died["killed_run"]
+    assert died["killed_run"]["message"] == automation["actions"][0]["message"]
+    assert within - beat <= died["killed_run"]["ended_s_after_the_kill"] <= within + 60, died["killed_run"]
 
     # two replicas following prod swapped to the promoted version within their poll interval, no request failed
     swap = died["replicas_swap"]
