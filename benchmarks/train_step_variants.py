@@ -23,6 +23,8 @@ Variants:
   dynamic shapes / `dynamic=True`.
 - *_nomask_unpadded: unpadded batches given to the model without masks (what a batch without padding needs), so
   transformers neither reads them on the host nor hands attention a mask.
+- bf16_pure (and _unpadded, compile_objective_bf16_pure): `train.precision: bf16-pure`, the step run on a bf16 copy
+  of the fp32 weights without autocast, so layer norms, residual stream and dropouts are in bf16 too.
 - no_decoder_syncs: the encoder run apart, the decoder given a ready 4-D cross-attention mask and no padding mask of
   its own (causal only; right padding cannot reach a real token), which removes transformers' host reads of the
   decoder's masks.
@@ -60,7 +62,7 @@ from florence_ops.artifacts import write_json  # noqa: E402
 from florence_ops.base_models import build_reference_model, build_reference_processor  # noqa: E402
 from florence_ops.model_inputs import IGNORE_INDEX, TextBatch, embed_inputs, project_vision  # noqa: E402
 from florence_ops.modeling import freeze, train_mode, unwrap  # noqa: E402
-from florence_ops.precision import mixed_precision  # noqa: E402
+from florence_ops.precision import compute_dtype, mixed_precision  # noqa: E402
 from florence_ops.training import DocVQAObjective, make_optimizer, train_window  # noqa: E402
 
 WARM_STEPS = 12
@@ -173,12 +175,17 @@ VARIANTS = {
     "compile_objective": lambda model: None,  # DocVQAObjective(compile=True): what `train.compile: true` does
     "compile_objective_unpadded": lambda model: None,
     "compile_objective_nomask_unpadded": without_masks,
+    "bf16_pure": lambda model: None,  # train.precision: bf16-pure (the step on a bf16 copy of the fp32 weights)
+    "bf16_pure_unpadded": lambda model: None,
+    "compile_objective_bf16_pure": lambda model: None,
 }
 
 
 def run(name: str, base, batches: dict[bool, list[TextBatch]], source, steps: int, device, profile=None) -> dict:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(reset_partial_state=True)  # variants differ in mixed precision, fixed per state
     torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -187,8 +194,9 @@ def run(name: str, base, batches: dict[bool, list[TextBatch]], source, steps: in
     model = copy.deepcopy(base).to(device)
     freeze(model, ["vision_tower"])
     VARIANTS[name](model)
-    accelerator = Accelerator(mixed_precision=mixed_precision(PRECISION, device), cpu=device.type == "cpu")
-    objective = DocVQAObjective(model, compile=name.startswith("compile_objective"))
+    precision = "bf16-pure" if "bf16_pure" in name else PRECISION
+    accelerator = Accelerator(mixed_precision=mixed_precision(precision, device), cpu=device.type == "cpu")
+    objective = DocVQAObjective(model, name.startswith("compile_objective"), compute_dtype(precision, device))
     train_mode(objective)
     optimizer = make_optimizer(objective, 1e-4, 0.01, device)
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=5, num_training_steps=1000)

@@ -149,7 +149,7 @@ class TrainConfig:
     weight_decay: StrictFloat = 0.01
     warmup_ratio: StrictFloat = 0.1
     schedule: Literal["linear", "cosine", "constant"] = "cosine"
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    precision: Literal["auto", "bf16", "bf16-pure", "fp32"] = "auto"  # auto, bf16: bf16 autocast on CUDA (fp32 on CPU)
     max_question_tokens: StrictInt = 64
     max_answer_tokens: StrictInt = 32
     vision_cache: StrictBool = True  # cache the frozen vision tower's output once per image
@@ -182,6 +182,11 @@ class TrainConfig:
             raise ConfigError(
                 "train.streaming: each process reads only its own pages, and the vision cache holds "
                 "every page: set train.vision_cache: false (the frozen tower then runs in the step)"
+            )
+        if self.precision == "bf16-pure" and (self.distributed == "fsdp" or self.gradient_checkpointing):
+            raise ConfigError(
+                "train.precision: bf16-pure casts the weights to bf16 for each step, which neither FSDP's sharded "
+                "weights nor gradient checkpointing's recomputation sees; use bf16 (autocast) with them"
             )
         if self.lora.enabled and "vision_tower" not in self.freeze:
             raise ConfigError(

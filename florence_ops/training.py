@@ -38,7 +38,7 @@ from florence_ops.model_inputs import (
     project_vision,
 )
 from florence_ops.modeling import ModelWrapper, train_mode, unwrap
-from florence_ops.precision import mixed_precision
+from florence_ops.precision import compute_dtype, mixed_precision
 from florence_ops.step_log import StepLog, StepLoss
 from florence_ops.vision.sources import WithVision, tower_output
 
@@ -49,16 +49,23 @@ class DocVQAObjective(ModelWrapper):
     """Florence-2 plus its training loss as one module, so DDP and FSDP see every trainable parameter in `forward`.
 
     With `compile`, everything after the page lookup (projector, encoder, decoder, loss) runs as one compiled graph
-    (`CompiledLoss`).
+    (`CompiledLoss`). With `compute_dtype` (bf16 for `train.precision: bf16-pure`) the step runs on copies of the
+    weights in that dtype, so every activation is in it too (autocast keeps layer norms, and so the residual stream,
+    in fp32); the gradients flow back through the copies into the fp32 weights, which the optimizer updates as usual.
     """
 
-    def __init__(self, model: torch.nn.Module, compile: bool = False):
+    def __init__(self, model: torch.nn.Module, compile: bool = False, compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.model = model
         self.loss = CompiledLoss(answer_loss) if compile else answer_loss
+        self.compute_dtype = compute_dtype
 
-    def forward(self, batch: TextBatch, source) -> torch.Tensor:
+    def forward(self, batch: TextBatch, source, cast: bool = True) -> torch.Tensor:
         """Summed cross-entropy over the batch's answer tokens (teacher forcing)."""
+        if cast and self.compute_dtype is not None:
+            tensors = [*self.named_parameters(), *self.named_buffers()]
+            weights = {name: t.to(self.compute_dtype) for name, t in tensors if t.is_floating_point()}
+            return torch.func.functional_call(self, weights, (batch, source), {"cast": False})
         vision = tower_output(unwrap(self.model), source, batch, batch.input_ids.device)
         return self.loss(self.model, vision, batch.input_ids, batch.attention_mask, batch.labels,
                          batch.decoder_attention_mask)  # fmt: skip
@@ -250,7 +257,8 @@ def fit(run: Run) -> tuple[Progress, torch.nn.Module]:
     """
     params, acc = run.params, run.accelerator
     accum = params.train.grad_accum_steps
-    objective = DocVQAObjective(run.model, params.train.compile)
+    step_dtype = compute_dtype(params.train.precision, acc.device)
+    objective = DocVQAObjective(run.model, params.train.compile, step_dtype)
     optimizer = make_optimizer(objective, params.lr, params.train.weight_decay, acc.device)
     if run.own_batches is None:  # global batches, split across processes by accelerate
         loader = make_loader(run.train_rows, run.collator, params, global_batches(run.train_rows, params), run.source)

@@ -157,6 +157,12 @@ def test_decoding_budget_below_training_is_refused():
         load_params(REPO / "params.yaml", {"evaluate.max_new_tokens": 20})
 
 
+@pytest.mark.parametrize("setting", [{"train.distributed": "fsdp"}, {"train.gradient_checkpointing": True}])
+def test_bf16_pure_is_refused_where_its_bf16_weights_would_not_be_seen(setting):
+    with pytest.raises(ConfigError, match=r"^train\.precision: bf16-pure .*; use bf16 \(autocast\) with them$"):
+        load_params(REPO / "params.yaml", {"train.precision": "bf16-pure", **setting})
+
+
 def test_lora_needs_a_frozen_vision_tower():
     with pytest.raises(ConfigError, match=r"train\.lora\.enabled"):
         load_params(REPO / "params.yaml", {"train.lora.enabled": True, "train.freeze": []})

@@ -105,6 +105,40 @@ def test_padding_does_not_change_a_questions_loss(tiny):
     torch.testing.assert_close(sum_padded, sum_alone, rtol=1e-5, atol=1e-5)
 
 
+def test_bf16_pure_step_computes_in_bf16_and_trains_the_fp32_weights(tiny):
+    """`train.precision: bf16-pure` (on a GPU): layer norms, and so the residual stream, compute in bf16 (autocast keeps
+    them in fp32); the gradients reach the fp32 weights, the optimizer updates those, and the objective saves under
+    the same names as the autocast one."""
+    model = _model(tiny)
+    freeze(model, ["vision_tower"])
+    model.eval()  # no dropout: the two steps see the same network
+    batch, source = _inputs(model, tiny, ROWS)
+    text = model.model.language_model
+    computed = []
+    for norm in (text.encoder.layers[0].final_layer_norm, text.decoder.layers[-1].final_layer_norm):
+        norm.register_forward_hook(lambda module, args, output: computed.append(output.dtype))
+    autocast_like, pure = DocVQAObjective(model), DocVQAObjective(model, compute_dtype=torch.bfloat16)
+    reference = autocast_like(batch, source)
+    reference.backward()
+    reference_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    computed.clear()
+
+    loss = pure(batch, source)
+    loss.backward()
+    assert computed == [torch.bfloat16, torch.bfloat16]
+    torch.testing.assert_close(loss, reference, rtol=2e-2, atol=0)
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == reference_grads.keys() and {g.dtype for g in grads.values()} == {torch.float32}
+    flat, flat_reference = (torch.cat([g.flatten() for g in d.values()]) for d in (grads, reference_grads))
+    assert F.cosine_similarity(flat, flat_reference, dim=0) > 0.99
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    make_optimizer(pure, lr=1e-2, weight_decay=0.0, device=torch.device("cpu")).step()
+    assert all(not torch.equal(p, before[name]) for name, p in model.named_parameters() if p.requires_grad)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert pure.state_dict().keys() == autocast_like.state_dict().keys()
+
+
 @pytest.mark.parametrize("parts", [["vision_tower"], ["vision_tower", "projector"], ["text_encoder"], []])
 def test_freeze_keeps_frozen_weights_and_counts_them(tiny, parts):
     model = _model(tiny)
