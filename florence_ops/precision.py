@@ -27,10 +27,9 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def mixed_precision(precision: str, device: torch.device) -> str:
-    """accelerate's `mixed_precision` for `precision` on `device`: "bf16" where `autocast_dtype` gives bf16, else
-    "no"; also "no" for `bf16-pure`, whose step computes in bf16 without autocast."""
-    pure = compute_dtype(precision, device) is not None
-    return "bf16" if autocast_dtype(precision, device) is not None and not pure else "no"
+    """accelerate's `mixed_precision` for `precision` on `device`: "bf16" where `autocast_dtype` gives bf16, except for
+    `bf16-pure`, whose step computes in bf16 without autocast; else "no"."""
+    return "bf16" if autocast_dtype(precision, device) is not None and precision != "bf16-pure" else "no"
 
 
 def describe(dtype: torch.dtype | None) -> str:
