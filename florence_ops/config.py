@@ -183,6 +183,11 @@ class TrainConfig:
                 "train.streaming: each process reads only its own pages, and the vision cache holds "
                 "every page: set train.vision_cache: false (the frozen tower then runs in the step)"
             )
+        if self.streaming and self.length_grouping != 1:
+            raise ConfigError(
+                "train.length_grouping: streaming shuffles each process's row groups, and questions within windows "
+                "of them, without grouping by length; set it to 1 with train.streaming"
+            )
         if self.precision == "bf16-pure" and (self.distributed == "fsdp" or self.gradient_checkpointing):
             raise ConfigError(
                 "train.precision: bf16-pure casts the weights to bf16 for each step, which neither FSDP's sharded "

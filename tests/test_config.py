@@ -157,6 +157,13 @@ def test_decoding_budget_below_training_is_refused():
         load_params(REPO / "params.yaml", {"evaluate.max_new_tokens": 20})
 
 
+def test_streaming_refuses_length_grouping_it_would_not_do():
+    settings = {"train.streaming": True, "train.vision_cache": False, "train.length_grouping": 50}
+    with pytest.raises(ConfigError, match=r"^train\.length_grouping: streaming .*; set it to 1 with train\.streaming$"):
+        load_params(REPO / "params.yaml", settings)
+    assert load_params(REPO / "params.yaml", {**settings, "train.length_grouping": 1}).train.streaming
+
+
 @pytest.mark.parametrize("setting", [{"train.distributed": "fsdp"}, {"train.gradient_checkpointing": True}])
 def test_bf16_pure_is_refused_where_its_bf16_weights_would_not_be_seen(setting):
     with pytest.raises(ConfigError, match=r"^train\.precision: bf16-pure .*; use bf16 \(autocast\) with them$"):
