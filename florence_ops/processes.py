@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -79,6 +80,32 @@ def return_large_frees_to_the_system(threshold_bytes: int = 1 << 20) -> None:
     """
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, threshold_bytes)
+
+
+# multiprocessing's local sockets are <temp dir>/pymp-XXXXXXXX/listener-XXXXXXXX, and an AF_UNIX path holds at most
+# 107 bytes on Linux, 103 on macOS. Python 3.13's multiprocessing falls back to a short directory by itself.
+SOCKET_PATH_MAX = 103
+SOCKET_SUFFIX = len("/pymp-XXXXXXXX/listener-XXXXXXXX")
+SHORT_TEMP_DIRS = ("/tmp", "/var/tmp", "/usr/tmp")
+
+
+def temp_dir_for_sockets() -> str | None:
+    """Make multiprocessing's sockets fit: when the temp directory (`$TMPDIR`) is too long to hold them, point TMPDIR
+    (this process's, and so its children's) at the first writable one of /tmp, /var/tmp, /usr/tmp. Returns the
+    directory it replaced, or None when the temp directory was short enough; raises OSError when no short one is
+    writable."""
+    current = tempfile.gettempdir()
+    if len(current) + SOCKET_SUFFIX <= SOCKET_PATH_MAX:
+        return None
+    for candidate in SHORT_TEMP_DIRS:
+        if os.path.isdir(candidate) and os.access(candidate, os.W_OK | os.X_OK):
+            os.environ["TMPDIR"] = tempfile.tempdir = candidate
+            return current
+    limit = SOCKET_PATH_MAX - SOCKET_SUFFIX
+    raise OSError(
+        f"the temp directory {current} is {len(current)} characters, too long for local sockets (at most "
+        f"{limit}), and none of {', '.join(SHORT_TEMP_DIRS)} is writable: set TMPDIR to a shorter one"
+    )
 
 
 def run_as_group(command: list[str]) -> int:

@@ -133,6 +133,37 @@ def test_sigterm_stops_the_server_and_frees_its_shared_memory(served, tmp_path):
     assert "Traceback" not in log and "leaked" not in log, log[-3000:]
 
 
+def test_a_temp_dir_too_long_for_sockets_does_not_stop_the_server(served, tmp_path, validation_answers):
+    """LitServe's request queue listens on a socket under TMPDIR; a TMPDIR too long for one (job schedulers make such
+    paths) used to end the server at start-up with a traceback. The server now takes a short temp dir, and says so."""
+    from florence_ops.processes import SOCKET_PATH_MAX, SOCKET_SUFFIX
+
+    long_dir = tmp_path / ("t" * (SOCKET_PATH_MAX - SOCKET_SUFFIX + 10 - len(str(tmp_path))))
+    long_dir.mkdir()
+    running = Server(served / "models/export", write_params(tmp_path), free_port(), env={"TMPDIR": str(long_dir)})
+    try:
+        client = OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        record = raw_pages(served, "validation")[0]
+        reply = ask(client, record["question"], record["image"]["bytes"])
+        assert reply.choices[0].message.content == validation_answers[record["questionId"]]
+    finally:
+        running.stop()
+    log = running.log.read_text()
+    assert f"TMPDIR {long_dir} is too long for the server's local sockets; its processes use /tmp" in log, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+
+
+def test_no_short_temp_dir_is_one_line_naming_tmpdir(tmp_path, monkeypatch):
+    import florence_ops.processes as processes
+
+    long_dir = tmp_path / ("t" * 100)
+    monkeypatch.setattr(tempfile, "tempdir", str(long_dir))
+    monkeypatch.setattr(processes, "SHORT_TEMP_DIRS", (str(tmp_path / "missing"),))
+    with pytest.raises(OSError, match=rf"^the temp directory {long_dir} is \d+ characters, too long for local sockets "
+                                      r"\(at most 71\), .*: set TMPDIR to a shorter one$"):  # fmt: skip
+        processes.temp_dir_for_sockets()
+
+
 def test_healthz_names_model_metrics_and_device(served, server):
     health = server.healthz()
     assert health["status"] == "ok" and health["model"] == str((served / "models/export").resolve())
