@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     try:
+        _temp_dir_for_sockets()
         if args.command == "predict":
             return run_predict(args)
         if args.command == "serve":
@@ -79,6 +80,25 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(result, dict):
         print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict | list)}, default=str))
     return 0
+
+
+def _temp_dir_for_sockets() -> None:
+    """DataLoader workers and the server's request queue talk over local sockets under TMPDIR: move to a short temp
+    dir where TMPDIR is too long for them (`processes.temp_dir_for_sockets`), saying so."""
+    import tempfile
+
+    from florence_ops.errors import UserError
+    from florence_ops.processes import temp_dir_for_sockets
+
+    try:
+        replaced = temp_dir_for_sockets()
+    except OSError as error:
+        raise UserError(str(error)) from None
+    if replaced is not None:
+        logging.getLogger("florence_ops.cli").warning(
+            "TMPDIR %s is too long for local sockets (DataLoader workers, the server's request queue); this "
+            "command's processes use %s", replaced, tempfile.gettempdir()
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import contextlib
 import logging
 import os
 import signal
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -35,7 +34,7 @@ from transformers import AutoProcessor
 
 from florence_ops.config import Params
 from florence_ops.data.images import InvalidImage
-from florence_ops.processes import return_large_frees_to_the_system, temp_dir_for_sockets
+from florence_ops.processes import return_large_frees_to_the_system
 from florence_ops.serving.answering import QuestionLimit, check_model_dir, input_size
 from florence_ops.serving.handoff import PageHandoff
 from florence_ops.serving.health import InFlightGuard, health
@@ -280,13 +279,6 @@ def serve(model_dir: str | Path, params: Params, replica: Replica | None = None)
     """Run the server on `serve.host`:`serve.port` until interrupted (Ctrl+C, or SIGTERM as from Docker); with
     `replica`, `model_dir` is its link, switched whenever the registry assigns another version."""
     cfg = params.serve
-    try:
-        replaced = temp_dir_for_sockets()  # LitServe's request queue is a multiprocessing manager: a local socket
-    except OSError as error:
-        raise ServerFailed(str(error)) from None
-    if replaced is not None:
-        log.warning("TMPDIR %s is too long for the server's local sockets; its processes use %s", replaced,
-                    tempfile.gettempdir())  # fmt: skip
     PageHandoff.remove_stale()
     pages = PageHandoff.create()
     try:
