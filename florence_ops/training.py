@@ -61,7 +61,8 @@ class DocVQAObjective(ModelWrapper):
         self.compute_dtype = compute_dtype
 
     def forward(self, batch: TextBatch, source, cast: bool = True) -> torch.Tensor:
-        """Summed cross-entropy over the batch's answer tokens (teacher forcing)."""
+        """Summed cross-entropy over the batch's answer tokens (teacher forcing). `cast` false is the call that runs
+        on the weights' copy."""
         if cast and self.compute_dtype is not None:
             tensors = [*self.named_parameters(), *self.named_buffers()]
             weights = {name: t.to(self.compute_dtype) for name, t in tensors if t.is_floating_point()}
