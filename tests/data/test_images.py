@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -67,3 +69,16 @@ def test_pixel_limit_message_names_the_setting_that_applied():
     with pytest.raises(InvalidImage, match=r"over serve\.max_image_pixels=1000: ") as raised:
         decode_image(bomb, 1000, "serve.max_image_pixels")
     assert "data.max_image_pixels" not in str(raised.value)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (5, 7), (768, 768)])
+def test_processed_page_png_decodes_to_the_resized_pixels(size):
+    """Preprocess stores each page as `encode_model_image` writes it (its own PNG encoder, rows unfiltered): any PNG
+    reader gets back exactly the pixels of the bicubic resize, at odd sizes too."""
+    from florence_ops.data.images import encode_model_image, resize_for_model
+
+    rng = np.random.default_rng(0)
+    page = Image.fromarray(rng.integers(0, 256, (900, 640, 3), dtype=np.uint8))
+    stored = Image.open(io.BytesIO(encode_model_image(page, size)))
+    assert stored.format == "PNG" and stored.mode == "RGB" and stored.size == size[::-1]
+    assert np.array_equal(np.asarray(stored), np.asarray(resize_for_model(page, size)))
