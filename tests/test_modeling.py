@@ -195,12 +195,23 @@ def test_pixels_normalised_on_the_device_equal_the_image_processor(tiny):
 
 def test_compiled_tower_gives_the_eager_output_and_leaves_the_model_as_it_was(tiny, compiled_graphs):
     """The cache build compiles a copy of the frozen tower by regions (static shapes, a short last batch padded to the
-    first batch's size); the model's own tower, which is saved with the model, keeps its modules and weights. (The
-    GPU benchmark compares inductor's output with fp32's, benchmarks/gpu_vision_tower.py.)"""
-    from florence_ops.vision.encoder import tower_encoder
+    first batch's size): the blocks of each stage that has several, the rest eager; the model's own tower, which is
+    saved with the model, keeps its modules and weights. (The GPU benchmark compares inductor's output with fp32's,
+    benchmarks/gpu_vision_tower.py.)"""
+    import copy
+
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    from florence_ops.vision.encoder import compile_regions, tower_encoder
 
     processor, images, _ = tiny
-    tower = _model(tiny).model.vision_tower.eval()
+    config = copy.deepcopy(_model(tiny).model.vision_tower.config)
+    config.depths = [1, 3, 1, 1]  # as Florence-2's 1, 1, 9, 1: one stage repeats its block
+    torch.manual_seed(0)
+    tower = type(_model(tiny).model.vision_tower)(config).eval()
+    regions = compile_regions(copy.deepcopy(tower))
+    compiled = [name for name, module in regions.named_modules() if isinstance(module, OptimizedModule)]
+    assert compiled == ["blocks.1.0", "blocks.1.1", "blocks.1.2"]
     modules = {name: type(module) for name, module in tower.named_modules()}
     weights = {name: tensor.clone() for name, tensor in tower.state_dict().items()}
     source = PixelSource(images, processor.image_processor)

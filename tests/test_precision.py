@@ -40,7 +40,7 @@ def test_no_autocast_without_a_dtype():
 
 def test_cache_recipe_names_how_the_encoder_computes():
     assert computed_with(CUDA, autocast_dtype("auto", CUDA), True) == {
-        "device": "cuda", "precision": "bf16 weights, fused kernels", "compile": "regional"
+        "device": "cuda", "precision": "bf16 weights, fused kernels", "compile": "repeated blocks"
     }  # fmt: skip
     assert computed_with(CPU, autocast_dtype("auto", CPU), False) == {"device": "cpu", "precision": "fp32",
                                                                        "compile": False}  # fmt: skip
