@@ -26,9 +26,10 @@ def tower_encoder(
     takes the kernels of `fuse_kernels`. Without `dtype` the tower runs as is, in fp32.
 
     With `compile`, the blocks that repeat are compiled with static shapes (regional compilation, see
-    `compile_regions`). A smaller last batch is padded to the first batch's size so that it reuses the graph. Convolutions use cuDNN's fastest algorithms for these fixed shapes
-    (`cudnn.benchmark`, set during the calls only). On CUDA the pages go to the device on a stream of their own
-    (`copy_on`), so a batch's upload overlaps the tower's work on the batch before.
+    `compile_regions`). A smaller last batch is padded to the first batch's size so that it reuses the graph.
+    Convolutions use cuDNN's fastest algorithms for these fixed shapes (`cudnn.benchmark`, set during the calls
+    only). On CUDA the pages go to the device on a stream of their own (`copy_on`), so a batch's upload overlaps the
+    tower's work on the batch before.
     """
     if compile or (dtype is not None and cast):  # a copy: the model's own tower stays as it is
         tower = copy.deepcopy(tower)
