@@ -120,7 +120,7 @@ class ModelConfig:
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     reference_files: str = "../shared/reference/florence-2-base-ft"  # checkpoint config/tokenizer files for *-shape
     vision_batch_size: StrictInt = 32  # pages per vision-tower call: the cache build, or the tower in the step
-    vision_compile: StrictBool = False  # torch.compile the vision tower's repeated blocks where it runs without gradients
+    vision_compile: StrictBool = False  # torch.compile the tower's repeated blocks where it runs without gradients
     tiny: TinyModel = field(default_factory=TinyModel)
 
     def __post_init__(self) -> None:

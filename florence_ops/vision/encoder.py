@@ -117,9 +117,9 @@ def compile_regions(tower: torch.nn.Module) -> torch.nn.Module:
     graph, static shapes (accelerate's `compile_regions`, which takes one list of like modules); the rest stays eager.
 
     Florence-2's stages hold 1, 1, 9 and 1 blocks, so one graph covers three quarters of the blocks. Compiling also
-    the patch embeddings and the single blocks (seven more graphs) takes the tower from 491 to 682 pages/s, but costs
-    about 16 s more on a machine that has not compiled them before: more than it saves on DocVQA's 11,480 pages
-    (H200, `vision_tower_nvidia-h200.json`).
+    the patch embeddings and the single blocks (seven more graphs) takes Florence-2-base's tower from 491 to 682
+    pages/s on an H200, but costs about 15 s more on a machine that has not compiled them before, more than the 6.5 s
+    it saves over DocVQA's 11,480 pages (`vision_tower_nvidia-h200.cache-build.json`; benchmarks/README.md, run 16).
     """
     from accelerate.utils import compile_regions as compile_list
 
