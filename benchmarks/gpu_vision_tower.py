@@ -1,12 +1,13 @@
 """Vision-tower throughput on the GPU: Florence-2-base's DaViT (depths 1,1,9,1, 90.4M parameters, 768x768 pages)
 as the vision-feature cache build and the pixel paths run it (`florence_ops.vision.encoder.tower_encoder`).
 
-Variants: eager or compiled (regional, static shapes), under bf16 autocast or as a bf16 copy of the tower (what the
-cache build runs), at the batch sizes given; every variant starts from uint8 pages on the GPU (normalised inside, as
-in the pipeline). Correctness: each variant's
-output on fresh random pages is compared with the fp32 eager tower (relative error ||out - ref|| / ||ref||, and the
-largest difference over the output's range). Timing: CUDA events around each call after warm-up (compilation
-included in the warm-up and reported separately), median of `--repeats`.
+Variants: eager or compiled (the repeated blocks, static shapes), under bf16 autocast or as a bf16 copy of the tower
+(what the cache build runs), at the batch sizes given; `--compile cache-build` runs the bf16 copy eager, with its
+repeated blocks compiled and with every patch embedding and block compiled (what `model.vision_compile` did until
+2026-12-03). Every variant starts from uint8 pages on the GPU (normalised inside, as in the pipeline). Correctness:
+each variant's output on fresh random pages is compared with the fp32 eager tower (relative error ||out - ref|| /
+||ref||, and the largest difference over the output's range). Timing: CUDA events around each call after warm-up
+(compilation included in the warm-up and reported separately), median of `--repeats`.
 
     PYTHONPATH=. python benchmarks/gpu_vision_tower.py [--batches 128 256] [--out reports/benchmarks]
 
@@ -34,17 +35,20 @@ from florence_ops.vision import encoder  # noqa: E402
 from florence_ops.vision.encoder import tower_encoder  # noqa: E402
 from florence_ops.vision.sources import PixelSource  # noqa: E402
 
-compile_all = encoder.compile_regions
+compile_repeated = encoder.compile_regions  # what model.vision_compile compiles: stage 3's nine blocks, one graph
 
 
-def compile_repeated(tower: torch.nn.Module) -> torch.nn.Module:
-    """Only the stages whose blocks repeat compiled (stage 3's nine blocks, one graph), the rest eager."""
+def compile_all(tower: torch.nn.Module) -> torch.nn.Module:
+    """Every patch embedding and every block compiled (eight graphs): what `model.vision_compile` did until
+    2026-12-03."""
     from accelerate.utils import compile_regions as compile_list
 
-    for module in tower.modules():
-        if hasattr(module, "drop_prob"):
-            module.drop_prob = 0.0
-    tower.blocks = torch.nn.ModuleList(compile_list(s, dynamic=False) if len(s) > 1 else s for s in tower.blocks)
+    tower = compile_repeated(tower)
+    tower.convs = compile_list(tower.convs, dynamic=False)
+    tower.blocks = torch.nn.ModuleList(
+        stage if isinstance(stage[0], torch._dynamo.eval_frame.OptimizedModule) else compile_list(stage, dynamic=False)
+        for stage in tower.blocks
+    )
     return tower
 
 
@@ -131,7 +135,7 @@ def main(argv=None) -> dict:
         variants = [(False, True), ("repeated", True), (True, True)]
     for compiled, cast in variants:
         tower = copy.deepcopy(cpu_tower).to(device)
-        encoder.compile_regions = compile_repeated if compiled == "repeated" else compile_all
+        encoder.compile_regions = compile_repeated if compiled in ("repeated", False) else compile_all
         encode = tower_encoder(tower, check_source, device, autocast_dtype("auto", device), bool(compiled), cast)
         how = {False: "eager", True: "compiled"}.get(compiled, compiled)
         name = f"{how}_{'bf16_weights' if cast else 'autocast'}"
