@@ -219,7 +219,7 @@ def saves_per_epoch(train_log: str) -> list[float]:
 
 def once_then_each(per_epoch: list[float], epochs: int) -> float:
     """An epoch-end cost over `epochs` epochs from the measured ones: the first epoch's (which pays one-time costs:
-    pinned buffers for the saves, the first generation's kernels) once, the mean of the later ones for the rest."""
+    pinned buffers for the saves, the first generation's start-up) once, the mean of the later ones for the rest."""
     later = per_epoch[1:] or per_epoch
     return per_epoch[0] + (epochs - 1) * statistics.mean(later) if per_epoch else 0.0
 
@@ -334,7 +334,7 @@ def summarise(root: Path, stages: dict, outputs: dict, args, torch) -> dict:
             "rate + closing (hashes, index) scaled by pages; train_steps = train questions x 7 / train rate; "
             "validation and train_saves (best model, checkpoint) = the first epoch's, validation scaled to "
             "max_eval_questions, + 6 x the later epochs' mean (the first pays one-time costs: pinned buffers, the "
-            "first generation's kernels; until 2026-12-03 both were 7 x the epochs' mean: earlier_formula_seconds); "
+            "first generation's start-up; until 2026-12-03 both were 7 x the epochs' mean: earlier_formula_seconds); "
             "train_fixed = measured train wall - cache - steps - validation - saves (start-up, DVC); evaluate = 2 "
             "x validation questions / evaluate rate (stage wall rate: start-up included)",
             "earlier_formula_seconds": round(sum({**terms, **earlier}.values()), 1),
