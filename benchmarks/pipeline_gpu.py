@@ -236,7 +236,9 @@ def summarise(root: Path, stages: dict, outputs: dict, args, torch) -> dict:
         cache_rate = cache_pages / cache_s
     validations = [tuple(map(float, m)) for m in re.findall(PATTERNS["validation"], outputs["train"])]
     tsv = (root / "reports/train/plots/metrics/train/samples_per_s.tsv").read_text().splitlines()[1:]
-    samples_per_s = statistics.median(float(line.split("\t")[1]) for line in tsv)
+    step_rates = [float(line.split("\t")[1]) for line in tsv]
+    samples_per_s = statistics.median(step_rates)
+    batch = int(read_yaml(root / "params.yaml")["batch_size"])
     peak = root / "reports/train/plots/metrics/train/peak_gpu_mem_gib.tsv"
     peak_gib = max(float(line.split("\t")[1]) for line in peak.read_text().splitlines()[1:]) if peak.exists() else None
     metrics = json.loads((root / "reports/metrics.json").read_text())
@@ -298,6 +300,7 @@ def summarise(root: Path, stages: dict, outputs: dict, args, torch) -> dict:
             "vision_cache_seconds_waiting_for_writer": wait_writer,
             "vision_cache_closing_seconds": closing_s,
             "train_samples_per_s": round(samples_per_s, 1),
+            "train_first_step_seconds": round(batch / step_rates[0], 2),
             "train_peak_gpu_memory_gib": peak_gib and round(peak_gib, 1),
             "validation_questions_per_s": round(validation_rate, 1),
             "evaluate_questions_per_s": round(evaluate_rate, 1),
@@ -307,6 +310,8 @@ def summarise(root: Path, stages: dict, outputs: dict, args, torch) -> dict:
             "preprocess_pages_per_s": "distinct pages / seconds of the preprocess stage's work (its log)",
             "vision_cache_pages_per_s": "pages after the first batch / seconds after it (the first batch compiles)",
             "train_samples_per_s": "median over all optimizer steps of DVCLive train/samples_per_s",
+            "train_first_step_seconds": "batch_size / the first step's DVCLive train/samples_per_s (a fresh machine's "
+            "first step has taken ~7 s against ~1 s when the stage runs again, with nothing compiled)",
             "train_peak_gpu_memory_gib": "largest DVCLive train/peak_gpu_mem_gib (torch.cuda.max_memory_allocated)",
             "evaluate_questions_per_s": "2 x questions (before and after passes) / evaluate stage wall (dvc repro)",
         },
