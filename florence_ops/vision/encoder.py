@@ -27,9 +27,9 @@ def tower_encoder(
 
     With `compile`, the blocks that repeat are compiled with static shapes (regional compilation, see
     `compile_regions`). A smaller last batch is padded to the first batch's size so that it reuses the graph.
-    Convolutions use cuDNN's fastest algorithms for these fixed shapes (`cudnn.benchmark`, set during the calls
-    only). On CUDA the pages go to the device on a stream of their own (`copy_on`), so a batch's upload overlaps the
-    tower's work on the batch before.
+    Convolutions take cuDNN's heuristic algorithms: `cudnn.benchmark` found none faster for these shapes and cost
+    8-10 s at the first call (one H200, batch 256: 400.6 against 400.0 pages/s). On CUDA the pages go to the device
+    on a stream of their own (`copy_on`), so a batch's upload overlaps the tower's work on the batch before.
     """
     if compile or (dtype is not None and cast):  # a copy: the model's own tower stays as it is
         tower = copy.deepcopy(tower)
@@ -52,13 +52,8 @@ def tower_encoder(
             if count < size[0]:
                 pages = torch.cat([pages, pages.new_zeros((size[0] - count, *pages.shape[1:]))])
         pixels = source.prepare(pages, device)
-        benchmark = torch.backends.cudnn.benchmark
-        torch.backends.cudnn.benchmark = True
-        try:
-            with torch.no_grad(), mixed:
-                return tower(pixels).last_hidden_state[:count]
-        finally:
-            torch.backends.cudnn.benchmark = benchmark
+        with torch.no_grad(), mixed:
+            return tower(pixels).last_hidden_state[:count]
 
     return encode
 
@@ -95,8 +90,8 @@ def computed_with(device: torch.device, dtype: torch.dtype | None, compiled: boo
 
 def warm_up(encode, source: PixelSource, image_ids: Sequence[str], batch_size: int, device: torch.device) -> None:
     """Call `encode` (from `tower_encoder`) once on the first page repeated to a full batch (`batch_size`, or fewer
-    when there are fewer pages): a compiled tower compiles for that batch size, and cuDNN picks its algorithms,
-    without waiting for the DataLoader's first batch."""
+    when there are fewer pages): a compiled tower compiles for that batch size without waiting for the
+    DataLoader's first batch."""
     page = source.load(image_ids[:1]).to(device)
     encode(page.expand(min(batch_size, len(image_ids)), *page.shape[1:]).contiguous())
 
