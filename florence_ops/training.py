@@ -31,6 +31,7 @@ from florence_ops.generation import Decoding, answer_across_processes
 from florence_ops.launch import writes_outputs
 from florence_ops.model_inputs import (
     IGNORE_INDEX,
+    SEQUENCE_MULTIPLE,
     Collator,
     LengthGroupedBatches,
     TextBatch,
@@ -76,7 +77,8 @@ def answer_loss(model, vision, input_ids, attention_mask, labels, decoder_attent
     """Summed cross-entropy over the answer tokens `labels` of questions `input_ids` about pages whose tower output
     is `vision` (one row per question)."""
     base = unwrap(model)
-    embeds, mask = embed_inputs(base, project_vision(base, vision), input_ids, attention_mask)
+    multiple = SEQUENCE_MULTIPLE if input_ids.is_cuda else 1
+    embeds, mask = embed_inputs(base, project_vision(base, vision), input_ids, attention_mask, multiple)
     text_config = base.config.text_config
     decoder_input_ids = shift_tokens_right(labels, text_config.pad_token_id, text_config.decoder_start_token_id)
     logits = model(

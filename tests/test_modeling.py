@@ -105,6 +105,21 @@ def test_padding_does_not_change_a_questions_loss(tiny):
     torch.testing.assert_close(sum_padded, sum_alone, rtol=1e-5, atol=1e-5)
 
 
+def test_encoder_sequence_padded_to_a_multiple_keeps_the_loss(tiny):
+    """The masked positions the CUDA step adds to reach a multiple of the sequence length change no answer's loss."""
+    model = _model(tiny).eval()
+    batch, source = _inputs(model, tiny, ROWS)
+    pixels = source.prepare(source.load(batch.image_ids), torch.device("cpu"))
+    features = project_vision(model, model.model.vision_tower(pixels).last_hidden_state)
+    losses = []
+    for multiple in (1, 64):
+        embeds, mask = embed_inputs(model, features, batch.input_ids, batch.attention_mask, multiple)
+        assert embeds.shape[1] == mask.shape[1] and embeds.shape[1] % multiple == 0
+        losses.append(model(inputs_embeds=embeds, attention_mask=mask, labels=batch.labels).loss)
+    assert mask.shape[1] > features.shape[1] + batch.input_ids.shape[1], "the batch must have been padded"
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+
+
 def test_bf16_pure_step_computes_in_bf16_and_trains_the_fp32_weights(tiny):
     """`train.precision: bf16-pure` (on a GPU): layer norms, and so the residual stream, compute in bf16 (autocast keeps
     them in fp32); the gradients reach the fp32 weights, the optimizer updates those, and the objective saves under
