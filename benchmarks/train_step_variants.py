@@ -25,6 +25,9 @@ Variants:
   transformers neither reads them on the host nor hands attention a mask.
 - bf16_pure (and _unpadded, compile_objective_bf16_pure): `train.precision: bf16-pure`, the step run on a bf16 copy
   of the fp32 weights without autocast, so layer norms, residual stream and dropouts are in bf16 too.
+- bf16_pure_unaligned (and bf16_pure_no_dropout, bf16_pure_no_dropout_unaligned): the encoder's sequence not padded
+  to a multiple of `SEQUENCE_MULTIPLE` (the step until 2026-12-03), with and without dropout; without it the two
+  differ only by rounding, the numerics check of the padding.
 - no_decoder_syncs: the encoder run apart, the decoder given a ready 4-D cross-attention mask and no padding mask of
   its own (causal only; right padding cannot reach a real token), which removes transformers' host reads of the
   decoder's masks.
@@ -60,7 +63,13 @@ from benchmarks.gpu_train_step import DeviceFeatures  # noqa: E402
 from florence_ops import training  # noqa: E402
 from florence_ops.artifacts import write_json  # noqa: E402
 from florence_ops.base_models import build_reference_model, build_reference_processor  # noqa: E402
-from florence_ops.model_inputs import IGNORE_INDEX, TextBatch, embed_inputs, project_vision  # noqa: E402
+from florence_ops.model_inputs import (  # noqa: E402
+    IGNORE_INDEX,
+    SEQUENCE_MULTIPLE,
+    TextBatch,
+    embed_inputs,
+    project_vision,
+)
 from florence_ops.modeling import freeze, train_mode, unwrap  # noqa: E402
 from florence_ops.precision import compute_dtype, mixed_precision  # noqa: E402
 from florence_ops.training import DocVQAObjective, make_optimizer, train_window  # noqa: E402
@@ -142,6 +151,11 @@ def bf16_weights(model):
     model.to(torch.bfloat16)
 
 
+def unaligned(model):
+    """The encoder's sequence left at its length, as the step ran before `SEQUENCE_MULTIPLE` (reset by `run`)."""
+    training.SEQUENCE_MULTIPLE = 1
+
+
 def without_masks(model):
     """Unpadded batches given to the model without masks (a batch without padding needs none), so transformers
     neither reads them on the host nor hands SDPA a mask."""
@@ -178,6 +192,9 @@ VARIANTS = {
     "bf16_pure": lambda model: None,  # train.precision: bf16-pure (the step on a bf16 copy of the fp32 weights)
     "bf16_pure_unpadded": lambda model: None,
     "compile_objective_bf16_pure": lambda model: None,
+    "bf16_pure_unaligned": unaligned,
+    "bf16_pure_no_dropout": no_dropout,
+    "bf16_pure_no_dropout_unaligned": lambda model: (no_dropout(model), unaligned(model)),
 }
 
 
@@ -193,6 +210,7 @@ def run(name: str, base, batches: dict[bool, list[TextBatch]], source, steps: in
     batches = batches[not name.endswith("_unpadded")]
     model = copy.deepcopy(base).to(device)
     freeze(model, ["vision_tower"])
+    training.SEQUENCE_MULTIPLE = SEQUENCE_MULTIPLE
     VARIANTS[name](model)
     precision = "bf16-pure" if "bf16_pure" in name else PRECISION
     accelerator = Accelerator(mixed_precision=mixed_precision(precision, device), cpu=device.type == "cpu")
