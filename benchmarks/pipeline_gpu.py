@@ -310,8 +310,8 @@ def summarise(root: Path, stages: dict, outputs: dict, args, torch) -> dict:
             "preprocess_pages_per_s": "distinct pages / seconds of the preprocess stage's work (its log)",
             "vision_cache_pages_per_s": "pages after the first batch / seconds after it (the first batch compiles)",
             "train_samples_per_s": "median over all optimizer steps of DVCLive train/samples_per_s",
-            "train_first_step_seconds": "batch_size / the first step's DVCLive train/samples_per_s (a fresh machine's "
-            "first step has taken ~7 s against ~1 s when the stage runs again, with nothing compiled)",
+            "train_first_step_seconds": "batch_size / the first step's DVCLive train/samples_per_s (on a fresh machine "
+            "it includes the driver compiling cuDNN's attention kernels: benchmarks/first_calls.py)",
             "train_peak_gpu_memory_gib": "largest DVCLive train/peak_gpu_mem_gib (torch.cuda.max_memory_allocated)",
             "evaluate_questions_per_s": "2 x questions (before and after passes) / evaluate stage wall (dvc repro)",
         },

@@ -220,10 +220,11 @@ def test_compiled_tower_gives_the_eager_output_and_leaves_the_model_as_it_was(ti
     from florence_ops.vision.encoder import compile_regions, tower_encoder
 
     processor, images, _ = tiny
-    config = copy.deepcopy(_model(tiny).model.vision_tower.config)
+    tiny_tower = _model(tiny).model.vision_tower
+    config = copy.deepcopy(tiny_tower.config)
     config.depths = [1, 3, 1, 1]  # as Florence-2's 1, 1, 9, 1: one stage repeats its block
     torch.manual_seed(0)
-    tower = type(_model(tiny).model.vision_tower)(config).eval()
+    tower = type(tiny_tower)(config).eval()
     regions = compile_regions(copy.deepcopy(tower))
     compiled = [name for name, module in regions.named_modules() if isinstance(module, OptimizedModule)]
     assert compiled == ["blocks.1.0", "blocks.1.1", "blocks.1.2"]

@@ -29,8 +29,8 @@ def tower_encoder(
     `compile_regions`). A smaller last batch is padded to the first batch's size so that it reuses the graph.
     Convolutions take cuDNN's heuristic algorithms: `cudnn.benchmark` found none faster for these shapes and cost
     6-8 s more at the first call (one H200, batch 256: 401.3-401.9 against 400.6 pages/s,
-    `reports/benchmarks/first_calls_nvidia-h200.json`). On CUDA the pages go to the device
-    on a stream of their own (`copy_on`), so a batch's upload overlaps the tower's work on the batch before.
+    `reports/benchmarks/first_calls_nvidia-h200.json`). On CUDA the pages go to the device on a stream of their own
+    (`copy_on`), so a batch's upload overlaps the tower's work on the batch before.
     """
     if compile or (dtype is not None and cast):  # a copy: the model's own tower stays as it is
         tower = copy.deepcopy(tower)
