@@ -107,6 +107,18 @@ def embed_inputs(
     return embeds, mask
 
 
+def key_padding_mask(model, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The encoder's (B, T) padding mask as a boolean (B, 1, 1, T) mask for SDPA, which every query broadcasts.
+
+    transformers expands a 2-D mask to (B, 1, T, T) for the encoder and (B, 1, L, T) for the decoder's
+    cross-attention, and PyTorch turns that into a bias of the same size for cuDNN's attention; given a 4-D mask it
+    passes it on as it is. Attention implementations other than SDPA keep the 2-D mask they build from.
+    """
+    if mask is None or model.config.text_config._attn_implementation != "sdpa":
+        return mask
+    return mask[:, None, None, :].bool()
+
+
 def project_vision(model, vision_output: torch.Tensor) -> torch.Tensor:
     """Image token embeddings from the vision tower's output (the trainable projector)."""
     return model.model.multi_modal_projector(vision_output)

@@ -36,6 +36,7 @@ from florence_ops.model_inputs import (
     LengthGroupedBatches,
     TextBatch,
     embed_inputs,
+    key_padding_mask,
     project_vision,
 )
 from florence_ops.modeling import ModelWrapper, train_mode, unwrap
@@ -83,7 +84,7 @@ def answer_loss(model, vision, input_ids, attention_mask, labels, decoder_attent
     decoder_input_ids = shift_tokens_right(labels, text_config.pad_token_id, text_config.decoder_start_token_id)
     logits = model(
         inputs_embeds=embeds,
-        attention_mask=mask,
+        attention_mask=key_padding_mask(base, mask),
         decoder_input_ids=decoder_input_ids,
         decoder_attention_mask=decoder_attention_mask,
         use_cache=False,  # teacher forcing decodes in one pass: a key/value cache is only copies (and recompiles)

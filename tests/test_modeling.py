@@ -7,7 +7,7 @@ from PIL import Image
 
 from florence_ops.base_models import build_tiny_model, build_tiny_processor
 from florence_ops.config import TinyModel
-from florence_ops.model_inputs import IGNORE_INDEX, Collator, embed_inputs, project_vision
+from florence_ops.model_inputs import IGNORE_INDEX, Collator, embed_inputs, key_padding_mask, project_vision
 from florence_ops.modeling import freeze, model_parts
 from florence_ops.training import DocVQAObjective, make_optimizer
 from florence_ops.vision.sources import PixelSource
@@ -118,6 +118,29 @@ def test_encoder_sequence_padded_to_a_multiple_keeps_the_loss(tiny):
         losses.append(model(inputs_embeds=embeds, attention_mask=mask, labels=batch.labels).loss)
     assert mask.shape[1] > features.shape[1] + batch.input_ids.shape[1], "the batch must have been padded"
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+
+
+def test_key_padding_mask_masks_what_transformers_masks(tiny):
+    """The (B, 1, 1, T) mask the training step hands SDPA gives the encoder states and logits of transformers' own
+    masking from the 2-D mask; without any mask the padding reaches them."""
+    model = _model(tiny).eval()
+    long_question = dict(ROWS[1], question="Which company issued this document and what is the total amount?")
+    batch, source = _inputs(model, tiny, [ROWS[1], long_question])
+    pixels = source.prepare(source.load(batch.image_ids), torch.device("cpu"))
+    with torch.no_grad():
+        features = project_vision(model, model.model.vision_tower(pixels).last_hidden_state)
+        embeds, mask = embed_inputs(model, features, batch.input_ids, batch.attention_mask)
+        outputs = {form: model(inputs_embeds=embeds, attention_mask=m, labels=batch.labels)
+                   for form, m in [("2-D", mask), ("4-D", key_padding_mask(model, mask)), ("none", None)]}  # fmt: skip
+    assert key_padding_mask(model, mask).shape == (2, 1, 1, mask.shape[1])
+    real = mask.bool()
+    assert not real.all(), "the first question must be padded"
+    for name in ("encoder_last_hidden_state", "logits"):
+        two_d, four_d, unmasked = (getattr(outputs[form], name) for form in ("2-D", "4-D", "none"))
+        if name == "encoder_last_hidden_state":
+            two_d, four_d, unmasked = two_d[real], four_d[real], unmasked[real]
+        torch.testing.assert_close(four_d, two_d, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(unmasked, two_d, rtol=1e-5, atol=1e-4), f"{name}: the padding must matter"
 
 
 def test_bf16_pure_step_computes_in_bf16_and_trains_the_fp32_weights(tiny):
