@@ -3,8 +3,9 @@ attention dropout and the SDPA backend each cost.
 
 Shapes are Florence-2's encoder in the pipeline's training step: `--batch` sequences of 577 image tokens plus
 `--text` question tokens, 12 heads of 64 (base) or 16 of 64 (`--heads 16`, large), bf16. The mask is the one
-transformers builds from a right-padded 2-D padding mask (a boolean (B, 1, L, L) tensor); `none` is the same batch
-with no padding. Each variant is timed as the median of `--repeats` forward+backward passes after two warm-up passes.
+transformers builds from a right-padded 2-D padding mask (a boolean (B, 1, L, L) tensor); `padding_row` the same
+mask as (B, 1, 1, L), which every query broadcasts (what the training step hands SDPA); `none` is the same batch with
+no padding. Each variant is timed as the median of `--repeats` forward+backward passes after two warm-up passes.
 
     python benchmarks/attention_variants.py [--batch 512 --text 19 --heads 12] [--out reports/benchmarks]
 
@@ -35,11 +36,12 @@ BACKENDS = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBa
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}  # fmt: skip
 
 
-def padding_mask(batch: int, length: int, text: int, device) -> torch.Tensor:
-    """A boolean (B, 1, L, L) key-padding mask: row b keeps its image tokens and its first 13..text text tokens."""
+def padding_mask(batch: int, length: int, text: int, device, row: bool = False) -> torch.Tensor:
+    """A boolean (B, 1, L, L) key-padding mask, or with `row` the (B, 1, 1, L) one every query broadcasts: row b
+    keeps its image tokens and its first 13..text text tokens."""
     real = IMAGE_TOKENS + 13 + torch.arange(batch, device=device) % (text - 12)
     keys = torch.arange(length, device=device)[None, :] < real[:, None]
-    return keys[:, None, None, :].expand(batch, 1, length, length)
+    return keys[:, None, None, :] if row else keys[:, None, None, :].expand(batch, 1, length, length)
 
 
 def time_pass(q, k, v, mask, dropout: float, backend, repeats: int) -> float | None:
@@ -80,8 +82,9 @@ def main(argv=None) -> dict:
     q, k, v = (torch.randn(shape, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     flops = 4 * args.batch * args.heads * length * length * 64 * 3.5  # forward 2 matmuls, backward 2.5x
     results = []
-    for mask_name in ("padding", "none"):
-        mask = padding_mask(args.batch, length, args.text, device) if mask_name == "padding" else None
+    for mask_name in ("padding", "padding_row", "none"):
+        row = mask_name == "padding_row"
+        mask = None if mask_name == "none" else padding_mask(args.batch, length, args.text, device, row)
         for dropout in (0.1, 0.0):
             for name, backend in BACKENDS.items():
                 seconds = time_pass(q, k, v, mask, dropout, backend, args.repeats)

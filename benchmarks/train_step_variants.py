@@ -28,6 +28,12 @@ Variants:
 - bf16_pure_unaligned (and bf16_pure_no_dropout, bf16_pure_no_dropout_unaligned): the encoder's sequence not padded
   to a multiple of `SEQUENCE_MULTIPLE` (the step until 2026-12-03), with and without dropout; without it the two
   differ only by rounding, the numerics check of the padding.
+- compile_inplace_bf16_pure, compile_inplace_around_attention_bf16_pure, compile_objective_around_attention_bf16_pure:
+  `bf16-pure` compiled by layers in place, the same with the attention modules left eager (SDPA keeps cuDNN's
+  kernel), and the objective compiled whole around eager attention modules.
+- eager_2d_mask, bf16_pure_2d_mask: the encoder's padding mask handed to the model in 2-D (the step until
+  2026-12-04), so transformers expands it to (B, 1, T, T) for the encoder and (B, 1, L, T) for cross-attention and
+  PyTorch turns each into a bias of that size; the step now hands SDPA (B, 1, 1, T) (`key_padding_mask`).
 - no_decoder_syncs: the encoder run apart, the decoder given a ready 4-D cross-attention mask and no padding mask of
   its own (causal only; right padding cannot reach a real token), which removes transformers' host reads of the
   decoder's masks.
@@ -68,6 +74,7 @@ from florence_ops.model_inputs import (  # noqa: E402
     SEQUENCE_MULTIPLE,
     TextBatch,
     embed_inputs,
+    key_padding_mask,
     project_vision,
 )
 from florence_ops.modeling import freeze, train_mode, unwrap  # noqa: E402
@@ -121,6 +128,30 @@ def compile_inplace(model, **kwargs):
     lm = model.model.language_model
     for layer in [*lm.encoder.layers, *lm.decoder.layers]:
         layer.compile(**kwargs)
+
+
+def around_attention(model):
+    """The attention modules left out of whatever compiles them (eager, so SDPA picks cuDNN's kernel as the eager
+    step does)."""
+    lm = model.model.language_model
+    for layer in [*lm.encoder.layers, *lm.decoder.layers]:
+        for attention in (layer.self_attn, getattr(layer, "encoder_attn", None)):
+            if attention is not None:
+                attention.forward = torch.compiler.disable(attention.forward, recursive=True)
+
+
+def compile_inplace_around_attention(model):
+    """Each BART layer compiled in place around its attention: what compiling buys on the dropouts, residual adds,
+    layer norms and GELU alone."""
+    torch._dynamo.config.recompile_limit = 64  # the layers share `Module._call_impl`'s code
+    around_attention(model)
+    compile_inplace(model)
+
+
+def two_d_mask(model):
+    """The encoder's padding mask handed to the model in 2-D, as the step did until 2026-12-04: transformers expands
+    it to (B, 1, T, T) and (B, 1, L, T), PyTorch to a bias of that size (reset by `run`)."""
+    training.key_padding_mask = lambda model, mask: mask
 
 
 def no_decoder_syncs(model):
@@ -195,6 +226,14 @@ VARIANTS = {
     "bf16_pure_unaligned": unaligned,
     "bf16_pure_no_dropout": no_dropout,
     "bf16_pure_no_dropout_unaligned": lambda model: (no_dropout(model), unaligned(model)),
+    "compile_inplace_bf16_pure": lambda model: (
+        setattr(torch._dynamo.config, "recompile_limit", 64),
+        compile_inplace(model),
+    ),
+    "compile_inplace_around_attention_bf16_pure": compile_inplace_around_attention,
+    "compile_objective_around_attention_bf16_pure": around_attention,
+    "eager_2d_mask": two_d_mask,
+    "bf16_pure_2d_mask": two_d_mask,
 }
 
 
@@ -211,6 +250,7 @@ def run(name: str, base, batches: dict[bool, list[TextBatch]], source, steps: in
     model = copy.deepcopy(base).to(device)
     freeze(model, ["vision_tower"])
     training.SEQUENCE_MULTIPLE = SEQUENCE_MULTIPLE
+    training.key_padding_mask = key_padding_mask
     VARIANTS[name](model)
     precision = "bf16-pure" if "bf16_pure" in name else PRECISION
     accelerator = Accelerator(mixed_precision=mixed_precision(precision, device), cpu=device.type == "cpu")
