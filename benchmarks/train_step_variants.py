@@ -140,12 +140,18 @@ def around_attention(model):
                 attention.forward = torch.compiler.disable(attention.forward, recursive=True)
 
 
+def compile_every_layer(model):
+    """`compile_inplace` with room for every layer's graph: the layers share `Module._call_impl`'s code, and past
+    dynamo's default of 8 recompiles the rest would run eager."""
+    torch._dynamo.config.recompile_limit = 64
+    compile_inplace(model)
+
+
 def compile_inplace_around_attention(model):
     """Each BART layer compiled in place around its attention: what compiling buys on the dropouts, residual adds,
     layer norms and GELU alone."""
-    torch._dynamo.config.recompile_limit = 64  # the layers share `Module._call_impl`'s code
     around_attention(model)
-    compile_inplace(model)
+    compile_every_layer(model)
 
 
 def two_d_mask(model):
@@ -226,10 +232,7 @@ VARIANTS = {
     "bf16_pure_unaligned": unaligned,
     "bf16_pure_no_dropout": no_dropout,
     "bf16_pure_no_dropout_unaligned": lambda model: (no_dropout(model), unaligned(model)),
-    "compile_inplace_bf16_pure": lambda model: (
-        setattr(torch._dynamo.config, "recompile_limit", 64),
-        compile_inplace(model),
-    ),
+    "compile_inplace_bf16_pure": compile_every_layer,
     "compile_inplace_around_attention_bf16_pure": compile_inplace_around_attention,
     "compile_objective_around_attention_bf16_pure": around_attention,
     "eager_2d_mask": two_d_mask,
