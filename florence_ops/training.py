@@ -40,7 +40,7 @@ from florence_ops.model_inputs import (
     project_vision,
 )
 from florence_ops.modeling import ModelWrapper, train_mode, unwrap
-from florence_ops.precision import compute_dtype, mixed_precision
+from florence_ops.precision import ComputeCopies, compute_dtype, mixed_precision
 from florence_ops.step_log import StepLog, StepLoss
 from florence_ops.vision.sources import WithVision, tower_output
 
@@ -61,14 +61,13 @@ class DocVQAObjective(ModelWrapper):
         self.model = model
         self.loss = CompiledLoss(answer_loss) if compile else answer_loss
         self.compute_dtype = compute_dtype
+        self.copies = ComputeCopies(compute_dtype) if compute_dtype is not None else None
 
     def forward(self, batch: TextBatch, source, cast: bool = True) -> torch.Tensor:
         """Summed cross-entropy over the batch's answer tokens (teacher forcing). `cast` false is the call that runs
         on the weights' copy."""
-        if cast and self.compute_dtype is not None:
-            tensors = [*self.named_parameters(), *self.named_buffers()]
-            weights = {name: t.to(self.compute_dtype) for name, t in tensors if t.is_floating_point()}
-            return torch.func.functional_call(self, weights, (batch, source), {"cast": False})
+        if cast and self.copies is not None:
+            return torch.func.functional_call(self, self.copies(self), (batch, source), {"cast": False})
         vision = tower_output(unwrap(self.model), source, batch, batch.input_ids.device)
         return self.loss(self.model, vision, batch.input_ids, batch.attention_mask, batch.labels,
                          batch.decoder_attention_mask)  # fmt: skip
