@@ -34,6 +34,12 @@ Variants:
 - eager_2d_mask, bf16_pure_2d_mask: the encoder's padding mask handed to the model in 2-D (the step until
   2026-12-04), so transformers expands it to (B, 1, T, T) for the encoder and (B, 1, L, T) for cross-attention and
   PyTorch turns each into a bias of that size; the step now hands SDPA (B, 1, 1, T) (`key_padding_mask`).
+- bf16_pure_per_tensor_cast: `bf16-pure` casting its weights tensor by tensor on every step, as until 2026-12-04
+  (about 930 copy kernels a step); the step now casts the trainable weights together and keeps the frozen ones'
+  copies (`florence_ops.precision.ComputeCopies`).
+- bf16_pure_cross_eager: `bf16-pure` with the decoder's cross-attention as transformers' eager attention (matrix
+  products, softmax, dropout) and the rest SDPA (`cross_eager`); with `_no_dropout`,
+  against `bf16_pure_no_dropout`, the numerics check (the two differ by rounding only).
 - no_decoder_syncs: the encoder run apart, the decoder given a ready 4-D cross-attention mask and no padding mask of
   its own (causal only; right padding cannot reach a real token), which removes transformers' host reads of the
   decoder's masks.
@@ -78,7 +84,7 @@ from florence_ops.model_inputs import (  # noqa: E402
     project_vision,
 )
 from florence_ops.modeling import freeze, train_mode, unwrap  # noqa: E402
-from florence_ops.precision import compute_dtype, mixed_precision  # noqa: E402
+from florence_ops.precision import ComputeCopies, compute_dtype, mixed_precision  # noqa: E402
 from florence_ops.training import DocVQAObjective, make_optimizer, train_window  # noqa: E402
 
 WARM_STEPS = 12
@@ -160,6 +166,51 @@ def two_d_mask(model):
     training.key_padding_mask = lambda model, mask: mask
 
 
+CROSS_EAGER = "sdpa_cross_eager"
+
+
+def cross_eager_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers' attention interface: SDPA, except where there are over 8 keys a query (the decoder's
+    cross-attention over the page): `eager_attention_forward`, the boolean mask made additive."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.bart.modeling_bart import eager_attention_forward
+
+    if key.shape[2] <= 8 * query.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        blocked = torch.finfo(query.dtype).min
+        attention_mask = torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill_(~attention_mask, blocked)
+    return eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout)
+
+
+def cross_eager(model):
+    """The text model's attention through `cross_eager_attention` (the mask handed over as for SDPA; reset by
+    `run`)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(CROSS_EAGER, cross_eager_attention)
+    AttentionMaskInterface.register(CROSS_EAGER, sdpa_mask)
+    model.config.text_config._attn_implementation = CROSS_EAGER
+    training.key_padding_mask = lambda model, mask: mask[:, None, None, :].bool()
+
+
+class PerTensorCopies:
+    """The weights cast tensor by tensor on every call, as `bf16-pure` did until 2026-12-04."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def __call__(self, module) -> dict[str, torch.Tensor]:
+        tensors = [*module.named_parameters(), *module.named_buffers()]
+        return {name: t.to(self.dtype) for name, t in tensors if t.is_floating_point()}
+
+
+def per_tensor_cast(model):
+    """(reset by `run`)"""
+    training.ComputeCopies = PerTensorCopies
+
+
 def no_decoder_syncs(model):
     def loss(model, vision, input_ids, attention_mask, labels, decoder_attention_mask):
         base = unwrap(model)
@@ -237,6 +288,9 @@ VARIANTS = {
     "compile_objective_around_attention_bf16_pure": around_attention,
     "eager_2d_mask": two_d_mask,
     "bf16_pure_2d_mask": two_d_mask,
+    "bf16_pure_per_tensor_cast": per_tensor_cast,
+    "bf16_pure_cross_eager": cross_eager,
+    "bf16_pure_cross_eager_no_dropout": lambda model: (no_dropout(model), cross_eager(model)),
 }
 
 
@@ -254,6 +308,7 @@ def run(name: str, base, batches: dict[bool, list[TextBatch]], source, steps: in
     freeze(model, ["vision_tower"])
     training.SEQUENCE_MULTIPLE = SEQUENCE_MULTIPLE
     training.key_padding_mask = key_padding_mask
+    training.ComputeCopies = ComputeCopies
     VARIANTS[name](model)
     precision = "bf16-pure" if "bf16_pure" in name else PRECISION
     accelerator = Accelerator(mixed_precision=mixed_precision(precision, device), cpu=device.type == "cpu")
