@@ -78,6 +78,7 @@ class DataConfig:
     max_image_pixels: StrictInt = 100_000_000  # larger images are quarantined as decompression bombs
     num_workers: StrictInt = 0  # processes rendering synthetic pages and preprocessing images; 0 means one per CPU core
     unlabeled_splits: list[str] = field(default_factory=list)  # splits kept without answers (DocVQA's test)
+    encode_pages: StrictBool = False  # preprocess also builds train's vision-feature cache (vision/preprocess_build.py)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_bad_fraction <= 1.0:

@@ -90,18 +90,28 @@ def preprocess(params: Params) -> dict[str, Any]:
     workers = worker_count(data.num_workers)
     start = time.perf_counter()
     with publish_directory(paths.processed) as staging:
-        writer = Preprocessor(staging, splits, size, data.max_image_pixels, set(data.unlabeled_splits))
-        writer.run(raw_dir, workers)
-        summary = writer.tally.summary(data.max_bad_fraction)
-        write_json(report_path, summary)
-        n_in, n_bad, fraction = summary["n_in"], summary["n_bad"], summary["bad_fraction"]
-        if n_in == 0:
-            raise DataQualityError(f"no input records in {raw_dir}; see {report_path}")
-        if fraction > data.max_bad_fraction:
-            raise DataQualityError(
-                f"{n_bad} of {n_in} input records failed validation ({fraction:.1%} > data.max_bad_fraction "
-                f"{data.max_bad_fraction:.1%}); see {report_path}"
-            )
+        writer = Preprocessor(staging, splits, size, data.max_image_pixels, set(data.unlabeled_splits),
+                              _vision_cache_build(params))  # fmt: skip
+        try:
+            writer.run(raw_dir, workers)
+            summary = writer.tally.summary(data.max_bad_fraction)
+            write_json(report_path, summary)
+            n_in, n_bad, fraction = summary["n_in"], summary["n_bad"], summary["bad_fraction"]
+            if n_in == 0:
+                raise DataQualityError(f"no input records in {raw_dir}; see {report_path}")
+            if fraction > data.max_bad_fraction:
+                raise DataQualityError(
+                    f"{n_bad} of {n_in} input records failed validation ({fraction:.1%} > data.max_bad_fraction "
+                    f"{data.max_bad_fraction:.1%}); see {report_path}"
+                )
+        except BaseException:
+            if writer.cache is not None:
+                writer.cache.abandon()
+            raise
+        if writer.cache is not None:
+            waited = time.perf_counter()
+            writer.cache.finish(writer.written)
+            log.info("waited %.1f s for the vision cache", time.perf_counter() - waited)
     seconds = time.perf_counter() - start
     log.info(
         "preprocessed %d records (%d quarantined, %d distinct pages) at %dx%d with %d workers in %.1f s "
@@ -111,14 +121,26 @@ def preprocess(params: Params) -> dict[str, Any]:
     return summary
 
 
+def _vision_cache_build(params: Params):
+    """`PreprocessBuild` for `data.encode_pages` (given the pages to try), or None."""
+    if not params.data.encode_pages:  # the build's modules import torch: left out of a stage that needs none
+        return None
+    from florence_ops.vision.preprocess_build import PreprocessBuild, encodes_pages
+
+    return partial(PreprocessBuild, params) if encodes_pages(params) else None
+
+
 class Preprocessor:
-    """Writes the processed files of one run into `out_dir`, tallying every record it reads."""
+    """Writes the processed files of one run into `out_dir`, tallying every record it reads; with `cache_build`
+    (`_vision_cache_build`), hands each page it writes to the vision cache's build (`cache`)."""
 
     def __init__(
-        self, out_dir: Path, splits: list[str], size: tuple[int, int], max_pixels: int, unlabeled: set[str]
-    ) -> None:
+        self, out_dir: Path, splits: list[str], size: tuple[int, int], max_pixels: int, unlabeled: set[str],
+        cache_build=None,
+    ) -> None:  # fmt: skip
         self.out_dir, self.splits, self.size, self.max_pixels = out_dir, splits, size, max_pixels
-        self.unlabeled = unlabeled
+        self.unlabeled, self.cache_build, self.cache = unlabeled, cache_build, None
+        self.written: list[str] = []  # image ids in images.parquet, in order
         self.tally = Tally()
         self.record_problems: dict[str, list[checks.Problem | None]] = {}  # per split, in row order
         self.image_problems: dict[str, checks.Problem | None] = {}  # None: stored in images.parquet
@@ -126,6 +148,8 @@ class Preprocessor:
     def run(self, raw_dir: Path, workers: int) -> None:
         """Read the raw splits (and rejected annotation lines) and write everything under `out_dir`."""
         pages = self._check_records(raw_dir)
+        if self.cache_build is not None:
+            self.cache = self.cache_build([page for page, row in pages if row is not None])
         with open(self.out_dir / QUARANTINE_FILE, "w", encoding="utf-8") as self.quarantine:
             self._read_rejected_lines(raw_dir / REJECTED_LINES_FILE)
             self._normalize_pages(raw_dir / PAGES_FILE, pages, workers)
@@ -153,6 +177,7 @@ class Preprocessor:
     def _normalize_pages(self, path: Path, pages: list[tuple[str, int | None]], workers: int) -> None:
         """Normalise `pages` in worker processes and store them in images.parquet, in order."""
         normalize = partial(normalize_pages, path=path, size=self.size, max_pixels=self.max_pixels)
+        start = time.perf_counter()
         with ParquetSink(self.out_dir / IMAGES_FILE, IMAGE_FEATURES) as images:
             for results in ordered_map(normalize, batched(pages, PAGES_PER_TASK), workers):
                 for image in results:
@@ -161,7 +186,12 @@ class Preprocessor:
                         images.write({"image_id": image.image_id, "image": {"bytes": image.png, "path": None},
                                       "width": image.width, "height": image.height})  # fmt: skip
                         self.tally.n_images += 1
+                        self.written.append(image.image_id)
+                        if self.cache is not None:
+                            self.cache.add(image.image_id, image.png)
         _page_reader.cache_clear()  # with one worker, the reader was this process's
+        seconds = time.perf_counter() - start
+        log.info("normalised %d pages in %.1f s (%.1f pages/s)", len(pages), seconds, len(pages) / max(seconds, 1e-9))
 
     def _write_split(self, raw_dir: Path, split: str) -> None:
         """Write the valid questions of `split` and quarantine the others, in input order."""

@@ -80,6 +80,7 @@ def encode_pages(
     done, start, first_batch = 0, time.perf_counter(), None
     waited = {"pages": 0.0, "writer": 0.0}  # steady-state seconds the device loop spent waiting on either side
     downloads = None  # the CUDA stream that brings features back, made with the first batch's device
+    busy = []  # CUDA events around each later batch's encoding: the device's own time, which waiting overlaps
     with ThreadPoolExecutor(1) as pool:
         batches = iter(batches)  # a DataLoader's workers start decoding here
         if warm_up is not None:
@@ -91,7 +92,13 @@ def encode_pages(
             if ids != image_ids[done : done + len(ids)]:
                 raise RuntimeError("vision cache pages arrived out of order")
             done += len(ids)
+            timed = downloads is not None  # a CUDA build past its first batch
+            if timed:
+                busy.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+                busy[-1][0].record()
             features = encode(pages).to(torch.bfloat16)
+            if timed:
+                busy[-1][1].record()
             host = torch.empty(features.shape, dtype=torch.bfloat16, pin_memory=features.is_cuda)
             ready = None
             if features.is_cuda:
@@ -122,6 +129,8 @@ def encode_pages(
     rates = (f"first batch of {warm_pages}, compile and warm-up: {warm_seconds:.1f} s; then "
              f"{(done - warm_pages) / max(looped - warm_seconds, 1e-9):.1f} pages/s, {waited['pages']:.1f} s of it "
              f"waiting for pages and {waited['writer']:.1f} s for the writer")  # fmt: skip
+    if busy:
+        rates += f", the device busy {sum(a.elapsed_time(b) for a, b in busy) / 1000:.1f} s of it"
     log.info("vision pages encoded: %d in %.1f s (%s)", done, looped, rates)
     return rates
 
@@ -175,14 +184,30 @@ class FeatureWriter:
         else:
             self.stream.seek(self.offset + self.first * int(np.prod(row_shape)) * 2)
 
-    def close(self) -> dict:
+    def close(self, rows: int | None = None) -> dict:
         """Close the file (not fsynced: see the module's docstring); the index fields that describe it (the chunk
-        digests when hashed here)."""
+        digests when hashed here). `rows`, when fewer than the writer was opened for, is how many were written: the
+        header is rewritten to say so, its length unchanged."""
         if self.stream is None:
             raise RuntimeError("no vision features were written")
+        if rows is not None and rows != self.rows:
+            self.shape = (rows, *self.shape[1:])
+            self.stream.seek(0)
+            self.stream.write(_npy_header(self.shape, self.offset))
         self.stream.close()
         meta = {"shape": list(self.shape), "dtype": "bfloat16", "data_offset": self.offset, "chunk_bytes": CHUNK_BYTES}
         return {**meta, "chunk_sha256": self.digest.finish()} if self.digest is not None else meta
+
+
+def _npy_header(shape: tuple[int, ...], length: int) -> bytes:
+    """The .npy header (format 1.0) of a uint16 array of `shape`, padded with spaces to `length` bytes."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<u2", "fortran_order": False, "shape": shape})
+    text = header.getvalue()
+    if len(text) > length:
+        raise ValueError(f"a .npy header for {shape} needs {len(text)} bytes, more than {length}")
+    fields = text[10:].rstrip(b" \n")  # after the magic, version and length (10 bytes)
+    return text[:8] + (length - 10).to_bytes(2, "little") + fields.ljust(length - 11) + b"\n"
 
 
 def _drop_stale(root: Path, keep: str) -> None:

@@ -8,6 +8,7 @@ processes read any page.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -33,9 +34,11 @@ if TYPE_CHECKING:
     from florence_ops.config import Params
     from florence_ops.data.processed import ImageTable
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
-class _Recipe:
+class CacheRecipe:
     """Where the cache of these params lives and how it is computed."""
 
     root: Path
@@ -44,11 +47,13 @@ class _Recipe:
     compiled: bool
 
 
-def _recipe(params: Params, tower: torch.nn.Module, image_processor, images: ImageTable, device) -> _Recipe:
+def cache_recipe(params: Params, tower: torch.nn.Module, image_processor, image_ids: list[str],
+                 device) -> CacheRecipe:  # fmt: skip
+    """Where the cache of `image_ids` lives under these params, its key, and how `tower` computes it on `device`."""
     dtype = autocast_dtype(params.train.precision, device)
     compiled = params.model.vision_compile
-    key = cache_key(tower, image_processor.to_dict(), images.ids, computed_with(device, dtype, compiled))
-    return _Recipe(Path(params.paths.vision_cache), key, dtype, compiled)
+    key = cache_key(tower, image_processor.to_dict(), image_ids, computed_with(device, dtype, compiled))
+    return CacheRecipe(Path(params.paths.vision_cache), key, dtype, compiled)
 
 
 def open_or_build_cache(
@@ -59,8 +64,12 @@ def open_or_build_cache(
     the preprocessing, the pages and how they are computed on `device` (`train.precision`, `model.vision_compile`);
     its checksums re-hashed when `verify` (a damaged cache counts as missing). A missing cache is built when `build`
     (`model.vision_batch_size` pages a batch, decoded by `train.num_workers` DataLoader workers), else None."""
-    recipe = _recipe(params, tower, image_processor, images, device)
+    recipe = cache_recipe(params, tower, image_processor, images.ids, device)
+    start = time.perf_counter()
     cache = open_cache(recipe.root, recipe.key, verify=verify)
+    if cache is not None:
+        log.info("vision cache of %d pages opened%s in %.1f s", len(images), " and verified" if verify else "",
+                 time.perf_counter() - start)  # fmt: skip
     if cache is not None or not build:
         return cache
     encode, batches, ahead = _encoding(params, tower, image_processor, images, images.ids, device, recipe)
@@ -77,7 +86,7 @@ def open_or_build_together(
     acc, device = accelerator, accelerator.device
     if acc.num_processes == 1:
         return open_or_build_cache(params, tower, image_processor, images, device, verify=True, build=True)
-    recipe = _recipe(params, tower, image_processor, images, device)
+    recipe = cache_recipe(params, tower, image_processor, images.ids, device)
     local_main = acc.is_local_main_process
     cache = open_cache(recipe.root, recipe.key, verify=True) if local_main else None
     acc.wait_for_everyone()
@@ -106,7 +115,7 @@ def open_or_build_together(
 
 
 def _encoding(params: Params, tower, image_processor, images: ImageTable, image_ids: list[str], device,
-              recipe: _Recipe):  # fmt: skip
+              recipe: CacheRecipe):  # fmt: skip
     """The encoder, the page batches of `image_ids` and the compiled encoder's warm-up (or None) for a build."""
     pixels = PixelSource(images, image_processor)
     size = params.model.vision_batch_size
