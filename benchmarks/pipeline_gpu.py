@@ -76,7 +76,8 @@ PATTERNS = {
     r"([\d.]+) s; then ([\d.]+) pages/s, ([\d.]+) s of it waiting for pages and ([\d.]+) s for the writer"
     r"(?:, the device busy ([\d.]+) s of it)?; closing ([\d.]+) s\)",
     "normalised": r"normalised (\d+) pages in ([\d.]+) s",
-    "cache_ready": r"vision cache build ready ([\d.]+) s after the first page",
+    "cache_ready": r"vision cache build ready ([\d.]+) s after the first page .*?"
+    r"(?:, (\d+) pages handed over by then)?$",
     "cache_wait": r"waited ([\d.]+) s for the vision cache",
     "cache_opened": r"vision cache of (\d+) pages opened and verified in ([\d.]+) s",
     "validation": r"validation ANLS [\d.]+ \(best [\d.]+\) on (\d+) questions in ([\d.]+) s",
@@ -270,9 +271,14 @@ def summarise(root: Path, stages: dict, outputs: dict, args, torch) -> dict:
         waited = float(re.search(PATTERNS["cache_wait"], outputs["preprocess"]).group(1))
         opened_s = float(re.search(PATTERNS["cache_opened"], outputs["train"]).group(2))
         batch_pages = int(PROFILES[args.profile]["model.vision_batch_size"])
-        ready = float(re.search(PATTERNS["cache_ready"], outputs["preprocess"]).group(1))  # tower loaded in its thread
+        found = re.search(PATTERNS["cache_ready"], outputs["preprocess"], re.MULTILINE)
+        ready, before_ready = float(found.group(1)), int(found.group(2) or normalised)  # the tower loading, in a thread
         gpu_s = ready + warm_s + (pages_all - warm_pages) / gpu_rate
-        overlapped = max(pages_all / (normalised / normalise_s) + batch_pages / gpu_rate, gpu_s)
+        if before_ready < normalised:  # loading the tower (imports: the GIL) slows the workers' feed once, not a page
+            normalise_all = ready + (pages_all - before_ready) * (normalise_s - ready) / (normalised - before_ready)
+        else:
+            normalise_all = pages_all * normalise_s / normalised
+        overlapped = max(normalise_all + batch_pages / gpu_rate, gpu_s)
         preprocess_s = (overlapped + closing_s * pages_all / cache_pages + pre_s - normalise_s - waited
                         + stages["preprocess"]["seconds"] - pre_s)  # fmt: skip
         cache_term, train_cache_s = opened_s * pages_all / cache_pages, opened_s
@@ -369,10 +375,12 @@ def summarise(root: Path, stages: dict, outputs: dict, args, torch) -> dict:
             "terms_seconds": {k: round(v, 1) for k, v in terms.items()},
             "formula": "preprocess = pages / preprocess rate + its fixed cost; vision_cache = warm-up + pages / cache "
             "rate + closing (hashes, index) scaled by pages; with the cache built by preprocess (data.encode_pages), "
-            "preprocess = max(pages / normalise rate + one batch / GPU rate, the build's start (tower loaded) + "
-            "warm-up + pages / GPU rate) + closing "
+            "preprocess = max(normalising + one batch / GPU rate, the build's start (tower loaded) + warm-up + "
+            "pages / GPU rate) + closing "
             "scaled by pages + its other work and fixed cost, and vision_cache = train's opening and verifying the "
-            "cache, scaled by pages; train_steps = train questions x 7 / train rate; "
+            "cache, scaled by pages; normalising = the seconds until the build's start (the tower's loading slows "
+            "the workers' feed then) + the other pages at the rate after it; train_steps = train questions x 7 / "
+            "train rate; "
             "validation and train_saves (best model, checkpoint) = the first epoch's, validation scaled to "
             "max_eval_questions, + 6 x the later epochs' mean (the first pays one-time costs: pinned buffers, the "
             "first generation's start-up; until 2026-12-03 both were 7 x the epochs' mean: earlier_formula_seconds); "

@@ -61,6 +61,7 @@ class PreprocessBuild:
         self.built: tuple | None = None
         self.error: BaseException | None = None
         self.ended = False  # the end (or abandon) was taken from `pages`
+        self.added = 0  # pages handed over so far
 
     def add(self, image_id: str, png: bytes) -> None:
         """Hand over a page that preprocess wrote (its model-size PNG)."""
@@ -68,6 +69,7 @@ class PreprocessBuild:
             self.thread = threading.Thread(target=self._run, name="vision-cache-build", daemon=True)
             self.thread.start()
         self.pages.put((image_id, png))
+        self.added += 1
 
     def finish(self, image_ids: list[str]) -> None:
         """Wait for the last batch and publish the cache of `image_ids` (the pages written, in order); a build that
@@ -130,8 +132,8 @@ class PreprocessBuild:
         tower = model.model.vision_tower.to(device).eval()
         image_processor = processor.image_processor
         recipe = cache_recipe(params, tower, image_processor, self.candidates, device)
-        log.info("vision cache build ready %.1f s after the first page (tower loaded, key computed)",
-                 time.perf_counter() - self.started)  # fmt: skip
+        log.info("vision cache build ready %.1f s after the first page (tower loaded, key computed), %d pages handed "
+                 "over by then", time.perf_counter() - self.started, self.added)  # fmt: skip
         if open_cache(recipe.root, recipe.key, verify=True) is not None:  # preprocess ran again on the same pages
             return None, recipe.key, [image_id for image_id, _ in self._pages()], None, None
         pixels = PixelSource({}, image_processor)
