@@ -84,6 +84,7 @@ class _CastTogether(torch.autograd.Function):
     @staticmethod
     def forward(ctx, dtype: torch.dtype, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.dtypes = [t.dtype for t in tensors]
+        ctx.set_materialize_grads(False)  # an output the loss does not reach: None, not zeros (its weight gets none)
         return _regroup(tensors, lambda t: t.to(dtype))
 
     @staticmethod

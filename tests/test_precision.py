@@ -44,3 +44,53 @@ def test_cache_recipe_names_how_the_encoder_computes():
     }  # fmt: skip
     assert computed_with(CPU, autocast_dtype("auto", CPU), False) == {"device": "cpu", "precision": "fp32",
                                                                        "compile": False}  # fmt: skip
+
+
+def _module() -> torch.nn.Module:
+    """Two trainable layers, one frozen, one never used in `forward`, and a buffer."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.frozen, self.last = torch.nn.Linear(4, 3), torch.nn.Linear(3, 3), torch.nn.Linear(3, 2)
+            self.unused = torch.nn.Linear(2, 2)
+            self.frozen.requires_grad_(False)
+            self.register_buffer("scale", torch.full((2,), 0.5))
+
+        def forward(self, x):
+            return self.last(self.frozen(self.first(x))) * self.scale
+
+    torch.manual_seed(0)
+    return Net()
+
+
+def test_compute_copies_train_the_fp32_weights_as_casting_each_tensor_does():
+    """The bf16-pure step's copies: the trainable weights cast together give the gradients that casting each one
+    gives, a weight the step does not use gets none, and frozen weights and buffers are cast once and kept until they
+    change."""
+    from florence_ops.precision import ComputeCopies
+
+    net, x = _module(), torch.randn(5, 4).to(torch.bfloat16)
+    named = [*net.named_parameters(), *net.named_buffers()]
+    each = {name: t.to(torch.bfloat16) for name, t in named}
+    torch.func.functional_call(net, each, (x,)).float().pow(2).sum().backward()
+    expected = {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
+    net.zero_grad(set_to_none=True)
+
+    copies = ComputeCopies(torch.bfloat16)
+    together = copies(net)
+    assert {name: t.dtype for name, t in together.items()} == {name: torch.bfloat16 for name, _ in named}
+    torch.func.functional_call(net, together, (x,)).float().pow(2).sum().backward()
+    got = {name: p.grad for name, p in net.named_parameters() if p.grad is not None}
+    assert sorted(got) == sorted(expected) == ["first.bias", "first.weight", "last.bias", "last.weight"]
+    for name, grad in got.items():
+        assert grad.dtype is torch.float32 and torch.equal(grad, expected[name]), name
+
+    again = copies(net)
+    assert again["frozen.weight"] is together["frozen.weight"] and again["scale"] is together["scale"]
+    assert again["first.weight"] is not together["first.weight"]  # trainable: cast anew, the optimizer changes them
+    with torch.no_grad():
+        net.frozen.weight.mul_(2)  # a frozen weight changed in place (a checkpoint loaded): its copy is made anew
+    changed = copies(net)
+    assert changed["frozen.weight"] is not together["frozen.weight"]
+    assert torch.equal(changed["frozen.weight"], net.frozen.weight.to(torch.bfloat16))
