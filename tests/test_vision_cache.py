@@ -244,3 +244,97 @@ def test_tower_in_the_step_runs_outside_the_steps_autocast(prepared):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         encode(PixelSource(images, processor.image_processor).load(images.ids[:2]))
     assert seen == [False]
+
+
+def _train_cache(params, image_ids, root):
+    """The train stage's own build of the cache of `image_ids` under `root` (its folder), as `vision_source` runs it."""
+    import torch
+
+    from florence_ops.data.processed import ImageTable
+    from florence_ops.modeling import load_pretrained
+    from florence_ops.vision.stage_cache import open_or_build_cache
+
+    model, processor = load_pretrained(params.paths.base_model, params.model)
+    images = ImageTable(params.paths.processed)
+    assert images.ids == image_ids
+    params.paths.vision_cache = str(root)
+    cache = open_or_build_cache(params, model.model.vision_tower.eval(), processor.image_processor, images,
+                                torch.device("cpu"), verify=True, build=True)  # fmt: skip
+    return cache.folder
+
+
+def test_preprocess_builds_the_cache_that_train_opens_with_the_bytes_of_train_s_own_build(prepared, tmp_path, caplog):
+    """`data.encode_pages`: the preprocess stage leaves the vision cache of the pages it wrote under the key the train
+    stage asks for, so train opens it and builds nothing; its index and features are those of train's own build."""
+    from florence_ops.data.processed import ImageTable
+    from florence_ops.stages.preprocess import preprocess
+    from florence_ops.stages.train import train
+
+    root = tmp_path / "ws"
+    shutil.copytree(prepared, root, ignore=shutil.ignore_patterns("processed", ".cache"))
+    params = tiny_params(root, **{"data.encode_pages": True, **NO_VALIDATION})
+    preprocess(params)
+    (built,) = (root / ".cache/vision_features").iterdir()
+    ids = ImageTable(params.paths.processed).ids
+    own = _train_cache(tiny_params(root), ids, tmp_path / "train-built")
+    assert built.name == own.name, "the key train asks for"
+    assert (built / "index.json").read_text() == (own / "index.json").read_text()
+    assert (built / "features.npy").read_bytes() == (own / "features.npy").read_bytes()
+
+    with caplog.at_level(logging.INFO, logger="florence_ops.vision"):
+        train(params)
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(f"vision cache of {len(ids)} pages opened and verified" in m for m in messages)
+    assert not any("vision cache built" in m for m in messages), "train must not build the cache again"
+
+
+def test_a_build_in_preprocess_skips_quarantined_pages_and_rewrites_the_header(prepared, tmp_path):
+    """Pages that preprocess tried but quarantined are not in the cache: it holds the pages written, its features
+    file says how many, and its key is that of those pages."""
+    import torch
+
+    from florence_ops.data.images import rgb_png
+    from florence_ops.data.processed import ImageTable
+    from florence_ops.modeling import load_pretrained
+    from florence_ops.vision.cache import VisionFeatureCache
+    from florence_ops.vision.preprocess_build import PreprocessBuild
+    from florence_ops.vision.stage_cache import cache_recipe
+
+    images = ImageTable(prepared / "data/processed")
+    written = images.ids[:2] + images.ids[3:]  # the third page quarantined after the build started
+    params = tiny_params(prepared, **{"paths.vision_cache": str(tmp_path / "cache")})
+    build = PreprocessBuild(params, images.ids)
+    for image_id in written:
+        build.add(image_id, rgb_png(np.asarray(images[image_id])))
+    build.finish(written)
+    (folder,) = (tmp_path / "cache").iterdir()
+    assert np.load(folder / "features.npy", mmap_mode="r").shape[0] == len(written)
+    cache = VisionFeatureCache(folder)
+    cache.verify()
+    assert cache.meta["ids"] == written
+    model, processor = load_pretrained(params.paths.base_model, params.model)
+    recipe = cache_recipe(params, model.model.vision_tower, processor.image_processor, written, torch.device("cpu"))
+    assert folder.name == recipe.key
+
+
+def test_a_build_that_fails_in_preprocess_leaves_preprocess_done_and_the_cache_to_train(prepared, tmp_path, caplog,
+                                                                                        monkeypatch):  # fmt: skip
+    """The cache built in preprocess is a head start: when it fails (here the tower does not load), preprocess still
+    writes its outputs, says so in one warning and leaves nothing under the cache's folder."""
+    from florence_ops import modeling
+    from florence_ops.stages.preprocess import preprocess
+
+    def broken(*args, **kwargs):
+        raise OSError("no weights in models/base")
+
+    monkeypatch.setattr(modeling, "load_pretrained", broken)
+    root = tmp_path / "ws"
+    shutil.copytree(prepared, root, ignore=shutil.ignore_patterns("processed", ".cache"))
+    params = tiny_params(root, **{"data.encode_pages": True})
+    with caplog.at_level(logging.WARNING, logger="florence_ops.vision"):
+        summary = preprocess(params)
+    assert summary["n_images"] > 0 and (root / "data/processed/images.parquet").is_file()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["vision cache not built in preprocess (OSError: no weights in models/base); the train stage "
+                        "builds it"]  # fmt: skip
+    assert not (root / ".cache/vision_features").exists() or not any((root / ".cache/vision_features").iterdir())

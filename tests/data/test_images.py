@@ -82,3 +82,20 @@ def test_processed_page_png_decodes_to_the_resized_pixels(size):
     stored = Image.open(io.BytesIO(encode_model_image(page, size)))
     assert stored.format == "PNG" and stored.mode == "RGB" and stored.size == size[::-1]
     assert np.array_equal(np.asarray(stored), np.asarray(resize_for_model(page, size)))
+
+
+def test_processed_page_pixels_are_read_without_a_decoder_exactly_as_pil_reads_them():
+    """`rgb_png_pixels` reads preprocess's own PNG (the vision cache's build in preprocess reads every page so) to
+    the pixels PIL decodes; any other PNG, or one with a damaged byte, gives None (the caller decodes it with PIL)."""
+    from florence_ops.data.images import encode_model_image, rgb_png_pixels
+
+    rng = np.random.default_rng(1)
+    page = Image.fromarray(rng.integers(0, 256, (300, 200, 3), dtype=np.uint8))
+    png = encode_model_image(page, (48, 40))
+    assert np.array_equal(rgb_png_pixels(png), np.asarray(Image.open(io.BytesIO(png))))
+    pil_png = io.BytesIO()
+    page.save(pil_png, format="PNG")  # row filters: not this encoder's
+    damaged = bytearray(png)
+    damaged[len(png) // 2] ^= 0xFF
+    assert rgb_png_pixels(pil_png.getvalue()) is None and rgb_png_pixels(bytes(damaged)) is None
+    assert rgb_png_pixels(png[:-5]) is None and rgb_png_pixels(b"not a png") is None
