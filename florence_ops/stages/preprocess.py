@@ -6,6 +6,8 @@ tables (small: no image bytes) are checked first, which fixes the pages to norma
 processes then read those pages from the raw `pages.parquet` themselves and decode, orient and resize them, a few at
 a time with a bounded number of tasks in flight, so memory stays flat however large the dataset is; last, the
 questions are written. Output does not depend on the number of workers: results are written in a fixed order.
+With `data.encode_pages`, each page written is also handed to the build of the train stage's vision-feature cache,
+which encodes it on the GPU while the workers normalise the next pages (`florence_ops.vision.preprocess_build`).
 """
 
 from __future__ import annotations
