@@ -62,6 +62,7 @@ class PreprocessBuild:
         self.error: BaseException | None = None
         self.ended = False  # the end (or abandon) was taken from `pages`
         self.added = 0  # pages handed over so far
+        self.started = 0.0  # when the thread started (with the first page)
 
     def add(self, image_id: str, png: bytes) -> None:
         """Hand over a page that preprocess wrote (its model-size PNG)."""
@@ -90,7 +91,11 @@ class PreprocessBuild:
         if tmp is not None:
             from florence_ops.vision.cache_build import publish_cache
 
-            publish_cache(tmp, Path(self.params.paths.vision_cache), key, ids, meta, timing)
+            try:
+                publish_cache(tmp, Path(self.params.paths.vision_cache), key, ids, meta, timing)
+            except OSError as error:  # the disk filled up, say: the train stage builds the cache
+                shutil.rmtree(tmp, ignore_errors=True)
+                log.warning("vision cache built in preprocess not published (%s); the train stage builds it", error)
         elif ids == self.candidates:
             log.info("vision cache of these %d pages exists already: not built again", len(ids))
         else:
