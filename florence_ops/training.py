@@ -60,7 +60,6 @@ class DocVQAObjective(ModelWrapper):
         super().__init__()
         self.model = model
         self.loss = CompiledLoss(answer_loss) if compile else answer_loss
-        self.compute_dtype = compute_dtype
         self.copies = ComputeCopies(compute_dtype) if compute_dtype is not None else None
 
     def forward(self, batch: TextBatch, source, cast: bool = True) -> torch.Tensor:

@@ -174,13 +174,12 @@ class FeatureWriter:
 
     def _open(self, row_shape: tuple[int, ...]) -> None:
         self.shape = (self.rows, *row_shape)
-        header = io.BytesIO()
-        np.lib.format.write_array_header_1_0(header, {"descr": "<u2", "fortran_order": False, "shape": self.shape})
-        self.offset = len(header.getvalue())
+        header = _npy_header(self.shape)
+        self.offset = len(header)
         # opened without truncating: other writers may be filling other rows of the same file
         self.stream = os.fdopen(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644), "wb")
         if self.first == 0:
-            self.stream.write(header.getvalue())
+            self.stream.write(header)
         else:
             self.stream.seek(self.offset + self.first * int(np.prod(row_shape)) * 2)
 
@@ -199,11 +198,13 @@ class FeatureWriter:
         return {**meta, "chunk_sha256": self.digest.finish()} if self.digest is not None else meta
 
 
-def _npy_header(shape: tuple[int, ...], length: int) -> bytes:
-    """The .npy header (format 1.0) of a uint16 array of `shape`, padded with spaces to `length` bytes."""
+def _npy_header(shape: tuple[int, ...], length: int | None = None) -> bytes:
+    """The .npy header (format 1.0) of a uint16 array of `shape`, padded with spaces to `length` bytes if given."""
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, {"descr": "<u2", "fortran_order": False, "shape": shape})
     text = header.getvalue()
+    if length is None:
+        return text
     if len(text) > length:
         raise ValueError(f"a .npy header for {shape} needs {len(text)} bytes, more than {length}")
     fields = text[10:].rstrip(b" \n")  # after the magic, version and length (10 bytes)

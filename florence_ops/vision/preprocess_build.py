@@ -13,7 +13,6 @@ memory), preprocess logs one warning and train builds the cache as it always has
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import queue
@@ -25,7 +24,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
 
 from florence_ops.data.images import rgb_png_pixels
 
@@ -34,7 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DECODE_THREADS = 8  # threads reading the written pages' pixels for the tower (zlib and PIL release the GIL)
+DECODE_THREADS = 8  # threads reading the written pages' pixels for the tower (zlib releases the GIL)
 BUILD_NAME = "preprocess"  # the build folder's prefix under paths.vision_cache (its key is known only at the end)
 _END, _ABANDON = object(), object()
 
@@ -196,10 +194,9 @@ def _decoded(batch: list[tuple[str, bytes]], decoders: ThreadPoolExecutor, pin: 
 
 
 def pixels(png: bytes) -> np.ndarray:
-    """A written page's (H, W, 3) pixels: those the train stage's loader decodes (`PixelSource.load`, through PIL),
-    read straight from the zlib stream of preprocess's own PNG (`rgb_png_pixels`)."""
+    """A written page's (H, W, 3) pixels, those the train stage's loader decodes through PIL (`PixelSource.load`),
+    read straight from the zlib stream of preprocess's own PNG (`rgb_png_pixels`); any other bytes fail the build."""
     found = rgb_png_pixels(png)
-    if found is not None:
-        return found
-    image = Image.open(io.BytesIO(png))
-    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    if found is None:
+        raise ValueError("a page that preprocess's encoder did not write (`rgb_png`)")
+    return found
