@@ -54,7 +54,7 @@ def answer(
         list(rows),
         batch_sampler=plan,
         collate_fn=WithVision(collator, source),
-        num_workers=num_workers,
+        num_workers=loader_workers(num_workers, len(plan)),
         pin_memory=device.type == "cuda",
     )
     dtype = autocast_dtype(decoding.precision, device)
@@ -76,6 +76,12 @@ def answer_across_processes(
     with accelerator.split_between_processes(list(rows)) as shard:
         mine = answer(unwrap(model), shard, collator, source, decoding, accelerator.device, num_workers)
     return gather_object(mine) if accelerator.num_processes > 1 else mine
+
+
+def loader_workers(num_workers: int, batches: int) -> int:
+    """The DataLoader workers worth starting for `batches` batches: none for a single batch (this process prepares
+    it as fast as a worker would, without forking one), never more than there are batches."""
+    return min(num_workers, batches) if batches > 1 else 0
 
 
 def generate_ids(model, batch: TextBatch, source, decoding: Decoding, device: torch.device) -> torch.Tensor:
