@@ -338,3 +338,27 @@ def test_a_build_that_fails_in_preprocess_leaves_preprocess_done_and_the_cache_t
     assert warnings == ["vision cache not built in preprocess (OSError: no weights in models/base); the train stage "
                         "builds it"]  # fmt: skip
     assert not (root / ".cache/vision_features").exists() or not any((root / ".cache/vision_features").iterdir())
+
+
+def test_a_build_in_preprocess_gives_the_threads_feeding_workers_short_gil_turns(prepared, tmp_path, monkeypatch):
+    """While the build's thread loads the tower (seconds of Python), the threads that feed preprocess's workers and
+    collect their pages get the GIL every 0.5 ms, not every 5; the stage leaves the process's time slice as it was."""
+    import sys
+
+    from florence_ops import modeling
+    from florence_ops.stages.preprocess import preprocess
+
+    real, seen = modeling.load_pretrained, []
+
+    def load_pretrained(*args, **kwargs):  # the real load, run by the build's thread
+        seen.append(sys.getswitchinterval())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(modeling, "load_pretrained", load_pretrained)
+    root = tmp_path / "ws"
+    shutil.copytree(prepared, root, ignore=shutil.ignore_patterns("processed", ".cache"))
+    before = sys.getswitchinterval()
+    preprocess(tiny_params(root, **{"data.encode_pages": True}))
+    assert seen == [0.0005]
+    assert sys.getswitchinterval() == before
+    assert len(list((root / ".cache/vision_features").glob("*/features.npy"))) == 1, "the cache is built"

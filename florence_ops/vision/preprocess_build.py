@@ -17,6 +17,7 @@ import logging
 import os
 import queue
 import shutil
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 
 DECODE_THREADS = 8  # threads reading the written pages' pixels for the tower (zlib releases the GIL)
 BUILD_NAME = "preprocess"  # the build folder's prefix under paths.vision_cache (its key is known only at the end)
+# The GIL's time slice while the thread runs, in seconds (Python's default: 0.005). The thread runs Python for seconds
+# on end (importing torch and transformers, loading the tower); at the default slice the threads that feed the
+# workers and collect their pages (1 MB a task) wait up to 5 ms for the GIL at every turn, and the workers for them.
+SWITCH_INTERVAL = 0.0005
 _END, _ABANDON = object(), object()
 
 
@@ -61,10 +66,13 @@ class PreprocessBuild:
         self.ended = False  # the end (or abandon) was taken from `pages`
         self.added = 0  # pages handed over so far
         self.started = 0.0  # when the thread started (with the first page)
+        self.switch_interval: float | None = None  # the process's GIL time slice before the thread started
 
     def add(self, image_id: str, png: bytes) -> None:
         """Hand over a page that preprocess wrote (its model-size PNG)."""
         if self.thread is None:
+            self.switch_interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(self.switch_interval, SWITCH_INTERVAL))
             self.thread = threading.Thread(target=self._run, name="vision-cache-build", daemon=True)
             self.thread.start()
         self.pages.put((image_id, png))
@@ -76,7 +84,7 @@ class PreprocessBuild:
         if self.thread is None:
             return
         self.pages.put(_END)
-        self.thread.join()
+        self._join()
         if self.error is not None:
             log.warning("vision cache not built in preprocess (%s: %s); the train stage builds it",
                         type(self.error).__name__, self.error)  # fmt: skip
@@ -105,9 +113,13 @@ class PreprocessBuild:
         if self.thread is None:
             return
         self.pages.put(_ABANDON)
-        self.thread.join()
+        self._join()
         if self.built is not None and self.built[0] is not None:
             shutil.rmtree(self.built[0], ignore_errors=True)
+
+    def _join(self) -> None:
+        self.thread.join()
+        sys.setswitchinterval(self.switch_interval)
 
     def _run(self) -> None:
         self.started = time.perf_counter()
