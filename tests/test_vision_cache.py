@@ -362,3 +362,25 @@ def test_a_build_in_preprocess_gives_the_threads_feeding_workers_short_gil_turns
     assert seen == [0.0005]
     assert sys.getswitchinterval() == before
     assert len(list((root / ".cache/vision_features").glob("*/features.npy"))) == 1, "the cache is built"
+
+
+def test_a_train_stage_that_finds_the_cache_makes_no_arrow_copy_of_the_pages(prepared, tmp_path, monkeypatch):
+    """With the pages' features cached, the train stage reads no page, so it leaves no copy of `images.parquet` in
+    datasets' cache (at DocVQA's size 3 GB for every version of the file, and about a second of the stage's start)."""
+    import datasets
+    import pyarrow as pa
+
+    from florence_ops.stages.preprocess import preprocess
+    from florence_ops.stages.train import train
+
+    root = tmp_path / "ws"
+    shutil.copytree(prepared, root, ignore=shutil.ignore_patterns("processed", ".cache"))
+    params = tiny_params(root, **{"data.encode_pages": True, **NO_VALIDATION})
+    preprocess(params)  # builds the cache, from the pages as it writes them
+    arrow_cache = tmp_path / "datasets-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", arrow_cache)
+    train(params)
+    assert (root / "models/train/model/model.safetensors").is_file()
+    columns = [pa.ipc.open_stream(path).schema.names for path in arrow_cache.rglob("*.arrow")]
+    assert columns, "the questions are read through datasets' cache"
+    assert not [names for names in columns if "image" in names], "no Arrow copy of the pages"

@@ -129,12 +129,16 @@ def _from_parquet(path: Path, features: Features) -> datasets.Dataset:
 
 
 class ImageTable:
-    """The preprocessed pages by image_id, read from a memory-mapped Dataset one image at a time."""
+    """The preprocessed pages by image_id. The ids are read from the file's `image_id` column; the pages from a
+    memory-mapped Dataset of it, made the first time a page is read: an Arrow copy of every page in datasets' cache
+    (as large as the pages, and one for every version of the file), which a stage that reads no page (its vision
+    features are cached) never makes."""
 
     def __init__(self, processed_dir: str | Path) -> None:
-        self._dataset = _from_parquet(processed_file(processed_dir, IMAGES_FILE), IMAGE_FEATURES)
-        self.ids: list[str] = self._dataset.select_columns(["image_id"]).to_dict()["image_id"]
+        self.path = processed_file(processed_dir, IMAGES_FILE)
+        self.ids: list[str] = pq.read_table(self.path, columns=["image_id"]).column("image_id").to_pylist()
         self._row = {image_id: row for row, image_id in enumerate(self.ids)}
+        self._dataset: datasets.Dataset | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -143,5 +147,7 @@ class ImageTable:
         return image_id in self._row
 
     def __getitem__(self, image_id: str) -> Image.Image:
+        if self._dataset is None:
+            self._dataset = _from_parquet(self.path, IMAGE_FEATURES)
         image = self._dataset[self._row[image_id]]["image"]
         return image if image.mode == "RGB" else image.convert("RGB")
