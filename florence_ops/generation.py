@@ -40,7 +40,8 @@ def answer(
 ) -> list[str]:
     """Answers to `rows` (dicts with question and image_id), in the order of `rows`.
 
-    `num_workers` DataLoader workers tokenize and decode pages (or read cached features) ahead of the device.
+    Up to `num_workers` DataLoader workers (`loader_workers`) tokenize and decode pages (or read cached features)
+    ahead of the device.
     """
     model.eval()
     tokenizer = collator.tokenizer
