@@ -94,6 +94,7 @@ class GreedyLoop(BatchedLoop):
     def _prefetch_state(self) -> None:
         self._lock = threading.Condition()  # guards what follows, and signals changes to it
         self._held: list = []  # requests the thread took, not yet in a batch
+        self._arrived: dict[str, float] = {}  # when each held request was made (time.monotonic(), by its uid)
         self._late: list = []  # requests it found past `request_timeout`
         self._in_hand = 0  # requests it got from the queue and has not yet put in `_held`
         self._stopped = False  # it met LitServe's stop sentinel, or `close` was called
@@ -103,7 +104,7 @@ class GreedyLoop(BatchedLoop):
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled for each worker process (LitServe spawns them) without the thread and its locks."""
-        keep = {"_lock", "_held", "_late", "_in_hand", "_stopped", "_failure", "_collector", "_sending"}
+        keep = {"_lock", "_held", "_arrived", "_late", "_in_hand", "_stopped", "_failure", "_collector", "_sending"}
         return {key: value for key, value in self.__dict__.items() if key not in keep}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -133,17 +134,17 @@ class GreedyLoop(BatchedLoop):
         size = lit_api.max_batch_size
         with self._lock:
             self._lock.wait_for(lambda: self._held or self._late or self._stopped, timeout=IDLE_WAIT_S)
-            batch, late = self._take(size)
+            batch, late = self._take(size, lit_api.request_timeout)
             if batch and lit_api.batch_timeout > 0:  # the thread fills the batch meanwhile
                 self._lock.wait_for(lambda: len(batch) + len(self._held) >= size or self._stopped,
                                     timeout=lit_api.batch_timeout)  # fmt: skip
-                more, later = self._take(size - len(batch))
+                more, later = self._take(size - len(batch), lit_api.request_timeout)
                 return batch + more, late + later
         if batch and len(batch) < size:  # whatever else is queued now, alongside the thread
             more, later = collate_requests(self, _collating(lit_api, size - len(batch), 0), request_queue, transport)
             with self._lock:
                 self._lock.wait_for(lambda: not self._in_hand)  # a request the thread is taking joins this batch
-                rest, latest = self._take(size - len(batch) - len(more))
+                rest, latest = self._take(size - len(batch) - len(more), lit_api.request_timeout)
             batch, late = batch + more + rest, late + later + latest
         return batch, late
 
@@ -157,14 +158,29 @@ class GreedyLoop(BatchedLoop):
             batch, timed_out = batch + more, timed_out + late
         return batch, timed_out
 
-    def _take(self, count: int) -> tuple[list, list]:
-        """Up to `count` held requests and every late one (with the lock held); raises when LitServe stopped."""
+    def _take(self, count: int, request_timeout: float) -> tuple[list, list]:
+        """Up to `count` held requests and every late one (with the lock held); raises when LitServe stopped.
+
+        A request that has waited past `request_timeout` since it was made is late even if it was on time when the
+        thread took it (a batch ran meanwhile), as LitServe judges the requests it takes itself."""
         if self._failure is not None:
             raise RuntimeError("the worker's request prefetching failed") from self._failure
         if self._stopped:
             raise _StopLoopError()
+        if request_timeout not in (-1, False):  # LitServe's values for no timeout
+            now, waiting = time.monotonic(), []
+            for request in self._held:  # (response_queue_id, uid, request)
+                if now - self._arrived[request[1]] > request_timeout:
+                    self._late.append(request[:2])  # (response_queue_id, uid), as LitServe lists the late
+                else:
+                    waiting.append(request)
+            self._held = waiting
         batch, self._held = self._held[:count], self._held[count:]
         late, self._late = self._late, []
+        for request in batch:
+            self._arrived.pop(request[1], None)
+        for _, uid in late:
+            self._arrived.pop(uid, None)
         self._lock.notify_all()  # room for the thread to take more
         return batch, late
 
@@ -203,6 +219,9 @@ class _Counted:
         item = self.requests.get(timeout=timeout)
         with self.loop._lock:
             self.loop._in_hand += 1
+            _, uid, made, _ = item  # LitServe's stop sentinel is four Nones
+            if uid is not None:
+                self.loop._arrived[uid] = made
         return item
 
 

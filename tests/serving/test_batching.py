@@ -147,3 +147,21 @@ def test_without_prefetching_a_busy_worker_leaves_the_queue_to_free_ones():
     worker.ask(5)
     time.sleep(0.2)
     assert worker.requests.qsize() == 5 and len(worker.transport.started) == 1
+
+
+def test_a_request_taken_ahead_that_outwaits_the_request_timeout_is_answered_late_not_batched():
+    """The thread takes the next batch's requests while a batch runs; one that has waited past LitServe's
+    `request_timeout` by the time its batch starts is returned as timed out (LitServe answers it 504), as LitServe
+    judges the requests it takes itself, and one still on time goes into the batch."""
+    worker = Worker()
+    worker.api.request_timeout = 0.3
+    worker.ask(1)
+    assert worker.batch()[0] == 1  # a batch runs from here on
+    worker.ask(2)
+    time.sleep(0.2)
+    worker.ask(1)  # on time when the batch below starts
+    time.sleep(0.2)  # the first two have waited 0.4 s
+    assert worker.requests.empty(), "all three taken ahead"
+    batch, timed_out = worker.loop.get_batch_requests(worker.api, worker.requests, worker.transport)
+    assert len(batch) == 1 and len(timed_out) == 2
+    assert {uid for _, uid in timed_out}.isdisjoint(uid for _, uid, _ in batch)
