@@ -344,9 +344,11 @@ def test_a_build_in_preprocess_gives_the_threads_feeding_workers_short_gil_turns
     """While the build's thread loads the tower (seconds of Python), the threads that feed preprocess's workers and
     collect their pages get the GIL every 0.5 ms, not every 5; the stage leaves the process's time slice as it was."""
     import sys
+    import threading
 
     from florence_ops import modeling
     from florence_ops.stages.preprocess import preprocess
+    from florence_ops.vision.preprocess_build import PreprocessBuild
 
     real, seen = modeling.load_pretrained, []
 
@@ -358,10 +360,24 @@ def test_a_build_in_preprocess_gives_the_threads_feeding_workers_short_gil_turns
     root = tmp_path / "ws"
     shutil.copytree(prepared, root, ignore=shutil.ignore_patterns("processed", ".cache"))
     before = sys.getswitchinterval()
-    preprocess(tiny_params(root, **{"data.encode_pages": True}))
+    params = tiny_params(root, **{"data.encode_pages": True})
+    preprocess(params)
     assert seen == [0.0005]
     assert sys.getswitchinterval() == before
     assert len(list((root / ".cache/vision_features").glob("*/features.npy"))) == 1, "the cache is built"
+
+    build = PreprocessBuild(params, ["page"])  # preprocess failing after the build started
+    build.add("page", b"not a png")
+    build.abandon()
+    assert sys.getswitchinterval() == before
+
+    def refuse(thread):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        PreprocessBuild(params, ["page"]).add("page", b"not a png")
+    assert sys.getswitchinterval() == before
 
 
 def test_a_train_stage_that_finds_the_cache_makes_no_arrow_copy_of_the_pages(prepared, tmp_path, monkeypatch):
@@ -384,3 +400,29 @@ def test_a_train_stage_that_finds_the_cache_makes_no_arrow_copy_of_the_pages(pre
     columns = [pa.ipc.open_stream(path).schema.names for path in arrow_cache.rglob("*.arrow")]
     assert columns, "the questions are read through datasets' cache"
     assert not [names for names in columns if "image" in names], "no Arrow copy of the pages"
+
+
+def test_pages_are_opened_once_in_the_process_that_forks_the_loader_workers(prepared, tmp_path, monkeypatch):
+    """A loader whose workers read pages (the cache's build, a tower that trains) has them opened where it is made:
+    its workers share datasets' memory-mapped copy instead of each making or finding it again, at every epoch's
+    fork."""
+    from florence_ops.data import processed
+    from florence_ops.data.processed import ImageTable
+    from florence_ops.modeling import load_pretrained
+    from florence_ops.vision.sources import PixelSource, page_loader
+
+    real, opened_in = processed._from_parquet, tmp_path / "opened"
+
+    def from_parquet(path, features):
+        with open(opened_in, "a") as stream:
+            stream.write(f"{os.getpid()}\n")
+        return real(path, features)
+
+    monkeypatch.setattr(processed, "_from_parquet", from_parquet)
+    params = tiny_params(prepared)
+    _, processor = load_pretrained(params.paths.base_model, params.model)
+    images = ImageTable(prepared / "data/processed")
+    pixels = PixelSource(images, processor.image_processor)
+    pages = [ids for ids, _ in page_loader(pixels, images.ids, batch_size=2, num_workers=2)]
+    assert sum(pages, []) == images.ids
+    assert opened_in.read_text().split() == [str(os.getpid())]

@@ -128,17 +128,27 @@ def _from_parquet(path: Path, features: Features) -> datasets.Dataset:
     return datasets.Dataset.from_parquet(str(path))
 
 
+def page_ids(images_file: Path) -> list[str]:
+    """The image ids of `images.parquet`, in file order (its `image_id` column alone is read)."""
+    return pq.read_table(images_file, columns=["image_id"]).column("image_id").to_pylist()
+
+
 class ImageTable:
-    """The preprocessed pages by image_id. The ids are read from the file's `image_id` column; the pages from a
-    memory-mapped Dataset of it, made the first time a page is read: an Arrow copy of every page in datasets' cache
-    (as large as the pages, and one for every version of the file), which a stage that reads no page (its vision
-    features are cached) never makes."""
+    """The preprocessed pages by image_id, read from a memory-mapped Dataset one image at a time once `open`.
+
+    The Dataset is an Arrow copy of every page in datasets' cache (as large as the pages, one for every version of
+    the file): a stage that reads no page (its vision features are cached) never makes it."""
 
     def __init__(self, processed_dir: str | Path) -> None:
         self.path = processed_file(processed_dir, IMAGES_FILE)
-        self.ids: list[str] = pq.read_table(self.path, columns=["image_id"]).column("image_id").to_pylist()
+        self.ids: list[str] = page_ids(self.path)
         self._row = {image_id: row for row, image_id in enumerate(self.ids)}
         self._dataset: datasets.Dataset | None = None
+
+    def open(self) -> None:
+        """Make (or find) the memory-mapped Dataset of the pages; DataLoader workers forked after this share it."""
+        if self._dataset is None:
+            self._dataset = _from_parquet(self.path, IMAGE_FEATURES)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -147,7 +157,6 @@ class ImageTable:
         return image_id in self._row
 
     def __getitem__(self, image_id: str) -> Image.Image:
-        if self._dataset is None:
-            self._dataset = _from_parquet(self.path, IMAGE_FEATURES)
+        self.open()
         image = self._dataset[self._row[image_id]]["image"]
         return image if image.mode == "RGB" else image.convert("RGB")

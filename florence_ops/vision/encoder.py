@@ -70,6 +70,10 @@ class EncodedSource:
     def __init__(self, pixels: PixelSource, encode, pages_per_call: int):
         self.pixels, self.encode, self.pages_per_call = pixels, encode, pages_per_call
 
+    def open(self) -> None:
+        """Ready the pages for reading (`PixelSource.open`)."""
+        self.pixels.open()
+
     def load(self, image_ids: Sequence[str]) -> torch.Tensor:
         """uint8 pixels of these pages (what a batch carries)."""
         return self.pixels.load(image_ids)

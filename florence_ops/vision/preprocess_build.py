@@ -71,10 +71,15 @@ class PreprocessBuild:
     def add(self, image_id: str, png: bytes) -> None:
         """Hand over a page that preprocess wrote (its model-size PNG)."""
         if self.thread is None:
+            thread = threading.Thread(target=self._run, name="vision-cache-build", daemon=True)
             self.switch_interval = sys.getswitchinterval()
             sys.setswitchinterval(min(self.switch_interval, SWITCH_INTERVAL))
-            self.thread = threading.Thread(target=self._run, name="vision-cache-build", daemon=True)
-            self.thread.start()
+            try:
+                thread.start()
+            except BaseException:
+                sys.setswitchinterval(self.switch_interval)
+                raise
+            self.thread = thread
         self.pages.put((image_id, png))
         self.added += 1
 
@@ -118,8 +123,10 @@ class PreprocessBuild:
             shutil.rmtree(self.built[0], ignore_errors=True)
 
     def _join(self) -> None:
-        self.thread.join()
-        sys.setswitchinterval(self.switch_interval)
+        try:
+            self.thread.join()
+        finally:
+            sys.setswitchinterval(self.switch_interval)
 
     def _run(self) -> None:
         self.started = time.perf_counter()

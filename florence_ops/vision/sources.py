@@ -35,6 +35,11 @@ class PixelSource:
         self.mean = torch.tensor(image_processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(image_processor.image_std, dtype=torch.float32).view(1, 3, 1, 1)
 
+    def open(self) -> None:
+        """Ready the pages for reading, in the process that forks the DataLoader workers reading them (`opened`)."""
+        if hasattr(self.images, "open"):  # an `ImageTable`
+            self.images.open()
+
     def load(self, image_ids: Sequence[str]) -> torch.Tensor:
         """uint8 pixels (N, H, W, 3) of these pages, contiguous as decoded; cheap enough for a DataLoader worker.
 
@@ -139,13 +144,21 @@ class WithVision:
     pages (or read cached features) while the device computes."""
 
     def __init__(self, collator: Collator, source):
-        self.collator, self.source = collator, source
+        self.collator, self.source = collator, opened(source)
 
     def __call__(self, rows: list[dict]) -> TextBatch:
         batch = self.collator(rows)
         batch.vision = self.source.load(list(dict.fromkeys(batch.image_ids)))
         batch.image_index = _page_index(batch.image_ids)
         return batch
+
+
+def opened(source):
+    """`source`, its pages opened first when it reads pages (`PixelSource.open`): collate functions are made in the
+    process that forks the DataLoader's workers, which then share what was opened instead of each opening it."""
+    if hasattr(source, "open"):
+        source.open()
+    return source
 
 
 def tower_output(model, source, batch: TextBatch, device: torch.device) -> torch.Tensor:
@@ -172,7 +185,7 @@ class PageBatches:
     """Collate function for a DataLoader over image ids: (ids, their pages as the source loads them)."""
 
     def __init__(self, source):
-        self.source = source
+        self.source = opened(source)
 
     def __call__(self, image_ids: list[str]) -> tuple[list[str], torch.Tensor]:
         return list(image_ids), self.source.load(image_ids)

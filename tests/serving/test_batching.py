@@ -154,14 +154,15 @@ def test_a_request_taken_ahead_that_outwaits_the_request_timeout_is_answered_lat
     `request_timeout` by the time its batch starts is returned as timed out (LitServe answers it 504), as LitServe
     judges the requests it takes itself, and one still on time goes into the batch."""
     worker = Worker()
-    worker.api.request_timeout = 0.3
+    worker.api.request_timeout = 1.0
     worker.ask(1)
     assert worker.batch()[0] == 1  # a batch runs from here on
     worker.ask(2)
-    time.sleep(0.2)
+    time.sleep(0.8)
     worker.ask(1)  # on time when the batch below starts
-    time.sleep(0.2)  # the first two have waited 0.4 s
+    time.sleep(0.5)  # the first two have waited 1.3 s
     assert worker.requests.empty(), "all three taken ahead"
     batch, timed_out = worker.loop.get_batch_requests(worker.api, worker.requests, worker.transport)
     assert len(batch) == 1 and len(timed_out) == 2
     assert {uid for _, uid in timed_out}.isdisjoint(uid for _, uid, _ in batch)
+    assert worker.loop._arrived == {}, "nothing kept of the requests handed over"
