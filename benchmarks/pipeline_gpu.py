@@ -252,7 +252,8 @@ def summarise(root: Path, stages: dict, outputs: dict, args, torch) -> dict:
     tsv = (root / "reports/train/plots/metrics/train/samples_per_s.tsv").read_text().splitlines()[1:]
     step_rates = [float(line.split("\t")[1]) for line in tsv]
     samples_per_s = statistics.median(step_rates)
-    batch = int(read_yaml(root / "params.yaml")["batch_size"])
+    params = read_yaml(root / "params.yaml")  # the profile with the command line's --set overrides
+    batch, eval_questions = int(params["batch_size"]), params["train"]["max_eval_questions"]
     peak = root / "reports/train/plots/metrics/train/peak_gpu_mem_gib.tsv"
     peak_gib = max(float(line.split("\t")[1]) for line in peak.read_text().splitlines()[1:]) if peak.exists() else None
     metrics = json.loads((root / "reports/metrics.json").read_text())
@@ -270,7 +271,7 @@ def summarise(root: Path, stages: dict, outputs: dict, args, torch) -> dict:
         normalised, normalise_s = map(float, re.search(PATTERNS["normalised"], outputs["preprocess"]).groups())
         waited = float(re.search(PATTERNS["cache_wait"], outputs["preprocess"]).group(1))
         opened_s = float(re.search(PATTERNS["cache_opened"], outputs["train"]).group(2))
-        batch_pages = int(PROFILES[args.profile]["model.vision_batch_size"])
+        batch_pages = int(params["model"]["vision_batch_size"])
         found = re.search(PATTERNS["cache_ready"], outputs["preprocess"], re.MULTILINE)
         ready, before_ready = float(found.group(1)), int(found.group(2) or normalised)  # the tower loading, in a thread
         gpu_s = ready + warm_s + (pages_all - warm_pages) / gpu_rate
@@ -292,10 +293,7 @@ def summarise(root: Path, stages: dict, outputs: dict, args, torch) -> dict:
         "vision_cache": cache_term,
         "train_steps": d["train_questions"] * d["epochs"] / samples_per_s,
         "validation": once_then_each(
-            [
-                seconds * PROFILES[args.profile]["train.max_eval_questions"] / questions
-                for questions, seconds in validations
-            ],
+            [seconds * eval_questions / questions for questions, seconds in validations],
             d["epochs"],
         ),
         "train_saves": once_then_each(saves, d["epochs"]),
@@ -303,7 +301,7 @@ def summarise(root: Path, stages: dict, outputs: dict, args, torch) -> dict:
         "evaluate": 2 * d["validation_questions"] / evaluate_rate,
     }
     earlier = {  # the formula until 2026-12-03: every epoch's end as the measured epochs' mean
-        "validation": d["epochs"] * PROFILES[args.profile]["train.max_eval_questions"] / validation_rate,
+        "validation": d["epochs"] * eval_questions / validation_rate,
         "train_saves": d["epochs"] * saves_s / args.epochs,
     }
     return {

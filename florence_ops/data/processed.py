@@ -128,9 +128,9 @@ def _from_parquet(path: Path, features: Features) -> datasets.Dataset:
     return datasets.Dataset.from_parquet(str(path))
 
 
-def page_ids(images_file: Path) -> list[str]:
-    """The image ids of `images.parquet`, in file order (its `image_id` column alone is read)."""
-    return pq.read_table(images_file, columns=["image_id"]).column("image_id").to_pylist()
+def image_ids(path: Path) -> list[str]:
+    """The `image_id` column of a Parquet file (raw `pages.parquet`, processed `images.parquet`), in file order."""
+    return pq.read_table(path, columns=["image_id"]).column("image_id").to_pylist()
 
 
 class ImageTable:
@@ -141,7 +141,7 @@ class ImageTable:
 
     def __init__(self, processed_dir: str | Path) -> None:
         self.path = processed_file(processed_dir, IMAGES_FILE)
-        self.ids: list[str] = page_ids(self.path)
+        self.ids: list[str] = image_ids(self.path)
         self._row = {image_id: row for row, image_id in enumerate(self.ids)}
         self._dataset: datasets.Dataset | None = None
 

@@ -107,11 +107,6 @@ class RawWriter:
         self.close()
 
 
-def page_ids(raw_dir: Path) -> list[str]:
-    """The image_id of each row of pages.parquet, in file order."""
-    return pq.read_table(raw_dir / PAGES_FILE, columns=["image_id"]).column("image_id").to_pylist()
-
-
 class PageReader:
     """Reads page bytes from pages.parquet by row number, one row group at a time (the last one is kept)."""
 

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from torch.utils.data import Sampler
 
-from florence_ops.data.processed import IMAGES_FILE, page_ids, processed_file
+from florence_ops.data.processed import IMAGES_FILE, image_ids, processed_file
 from florence_ops.errors import DataSourceError, UserError
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class ParquetPages(Mapping[str, Image.Image]):
         self.path = processed_file(processed_dir, IMAGES_FILE)
         metadata = pq.ParquetFile(self.path).metadata
         sizes = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
-        self.ids: list[str] = page_ids(self.path)
+        self.ids: list[str] = image_ids(self.path)
         self.group = np.repeat(np.arange(len(sizes)), sizes)  # the row group of each page, in file order
         starts = np.cumsum([0, *sizes])
         self._where = {

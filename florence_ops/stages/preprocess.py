@@ -36,9 +36,10 @@ from florence_ops.data.processed import (
     QUESTION_FEATURES,
     SPLITS,
     ParquetSink,
+    image_ids,
     model_input_size,
 )
-from florence_ops.data.raw import PAGES_FILE, REJECTED_LINES_FILE, PageReader, page_ids
+from florence_ops.data.raw import PAGES_FILE, REJECTED_LINES_FILE, PageReader
 from florence_ops.errors import DataQualityError, DataSourceError
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ class Preprocessor:
     def _check_records(self, raw_dir: Path) -> list[tuple[str, int | None]]:
         """Record problems of every split; return the pages that valid records need, in first-use order, with their
         row in pages.parquet (None when it is not there)."""
-        row_of = {page_id: row for row, page_id in enumerate(page_ids(raw_dir))}
+        row_of = {page_id: row for row, page_id in enumerate(image_ids(raw_dir / PAGES_FILE))}
         seen_ids: set[str] = set()
         pages: list[tuple[str, int | None]] = []
         columns = ["questionId", "question", "answers", "image_id"]

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from florence_ops.data.images import rgb_png_pixels
+from florence_ops.data.parallel import batched
 
 if TYPE_CHECKING:
     from florence_ops.config import Params
@@ -189,13 +190,7 @@ class PreprocessBuild:
         """Batches of `size` decoded pages (uint8 (N, H, W, 3), pinned for the copy to the GPU), each page's id
         appended to `ids` as its batch goes out."""
         with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="cache-decode") as decoders:
-            batch: list[tuple[str, bytes]] = []
-            for item in self._pages():
-                batch.append(item)
-                if len(batch) == size:
-                    yield _decoded(batch, decoders, pin, ids)
-                    batch = []
-            if batch:
+            for batch in batched(self._pages(), size):
                 yield _decoded(batch, decoders, pin, ids)
 
 
