@@ -6,11 +6,13 @@ Shapes are Florence-2's encoder in the pipeline's training step: `--batch` seque
 transformers builds from a right-padded 2-D padding mask (a boolean (B, 1, L, L) tensor); `padding_row` the same
 mask as (B, 1, 1, L), which every query broadcasts (what the training step hands SDPA); `key_bias` the same padding
 with no mask: queries and keys gain a head column (1 in the query, 0 or -10,000 in the key: an exact key-padding
-bias, heads of 64 + 8 for queries and keys), the concatenations timed with the kernel; `none` is the same batch with
-no padding. `--queries N` times cross-attention instead: N queries (the decoder's answer tokens) against those
-keys. Backend `matmuls` is attention as two batched matrix products around a softmax and dropout in bf16
-(transformers' eager attention), the rest are SDPA's. Each variant is timed as the median of `--repeats`
-forward+backward passes after two warm-up passes.
+bias, heads of 64 + 8 for queries and keys), the concatenations timed with the kernel; `packed` the same padding
+with no mask either: only each sequence's real tokens, one sequence after another, handed to SDPA as nested tensors
+of the jagged layout (what the kernels' variable-length entry points take; the packing itself not timed, a packed
+encoder does it once, not per layer); `none` is the same batch with no padding. `--queries N` times cross-attention
+instead: N queries (the decoder's answer tokens) against those keys. Backend `matmuls` is attention as two batched
+matrix products around a softmax and dropout in bf16 (transformers' eager attention), the rest are SDPA's. Each
+variant is timed as the median of `--repeats` forward+backward passes after two warm-up passes.
 
     python benchmarks/attention_variants.py [--batch 512 --text 19 --heads 12] [--queries 9] [--masks ...]
         [--backends ...] [--out reports/benchmarks]
@@ -72,8 +74,25 @@ def matmul_attention(q, k, v, mask, dropout: float) -> torch.Tensor:
     return torch.matmul(weights, v)
 
 
-def time_pass(q, k, v, mask, dropout: float, backend, repeats: int, keep=None) -> float | None:
+def packed(tensors, keep: torch.Tensor) -> list[torch.Tensor]:
+    """Each of `tensors` (B, H, L, D) as a jagged nested tensor (B, H, j, D) of each row's real tokens (`keep`,
+    (B, L)), all with the same offsets."""
+    lengths = keep.sum(1)
+    offsets = F.pad(lengths.cumsum(0), (1, 0))
+    out = []
+    for t in tensors:
+        values = t.detach().transpose(1, 2)[keep].requires_grad_()  # (N, H, D): real tokens, one row after another
+        nested = torch.nested.nested_tensor_from_jagged(values, offsets, max_seqlen=int(lengths.max()))
+        out.append(nested.transpose(1, 2))
+    return out
+
+
+def time_pass(q, k, v, mask, dropout: float, backend, repeats: int, keep=None, packing=None) -> float | None:
     def once():
+        if packing is not None:
+            out = F.scaled_dot_product_attention(*packing, dropout_p=dropout)
+            out.transpose(1, 2).values().backward(grad.transpose(1, 2)[packing_keep])
+            return
         if backend == "matmuls":
             out = matmul_attention(q, k, v, mask, dropout)
         elif keep is None:
@@ -83,6 +102,7 @@ def time_pass(q, k, v, mask, dropout: float, backend, repeats: int, keep=None) -
         out.backward(grad)
 
     grad = torch.randn_like(q)
+    packing_keep = keep
     context = sdpa_kernel([backend]) if isinstance(backend, SDPBackend) else contextlib.nullcontext()
     try:
         with context:
@@ -109,7 +129,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--queries", type=int, help="cross-attention: this many queries against the keys")
     parser.add_argument("--masks", nargs="+", default=["padding", "padding_row", "key_bias", "none"],
-                        choices=["padding", "padding_row", "key_bias", "none"])  # fmt: skip
+                        choices=["padding", "padding_row", "key_bias", "packed", "none"])  # fmt: skip
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
     parser.add_argument("--out", default=str(REPO / "reports" / "benchmarks"))
     args = parser.parse_args(argv)
@@ -121,8 +141,8 @@ def main(argv=None) -> dict:
     q = torch.randn(args.batch, args.heads, queries, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
     flops = 4 * args.batch * args.heads * queries * length * 64 * 3.5  # forward 2 matmuls, backward 2.5x
     results = []
-    if args.queries and "key_bias" in args.masks:
-        parser.error("key_bias is for the encoder's self-attention")
+    if args.queries and ("key_bias" in args.masks or "packed" in args.masks):
+        parser.error("key_bias and packed are for the encoder's self-attention")
     keep = padding_mask(args.batch, length, args.text, device, row=True)[:, 0, 0, :]
     difference = None
     if "key_bias" in args.masks:
@@ -135,15 +155,18 @@ def main(argv=None) -> dict:
         row = mask_name == "padding_row"
         mask = (
             None
-            if mask_name in ("none", "key_bias")
+            if mask_name in ("none", "key_bias", "packed")
             else padding_mask(args.batch, length, args.text, device, row, args.queries)
         )
         for dropout in (0.1, 0.0):
             for name, backend in BACKENDS.items():
                 if name not in args.backends:
                     continue
-                bias = keep if mask_name == "key_bias" else None
-                seconds = time_pass(q, k, v, mask, dropout, backend, args.repeats, bias)
+                if mask_name == "packed" and name in ("matmuls", "default"):
+                    continue
+                bias = keep if mask_name in ("key_bias", "packed") else None
+                packing = packed((q, k, v), keep) if mask_name == "packed" else None
+                seconds = time_pass(q, k, v, mask, dropout, backend, args.repeats, bias, packing)
                 row = {"mask": mask_name, "dropout": dropout, "backend": name,
                        "ms": seconds and round(1000 * seconds, 2),
                        "tflops": seconds and round(flops / seconds / 1e12, 1)}  # fmt: skip
