@@ -34,6 +34,9 @@ Variants:
 - eager_2d_mask, bf16_pure_2d_mask: the encoder's padding mask handed to the model in 2-D (the step until
   2026-12-04), so transformers expands it to (B, 1, T, T) for the encoder and (B, 1, L, T) for cross-attention and
   PyTorch turns each into a bias of that size; the step now hands SDPA (B, 1, 1, T) (`key_padding_mask`).
+- bf16_pure_2d_decoder_mask: the decoder's padding mask handed to the model in 2-D (the step until 2026-12-04,
+  evening): transformers reads it on the host before building (B, 1, L, L) from it, one wait a step for the encoder's
+  kernels; the step now hands it (B, 1, L, L) (`causal_padding_mask`).
 - bf16_pure_per_tensor_cast: `bf16-pure` casting its weights tensor by tensor on every step, as until 2026-12-04
   (about 930 copy kernels a step); the step now casts the trainable weights together and keeps the frozen ones'
   copies (`florence_ops.precision.ComputeCopies`).
@@ -79,6 +82,7 @@ from florence_ops.model_inputs import (  # noqa: E402
     IGNORE_INDEX,
     SEQUENCE_MULTIPLE,
     TextBatch,
+    causal_padding_mask,
     embed_inputs,
     key_padding_mask,
     project_vision,
@@ -158,6 +162,12 @@ def compile_inplace_around_attention(model):
     layer norms and GELU alone."""
     around_attention(model)
     compile_every_layer(model)
+
+
+def two_d_decoder_mask(model):
+    """The decoder's padding mask handed to the model in 2-D, as the step did until 2026-12-04 (evening): transformers
+    reads it on the host (is anything padded?) before it builds the (B, 1, L, L) mask (reset by `run`)."""
+    training.causal_padding_mask = lambda model, mask: mask
 
 
 def two_d_mask(model):
@@ -288,6 +298,7 @@ VARIANTS = {
     "compile_objective_around_attention_bf16_pure": around_attention,
     "eager_2d_mask": two_d_mask,
     "bf16_pure_2d_mask": two_d_mask,
+    "bf16_pure_2d_decoder_mask": two_d_decoder_mask,
     "bf16_pure_per_tensor_cast": per_tensor_cast,
     "bf16_pure_cross_eager": cross_eager,
     "bf16_pure_cross_eager_no_dropout": lambda model: (no_dropout(model), cross_eager(model)),
@@ -308,6 +319,7 @@ def run(name: str, base, batches: dict[bool, list[TextBatch]], source, steps: in
     freeze(model, ["vision_tower"])
     training.SEQUENCE_MULTIPLE = SEQUENCE_MULTIPLE
     training.key_padding_mask = key_padding_mask
+    training.causal_padding_mask = causal_padding_mask
     training.ComputeCopies = ComputeCopies
     VARIANTS[name](model)
     precision = "bf16-pure" if "bf16_pure" in name else PRECISION

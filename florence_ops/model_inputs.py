@@ -120,6 +120,21 @@ def key_padding_mask(model, mask: torch.Tensor | None) -> torch.Tensor | None:
     return mask[:, None, None, :].bool()
 
 
+def causal_padding_mask(model, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The decoder's (B, L) padding mask as the boolean (B, 1, L, L) mask transformers makes of it for SDPA: query i
+    sees the real positions up to i.
+
+    transformers first reads the 2-D mask on the host, to run SDPA's causal kernel instead when nothing is padded, so
+    every training step waited there for the encoder's forward to finish before the decoder's kernels were queued; a
+    4-D mask it passes on as it is. Attention implementations other than SDPA keep the 2-D mask.
+    """
+    if mask is None or model.config.text_config._attn_implementation != "sdpa":
+        return mask
+    length = mask.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+    return causal[None, None] & mask[:, None, None, :].bool()
+
+
 def project_vision(model, vision_output: torch.Tensor) -> torch.Tensor:
     """Image token embeddings from the vision tower's output (the trainable projector)."""
     return model.model.multi_modal_projector(vision_output)

@@ -35,6 +35,7 @@ from florence_ops.model_inputs import (
     Collator,
     LengthGroupedBatches,
     TextBatch,
+    causal_padding_mask,
     embed_inputs,
     key_padding_mask,
     project_vision,
@@ -84,7 +85,7 @@ def answer_loss(model, vision, input_ids, attention_mask, labels, decoder_attent
         inputs_embeds=embeds,
         attention_mask=key_padding_mask(base, mask),
         decoder_input_ids=decoder_input_ids,
-        decoder_attention_mask=decoder_attention_mask,
+        decoder_attention_mask=causal_padding_mask(base, decoder_attention_mask),
         use_cache=False,  # teacher forcing decodes in one pass: a key/value cache is only copies (and recompiles)
     ).logits
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")

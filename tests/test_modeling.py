@@ -7,9 +7,16 @@ from PIL import Image
 
 from florence_ops.base_models import build_tiny_model, build_tiny_processor
 from florence_ops.config import TinyModel
-from florence_ops.model_inputs import IGNORE_INDEX, Collator, embed_inputs, key_padding_mask, project_vision
+from florence_ops.model_inputs import (
+    IGNORE_INDEX,
+    Collator,
+    causal_padding_mask,
+    embed_inputs,
+    key_padding_mask,
+    project_vision,
+)
 from florence_ops.modeling import freeze, model_parts
-from florence_ops.training import DocVQAObjective, make_optimizer
+from florence_ops.training import DocVQAObjective, answer_loss, make_optimizer
 from florence_ops.vision.sources import PixelSource
 
 CORPUS = ["<DocVQA>What is the total amount?", "Which company issued this document?", "ACME Corp", "$1,234.50"] * 5
@@ -143,6 +150,48 @@ def test_key_padding_mask_masks_what_transformers_masks(tiny):
             two_d, four_d, unmasked = two_d[real], four_d[real], unmasked[real]
         torch.testing.assert_close(four_d, two_d, rtol=1e-5, atol=1e-6)
         assert not torch.allclose(unmasked, two_d, rtol=1e-5, atol=1e-4), f"{name}: the padding must matter"
+
+
+def test_causal_padding_mask_masks_what_transformers_masks(tiny):
+    """The (B, 1, L, L) decoder mask the training step hands SDPA gives the logits of transformers' own masking from
+    the 2-D mask at every position, padded ones too; causal masking alone lets the padded positions see padding."""
+    model = _model(tiny).eval()
+    batch, source = _inputs(model, tiny, ROWS)
+    mask = batch.decoder_attention_mask
+    assert not mask.bool().all(), "one answer must be padded"
+    text = model.config.text_config
+    decoder_ids = torch.where(batch.labels == IGNORE_INDEX, text.pad_token_id, batch.labels)
+    decoder_ids = torch.cat([torch.full_like(decoder_ids[:, :1], text.decoder_start_token_id), decoder_ids[:, :-1]], 1)
+    pixels = source.prepare(source.load(batch.image_ids), torch.device("cpu"))
+    with torch.no_grad():
+        features = project_vision(model, model.model.vision_tower(pixels).last_hidden_state)
+        embeds, encoder_mask = embed_inputs(model, features, batch.input_ids, batch.attention_mask)
+        forms = {"2-D": mask, "4-D": causal_padding_mask(model, mask), "causal": None}
+        inputs = dict(inputs_embeds=embeds, attention_mask=encoder_mask, decoder_input_ids=decoder_ids, use_cache=False)
+        logits = {form: model(**inputs, decoder_attention_mask=m).logits for form, m in forms.items()}
+    assert causal_padding_mask(model, mask).shape == (2, 1, mask.shape[1], mask.shape[1])
+    torch.testing.assert_close(logits["4-D"], logits["2-D"], rtol=1e-5, atol=1e-6)
+    real = mask.bool()
+    torch.testing.assert_close(logits["causal"][real], logits["2-D"][real], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(logits["causal"][~real], logits["2-D"][~real], rtol=1e-5, atol=1e-4)
+
+
+def test_the_training_step_leaves_transformers_no_mask_to_read_on_the_host(tiny, monkeypatch):
+    """transformers reads a 2-D mask's values on the host before it builds SDPA's mask (whether anything is padded),
+    which on a GPU waits for every kernel queued so far; the training step's loss hands it none to read."""
+    import transformers.masking_utils as masking_utils
+
+    reads = []
+    read = masking_utils._ignore_causal_mask_sdpa
+    monkeypatch.setattr(masking_utils, "_ignore_causal_mask_sdpa", lambda *a, **k: reads.append(a) or read(*a, **k))
+    model = _model(tiny).eval()
+    batch, source = _inputs(model, tiny, ROWS)
+    pixels = source.prepare(source.load(batch.image_ids), torch.device("cpu"))
+    vision = model.model.vision_tower(pixels).last_hidden_state
+    loss = answer_loss(model, vision, batch.input_ids, batch.attention_mask, batch.labels,
+                       batch.decoder_attention_mask)  # fmt: skip
+    assert loss.item() > 0
+    assert reads == []
 
 
 def test_bf16_pure_step_computes_in_bf16_and_trains_the_fp32_weights(tiny):
