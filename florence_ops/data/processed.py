@@ -150,6 +150,11 @@ class ImageTable:
         if self._dataset is None:
             self._dataset = _from_parquet(self.path, IMAGE_FEATURES)
 
+    @property
+    def opened(self) -> bool:
+        """Whether the Arrow copy is made (or found) already: pages read now cost no more than a lookup."""
+        return self._dataset is not None
+
     def __len__(self) -> int:
         return len(self.ids)
 

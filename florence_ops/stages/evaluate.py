@@ -26,6 +26,7 @@ from florence_ops.artifacts import (
 )
 from florence_ops.config import Params
 from florence_ops.data.processed import ImageTable, read_questions
+from florence_ops.data.streaming import ParquetPages
 from florence_ops.errors import UserError
 from florence_ops.generation import Decoding, answer_across_processes
 from florence_ops.launch import launch, needs_launch
@@ -75,7 +76,10 @@ def evaluate(params: Params) -> dict:
     write_predictions(reports / PREDICTIONS_FILE, scored)
     write_type_plot_data(reports / TYPE_PLOTS_DIR, metrics["by_type"], metrics_before["by_type"])
     examples = params.evaluate.report_examples
-    write_html_report(reports / REPORT_HTML_FILE, metrics, metrics_before, scored, lambda i: images[i], examples)
+    # A few pages, each read from its row group: an ImageTable that has not read pages yet would make its Arrow copy
+    # of every page for them.
+    pages = images if images.opened else ParquetPages(processed, keep=1)
+    write_html_report(reports / REPORT_HTML_FILE, metrics, metrics_before, scored, lambda i: pages[i], examples)
     log.info("ANLS %.4f (before fine-tuning %.4f) on %d questions", metrics["anls"] or 0, metrics_before["anls"] or 0,
              metrics["n_questions"])  # fmt: skip
     return result
