@@ -402,7 +402,6 @@ def test_a_train_stage_that_finds_the_cache_makes_no_arrow_copy_of_the_pages(pre
     assert not [names for names in columns if "image" in names], "no Arrow copy of the pages"
 
 
-
 def test_an_evaluate_stage_that_finds_the_cache_makes_no_arrow_copy_of_the_pages(prepared, tmp_path, monkeypatch):
     """With the pages' features cached, evaluate answers without reading a page; the HTML report's example pages are
     read from their row groups, so the stage leaves no copy of `images.parquet` in datasets' cache either, and the
@@ -427,6 +426,7 @@ def test_an_evaluate_stage_that_finds_the_cache_makes_no_arrow_copy_of_the_pages
     assert not [names for names in columns if "image" in names], "no Arrow copy of the pages"
     report = (root / "reports/report.html").read_text()
     assert report.count("data:image/jpeg;base64,") >= params.evaluate.report_examples
+
 
 def test_pages_are_opened_once_in_the_process_that_forks_the_loader_workers(prepared, tmp_path, monkeypatch):
     """A loader whose workers read pages (the cache's build, a tower that trains) has them opened where it is made:
