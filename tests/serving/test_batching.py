@@ -1,4 +1,4 @@
-"""How a model worker collects a batch (`worker.GreedyLoop`): every request already queued, at once, up to
+"""How a model worker collects a batch (`batching.GreedyLoop`): every request already queued, at once, up to
 `serve.max_batch_size`; waiting for the first request when none is queued (not spinning); waiting up to
 `serve.batch_timeout_s` for a batch to fill only when that is set; and taking the next batch's requests off the
 queue while a batch runs, each announced to its HTTP process as the worker's."""
@@ -13,7 +13,7 @@ import litserve as ls
 import pytest
 from litserve.utils import LitAPIStatus
 
-from florence_ops.serving.worker import IDLE_WAIT_S, GreedyLoop
+from florence_ops.serving.batching import IDLE_WAIT_S, GreedyLoop
 
 TIMEOUT_S = 1.0  # a batch timeout long enough to show in the elapsed time
 
