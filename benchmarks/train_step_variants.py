@@ -10,7 +10,8 @@ step to step as they do in training. Each variant trains a fresh copy of the sam
 the median step after the first 12, `first_s` the time the first 12 took beyond 12 median steps (compilation and
 recompilation).
 
-Variants:
+Variants (on CUDA every variant but the compiled and `_unfused` ones trains the text encoder on the fused Triton
+kernels, `train.fused_kernels`, as the pipeline does):
 - eager: the pipeline's step as it is.
 - eager_with_cache: the step until 2026-12-03, the decoder keeping a key/value cache.
 - eager_no_dropout: every dropout probability set to 0 (what the dropouts cost; not a training setting).
@@ -43,6 +44,9 @@ Variants:
 - bf16_pure_cross_eager: `bf16-pure` with the decoder's cross-attention as transformers' eager attention (matrix
   products, softmax, dropout) and the rest SDPA (`cross_eager`); with `_no_dropout`,
   against `bf16_pure_no_dropout`, the numerics check (the two differ by rounding only).
+- bf16_pure_unfused, bf16_pure_no_dropout_unfused: `bf16-pure` with the text encoder's elementwise passes as
+  PyTorch's own kernels (`train.fused_kernels: false`, the step until 2026-12-04, night); without dropout, against
+  `bf16_pure_no_dropout`, the numerics check of the kernels (the two differ by rounding only).
 - no_decoder_syncs: the encoder run apart, the decoder given a ready 4-D cross-attention mask and no padding mask of
   its own (causal only; right padding cannot reach a real token), which removes transformers' host reads of the
   decoder's masks.
@@ -302,6 +306,8 @@ VARIANTS = {
     "bf16_pure_per_tensor_cast": per_tensor_cast,
     "bf16_pure_cross_eager": cross_eager,
     "bf16_pure_cross_eager_no_dropout": lambda model: (no_dropout(model), cross_eager(model)),
+    "bf16_pure_unfused": lambda model: None,
+    "bf16_pure_no_dropout_unfused": no_dropout,
 }
 
 
@@ -324,7 +330,8 @@ def run(name: str, base, batches: dict[bool, list[TextBatch]], source, steps: in
     VARIANTS[name](model)
     precision = "bf16-pure" if "bf16_pure" in name else PRECISION
     accelerator = Accelerator(mixed_precision=mixed_precision(precision, device), cpu=device.type == "cpu")
-    objective = DocVQAObjective(model, name.startswith("compile_objective"), compute_dtype(precision, device))
+    fused = device.type == "cuda" and "unfused" not in name and "compile" not in name  # as `fit` decides
+    objective = DocVQAObjective(model, name.startswith("compile_objective"), compute_dtype(precision, device), fused)
     train_mode(objective)
     optimizer = make_optimizer(objective, 1e-4, 0.01, device)
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=5, num_training_steps=1000)

@@ -10,6 +10,7 @@ the number of processes or micro-batches (a short last batch included).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import math
 import time
@@ -55,11 +56,17 @@ class DocVQAObjective(ModelWrapper):
     (`CompiledLoss`). With `compute_dtype` (bf16 for `train.precision: bf16-pure`) the step runs on copies of the
     weights in that dtype, so every activation is in it too (autocast keeps layer norms, and so the residual stream,
     in fp32); the gradients flow back through the copies into the fp32 weights, which the optimizer updates as usual.
+    With `fused_kernels` the text encoder's layers train on `florence_ops.kernels` (CUDA only: Triton).
     """
 
-    def __init__(self, model: torch.nn.Module, compile: bool = False, compute_dtype: torch.dtype | None = None):
+    def __init__(self, model: torch.nn.Module, compile: bool = False, compute_dtype: torch.dtype | None = None,
+                 fused_kernels: bool = False):  # fmt: skip
         super().__init__()
         self.model = model
+        if fused_kernels and not compile:
+            from florence_ops.kernels import fuse_text_encoder  # Triton: only where CUDA is
+
+            log.info("text encoder: %d layers on fused Triton kernels", fuse_text_encoder(unwrap(model)))
         self.loss = CompiledLoss(answer_loss) if compile else answer_loss
         self.copies = ComputeCopies(compute_dtype) if compute_dtype is not None else None
 
@@ -124,6 +131,17 @@ class Progress:
     best_epoch: int = -1
     stale_epochs: int = 0
     history: list[dict] = field(default_factory=list)
+
+
+def fused_kernels(params: Params, device: torch.device) -> bool:
+    """Whether the text encoder trains on `florence_ops.kernels`: `train.fused_kernels` on CUDA, where Triton is
+    (torch's Linux CUDA builds bring it)."""
+    if not params.train.fused_kernels or device.type != "cuda":
+        return False
+    if importlib.util.find_spec("triton") is None:
+        log.warning("train.fused_kernels: Triton is not installed; the text encoder trains on PyTorch's kernels")
+        return False
+    return True
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device):
@@ -261,7 +279,7 @@ def fit(run: Run) -> tuple[Progress, torch.nn.Module]:
     params, acc = run.params, run.accelerator
     accum = params.train.grad_accum_steps
     step_dtype = compute_dtype(params.train.precision, acc.device)
-    objective = DocVQAObjective(run.model, params.train.compile, step_dtype)
+    objective = DocVQAObjective(run.model, params.train.compile, step_dtype, fused_kernels(params, acc.device))
     optimizer = make_optimizer(objective, params.lr, params.train.weight_decay, acc.device)
     if run.own_batches is None:  # global batches, split across processes by accelerate
         loader = make_loader(run.train_rows, run.collator, params, global_batches(run.train_rows, params), run.source)

@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():  # before anything imports Triton: its kernels (test_kernels.py) run interpreted
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.remotes import s3_endpoint  # noqa: F401 (fixture of dvc_remote's "s3")
 

@@ -1,0 +1,136 @@
+"""The fused Triton kernels compute what PyTorch's own kernels compute, dropping the same elements both ways; the text
+encoder trains on them as on transformers' layer. On a machine without CUDA they run in Triton's interpreter."""
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from florence_ops.base_models import build_tiny_model, build_tiny_processor
+from florence_ops.config import TinyModel
+from florence_ops.model_inputs import Collator
+from florence_ops.training import DocVQAObjective
+from florence_ops.vision.sources import PixelSource
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+P = 0.1
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    return importlib.import_module("florence_ops.kernels")  # without CUDA, in Triton's interpreter (conftest.py)
+
+
+@pytest.fixture
+def pinned_seed(kernels, monkeypatch):
+    """Every call draws from the same seed, so that two calls drop the same elements."""
+    monkeypatch.setattr(kernels, "_seed", lambda device: torch.tensor([20261204], device=device))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_dropout_drops_a_tenth_scales_the_rest_and_backward_drops_the_same(kernels, dtype):
+    x = torch.randn(7, 33, 96, device=DEVICE, dtype=dtype, requires_grad=True)  # 22,176: no whole number of blocks
+    out = kernels.gelu_dropout(x, P)
+    kept = out != 0
+    assert 0.09 < 1 - kept.float().mean().item() < 0.11
+    assert not torch.equal(kept, kernels.gelu_dropout(x, P) != 0), "each call draws its own elements"
+    reference = x.detach().float().requires_grad_()
+    eager = F.gelu(reference) * kept / (1 - P)
+    _assert_close(out, eager, "out")
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    eager.backward(grad.float())
+    _assert_close(x.grad, reference.grad, "x")
+
+
+@pytest.mark.parametrize("width", [96, 48])  # 48: the rows' groups of four fill a block of 16 only partly
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_add_layer_norm_is_eager_norm_of_the_sum_both_ways(kernels, pinned_seed, dtype, width):
+    rows = (5, 47)
+    norm = torch.nn.LayerNorm(width, device=DEVICE, dtype=dtype)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.5)
+        norm.bias.normal_()
+    # The elements this seed drops: with x all ones and no residual, they normalise below the row's mean (a row that
+    # keeps all normalises to zeros).
+    ones = torch.ones(*rows, width, device=DEVICE, dtype=dtype)
+    kept = kernels.dropout_add_layer_norm(ones, torch.zeros_like(ones), torch.nn.LayerNorm(width).to(ones), P) >= 0
+    assert 0.07 < 1 - kept.float().mean().item() < 0.13
+
+    x, residual = (torch.randn(*rows, width, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(2))
+    out = kernels.dropout_add_layer_norm(x, residual, norm, P)
+    eager_norm = torch.nn.LayerNorm(width, device=DEVICE)  # in fp32 from the same values: the reference
+    eager_norm.load_state_dict(norm.state_dict())
+    eager_x, eager_residual = (t.detach().float().requires_grad_() for t in (x, residual))
+    eager = eager_norm(eager_residual + eager_x * kept / (1 - P))
+    _assert_close(out, eager, "out")
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    eager.backward(grad.float())
+    _assert_close(x.grad, eager_x.grad, "x")
+    _assert_close(residual.grad, eager_residual.grad, "residual")
+    _assert_close(norm.weight.grad, eager_norm.weight.grad, "weight")
+    _assert_close(norm.bias.grad, eager_norm.bias.grad, "bias")
+
+
+def _assert_close(actual: torch.Tensor, reference: torch.Tensor, name: str) -> None:
+    """Within about a unit of `actual`'s last place, relative and at the reference's scale (bf16 keeps 8 bits)."""
+    bits = 8 if actual.dtype == torch.bfloat16 else 20
+    scale = reference.abs().max().item()
+    torch.testing.assert_close(actual.float(), reference, rtol=2 ** (1 - bits), atol=scale * 2**-bits,
+                               msg=lambda m: f"{name}: {m}")  # fmt: skip
+
+
+CORPUS = ["<DocVQA>What is the total amount?", "Which company issued this document?", "ACME Corp", "$1,234.50"] * 5
+ROWS = [
+    {"question": "What is the total amount?", "answers": ["$1,234.50"], "image_id": "white"},
+    {"question": "Which company issued this document, and when?", "answers": ["ACME Corp"], "image_id": "grey"},
+]
+
+
+def _florence(encoder_dropout: float):
+    """The tiny Florence-2 in training mode, every dropout off but the text encoder's residual and activation ones."""
+    spec = TinyModel(image_size=64, vision_dims=[8, 16, 16, 32], vision_heads=[1, 2, 2, 4], d_model=32, heads=2,
+                     ffn_dim=64, vocab_size=300)  # fmt: skip
+    processor = build_tiny_processor(spec, CORPUS)
+    model = build_tiny_model(spec, processor, 0).to(DEVICE).train()
+    for module in model.modules():
+        for name in ("dropout", "activation_dropout", "attention_dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for layer in model.model.language_model.encoder.layers:
+        layer.dropout = layer.activation_dropout = encoder_dropout
+    images = {"white": Image.new("RGB", (64, 64), "white"), "grey": Image.new("RGB", (64, 64), (90, 90, 90))}
+    batch = Collator(processor.tokenizer, "<DocVQA>", 32, 16, train=True)(ROWS).to(DEVICE)
+    return model, batch, PixelSource(images, processor.image_processor)
+
+
+def test_the_text_encoder_trains_on_the_kernels_as_on_transformers_layers(kernels):
+    """Without the encoder's dropouts the fused objective's loss and every gradient are transformers' (what the kernels
+    change is only where dropout draws its elements); with them the step drops elements, and evaluation is eager."""
+    eager, batch, source = _florence(encoder_dropout=0.0)
+    fused, _, _ = _florence(encoder_dropout=0.0)
+    objective = DocVQAObjective(fused, fused_kernels=True)
+    layers = fused.model.language_model.encoder.layers
+    assert all(type(layer) is kernels.FusedEncoderLayer for layer in layers), [type(layer) for layer in layers]
+    torch.manual_seed(0)
+    loss = objective(batch, source)
+    torch.manual_seed(0)
+    eager_loss = DocVQAObjective(eager)(batch, source)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
+    loss.backward()
+    eager_loss.backward()
+    gradients = dict(eager.named_parameters())
+    for name, param in fused.named_parameters():
+        if param.grad is not None or gradients[name].grad is not None:
+            torch.testing.assert_close(param.grad, gradients[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+
+    dropping, _, _ = _florence(encoder_dropout=P)
+    objective = DocVQAObjective(dropping, fused_kernels=True)
+    assert objective(batch, source).item() != objective(batch, source).item()
+    with torch.no_grad():
+        assert objective.eval()(batch, source).item() == DocVQAObjective(_florence(P)[0]).eval()(batch, source).item()
