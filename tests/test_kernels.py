@@ -145,3 +145,20 @@ def test_the_text_encoder_trains_on_the_kernels_as_on_transformers_layers(kernel
     assert torch.equal(gradient(), gradient())
     with torch.no_grad():
         assert objective.eval()(batch, source).item() == DocVQAObjective(_florence(P)[0]).eval()(batch, source).item()
+
+
+def test_gradient_checkpointing_recomputes_the_kernels_dropout(kernels):
+    """A checkpointed layer runs its forward again in backward: the kernels draw the same elements then (their seed
+    comes from the generator whose state checkpointing replays), so the gradients are those of the plain step."""
+    gradients = []
+    for checkpointing in (False, True):
+        model, batch, source = _florence(encoder_dropout=P)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        objective = DocVQAObjective(model, fused_kernels=True)
+        torch.manual_seed(0)
+        objective(batch, source).backward()
+        gradients.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+    assert gradients[0].keys() == gradients[1].keys()
+    for name, grad in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
