@@ -13,12 +13,10 @@ Offsets are 32-bit: a batch whose activations reach 2**31 elements runs eager.
 
 from __future__ import annotations
 
-import types
-
 import torch
 import triton
 import triton.language as tl
-from transformers.models.bart.modeling_bart import BartEncoderLayer
+from transformers.models.bart import modeling_bart
 
 GROUPS = 512  # groups of four elements an elementwise program handles
 SQRT_HALF = tl.constexpr(0.7071067811865476)
@@ -189,28 +187,31 @@ def dropout_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, norm: torch.
     return _DropoutAddNorm.apply(x, residual, norm.weight, norm.bias, p, norm.eps)
 
 
-def fused_encoder_forward(layer: BartEncoderLayer, hidden_states: torch.Tensor, attention_mask: torch.Tensor,
-                          **kwargs) -> torch.Tensor:  # fmt: skip
-    """`BartEncoderLayer.forward` (Florence-2's text encoder) on the kernels above in training; transformers' own
-    forward in evaluation or beyond 32-bit offsets."""
-    wide = hidden_states.shape[:-1].numel() * layer.fc1.out_features
-    if not layer.training or wide >= 2**31:
-        return BartEncoderLayer.forward(layer, hidden_states, attention_mask, **kwargs)
-    residual = hidden_states
-    hidden_states, _ = layer.self_attn(hidden_states, attention_mask=attention_mask, **kwargs)
-    hidden_states = dropout_add_layer_norm(hidden_states, residual, layer.self_attn_layer_norm, layer.dropout)
-    residual = hidden_states
-    hidden_states = layer.fc2(gelu_dropout(layer.fc1(hidden_states), layer.activation_dropout))
-    return dropout_add_layer_norm(hidden_states, residual, layer.final_layer_norm, layer.dropout)
+class BartEncoderLayer(modeling_bart.BartEncoderLayer):
+    """transformers' BART encoder layer (Florence-2's text encoder), training on the kernels above: the same weights
+    and the same name, which accelerate's FSDP wrapping and transformers' device maps look layers up by
+    (`_no_split_modules`); transformers wraps this forward in gradient checkpointing as it wraps the layer's own.
+    Evaluation, dropout of 1 and batches beyond 32-bit offsets take transformers' forward."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
+        wide = hidden_states.shape[:-1].numel() * self.fc1.out_features
+        if not self.training or wide >= 2**31 or max(self.dropout, self.activation_dropout) >= 1:
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(hidden_states, attention_mask=attention_mask, **kwargs)
+        hidden_states = dropout_add_layer_norm(hidden_states, residual, self.self_attn_layer_norm, self.dropout)
+        residual = hidden_states
+        hidden_states = self.fc2(gelu_dropout(self.fc1(hidden_states), self.activation_dropout))
+        return dropout_add_layer_norm(hidden_states, residual, self.final_layer_norm, self.dropout)
 
 
 def fuse_text_encoder(model: torch.nn.Module) -> int:
-    """Give the BART encoder layers in `model` whose activation is exact GELU `fused_encoder_forward`, in place; how
-    many were given it. The layers keep their class, which accelerate's FSDP wrapping and transformers' device maps
-    find by name (`_no_split_modules`)."""
+    """Turn the BART encoder layers in `model` that the kernels fit (exact GELU, a width that is a multiple of 4) into
+    the `BartEncoderLayer` above, in place; how many were turned."""
     fused = 0
     for module in model.modules():
-        if type(module) is BartEncoderLayer and module.self_attn.config.activation_function == "gelu":
-            module.forward = types.MethodType(fused_encoder_forward, module)
+        if (type(module) is modeling_bart.BartEncoderLayer and module.embed_dim % 4 == 0
+                and module.self_attn.config.activation_function == "gelu"):  # fmt: skip
+            module.__class__ = BartEncoderLayer
             fused += 1
     return fused
