@@ -2,6 +2,9 @@
 encoder trains on them as on transformers' layer. On a machine without CUDA they run in Triton's interpreter."""
 
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -189,3 +192,38 @@ def test_an_encoder_whose_width_the_kernels_do_not_fit_keeps_transformers_layers
     assert kernels.fuse_text_encoder(model) == 0
     assert {type(layer) for layer in model.model.language_model.encoder.layers} == {BartEncoderLayer}
     DocVQAObjective(model, fused_kernels=True)(batch, source).backward()
+
+
+COMPILE_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from florence_ops import kernels
+
+b, f = "*bf16", "*fp32"
+signatures = {
+    "_gelu_dropout_forward": dict(x_ptr=b, out_ptr=b, seed_ptr="*i64", n="i32", p="fp32", scale="fp32"),
+    "_gelu_dropout_backward": dict(grad_ptr=b, x_ptr=b, dx_ptr=b, seed_ptr="*i64", n="i32", p="fp32", scale="fp32"),
+    "_dropout_add_norm_forward": dict(x_ptr=b, residual_ptr=b, weight_ptr=b, bias_ptr=b, sum_ptr=b, out_ptr=b,
+                                      mean_ptr=f, rstd_ptr=f, seed_ptr="*i64", N="i32", p="fp32", scale="fp32",
+                                      eps="fp32"),
+    "_dropout_add_norm_backward": dict(grad_ptr=b, sum_ptr=b, weight_ptr=b, mean_ptr=f, rstd_ptr=f, seed_ptr="*i64",
+                                       dresidual_ptr=b, dx_ptr=b, dweight_ptr=f, dbias_ptr=f, M="i32", N="i32",
+                                       p="fp32", scale="fp32"),
+}
+for name, signature in signatures.items():
+    groups = kernels.GROUPS if "gelu" in name else 256  # the norm kernels' groups for a width of 1024 (large)
+    source = ASTSource(getattr(kernels, name), {**signature, "GROUPS": "constexpr"}, {"GROUPS": groups})
+    triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    print(name)
+"""
+
+
+def test_the_kernels_compile_for_the_h200_as_a_gpu_compiles_them():
+    """Triton's interpreter runs code that a GPU's compiler refuses (a kernel reading a module-level float that is not
+    a `tl.constexpr`, say); compiling every kernel for sm_90 (the H200) needs no GPU, only Triton's own ptxas."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["_gelu_dropout_forward", "_gelu_dropout_backward", "_dropout_add_norm_forward",
+                                   "_dropout_add_norm_backward"]  # fmt: skip
