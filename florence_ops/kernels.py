@@ -122,18 +122,16 @@ class _GeluDropout(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
         x = x.contiguous()
         seed, out = _seed(x.device), torch.empty_like(x)
-        grid = (triton.cdiv(x.numel(), 4 * GROUPS),)
-        _gelu_dropout_forward[grid](x, out, seed, x.numel(), p, 1 / (1 - p), GROUPS=GROUPS)
+        ctx.p, ctx.scale, ctx.grid = p, 1 / (1 - p), (triton.cdiv(x.numel(), 4 * GROUPS),)
+        _gelu_dropout_forward[ctx.grid](x, out, seed, x.numel(), p, ctx.scale, GROUPS=GROUPS)
         ctx.save_for_backward(x, seed)
-        ctx.p = p
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, seed = ctx.saved_tensors
         dx = torch.empty_like(x)
-        grid = (triton.cdiv(x.numel(), 4 * GROUPS),)
-        _gelu_dropout_backward[grid](grad.contiguous(), x, dx, seed, x.numel(), ctx.p, 1 / (1 - ctx.p), GROUPS=GROUPS)
+        _gelu_dropout_backward[ctx.grid](grad.contiguous(), x, dx, seed, x.numel(), ctx.p, ctx.scale, GROUPS=GROUPS)
         return dx, None
 
 
@@ -151,11 +149,10 @@ class _DropoutAddNorm(torch.autograd.Function):
         out, seed = torch.empty_like(total), _seed(x.device)
         mean = torch.empty(len(x), device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
-        _dropout_add_norm_forward[(len(x),)](x, residual, weight, bias, total, out, mean, rstd, seed, n, p, 1 / (1 - p),
-                                             eps, GROUPS=triton.next_power_of_2(n // 4),
-                                             num_warps=4 if n <= 2048 else 8)  # fmt: skip
+        ctx.p, ctx.scale, ctx.dtypes, ctx.shape = p, 1 / (1 - p), (x.dtype, residual.dtype), shape
+        _dropout_add_norm_forward[(len(x),)](x, residual, weight, bias, total, out, mean, rstd, seed, n, p, ctx.scale,
+                                             eps, **_row_launch(n))  # fmt: skip
         ctx.save_for_backward(total, weight, mean, rstd, seed)
-        ctx.p, ctx.dtypes, ctx.shape = p, (x.dtype, residual.dtype), shape
         return out.view(shape)
 
     @staticmethod
@@ -168,14 +165,17 @@ class _DropoutAddNorm(torch.autograd.Function):
         programs = min(m, 4 * _processors(grad.device))
         dweight = torch.empty(programs, n, device=grad.device, dtype=torch.float32)
         dbias = torch.empty_like(dweight)
-        groups = triton.next_power_of_2(n // 4)
         _dropout_add_norm_backward[(programs,)](grad, total, weight, mean, rstd, seed, dresidual, dx, dweight, dbias,
-                                                m, n, ctx.p, 1 / (1 - ctx.p), GROUPS=groups,
-                                                num_warps=4 if n <= 2048 else 8)  # fmt: skip
+                                                m, n, ctx.p, ctx.scale, **_row_launch(n))  # fmt: skip
         wanted = ctx.needs_input_grad
         dweight = dweight.sum(0).to(weight.dtype) if wanted[2] else None
         dbias = dbias.sum(0).to(weight.dtype) if wanted[3] else None
         return dx.view(ctx.shape), dresidual.view(ctx.shape), dweight, dbias, None, None
+
+
+def _row_launch(n: int) -> dict:
+    """The norm kernels' tile (a row's groups of four, a power of two) and warps for rows of `n`."""
+    return {"GROUPS": triton.next_power_of_2(n // 4), "num_warps": 4 if n <= 2048 else 8}
 
 
 def _processors(device: torch.device) -> int:

@@ -1,7 +1,6 @@
 """The fused Triton kernels compute what PyTorch's own kernels compute, dropping the same elements both ways; the text
 encoder trains on them as on transformers' layer. On a machine without CUDA they run in Triton's interpreter."""
 
-import importlib
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from accelerate.utils.dataclasses import get_module_class_from_name
 from PIL import Image
 from transformers.models.bart.modeling_bart import BartEncoderLayer
 
+from florence_ops import kernels  # without CUDA, in Triton's interpreter (conftest.py)
 from florence_ops.base_models import build_tiny_model, build_tiny_processor
 from florence_ops.config import TinyModel
 from florence_ops.model_inputs import Collator
@@ -23,19 +23,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 P = 0.1
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    return importlib.import_module("florence_ops.kernels")  # without CUDA, in Triton's interpreter (conftest.py)
-
-
 @pytest.fixture
-def pinned_seed(kernels, monkeypatch):
+def pinned_seed(monkeypatch):
     """Every call draws from the same seed, so that two calls drop the same elements."""
     monkeypatch.setattr(kernels, "_seed", lambda device: torch.tensor([20261204], device=device))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gelu_dropout_drops_a_tenth_scales_the_rest_and_backward_drops_the_same(kernels, dtype):
+def test_gelu_dropout_drops_a_tenth_scales_the_rest_and_backward_drops_the_same(dtype):
     x = torch.randn(7, 33, 96, device=DEVICE, dtype=dtype, requires_grad=True)  # 22,176: no whole number of blocks
     out = kernels.gelu_dropout(x, P)
     kept = out != 0
@@ -54,7 +49,7 @@ def test_gelu_dropout_drops_a_tenth_scales_the_rest_and_backward_drops_the_same(
 @pytest.mark.parametrize(
     ("dtype", "residual_dtype"), [(torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.bfloat16, torch.float32)]
 )  # the last: under autocast
-def test_dropout_add_layer_norm_is_eager_norm_of_the_sum_both_ways(kernels, pinned_seed, dtype, residual_dtype, width):
+def test_dropout_add_layer_norm_is_eager_norm_of_the_sum_both_ways(pinned_seed, dtype, residual_dtype, width):
     """Under autocast the branch is bf16, the residual stream and the norm fp32 (eager's sum promotes), and so are the
     output and the residual's gradient; the branch's gradient is bf16."""
     rows = (5, 47)
@@ -124,7 +119,7 @@ def _florence(encoder_dropout: float, d_model: int = 32):
     return model, batch, PixelSource(images, processor.image_processor)
 
 
-def test_the_text_encoder_trains_on_the_kernels_as_on_transformers_layers(kernels, monkeypatch):
+def test_the_text_encoder_trains_on_the_kernels_as_on_transformers_layers(monkeypatch):
     """Without the encoder's dropouts the fused objective's loss and every gradient are transformers' (what the kernels
     change is only where dropout draws its elements); with them the step drops the kernels' elements, and evaluation
     is transformers' own. The layers keep their class's name, which FSDP's wrapping looks layers up by."""
@@ -160,7 +155,7 @@ def test_the_text_encoder_trains_on_the_kernels_as_on_transformers_layers(kernel
         assert objective.eval()(batch, source).item() == DocVQAObjective(_florence(P)[0]).eval()(batch, source).item()
 
 
-def test_gradient_checkpointing_recomputes_the_kernels_dropout(kernels):
+def test_gradient_checkpointing_recomputes_the_kernels_dropout():
     """A checkpointed layer runs its forward again in backward: the kernels draw the same elements then (their seed
     comes from the generator whose state checkpointing replays), so the gradients are those of the plain step."""
     gradients, draws = [], []
@@ -186,7 +181,7 @@ def test_gradient_checkpointing_recomputes_the_kernels_dropout(kernels):
         torch.testing.assert_close(gradients[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_an_encoder_whose_width_the_kernels_do_not_fit_keeps_transformers_layers(kernels):
+def test_an_encoder_whose_width_the_kernels_do_not_fit_keeps_transformers_layers():
     """The kernels take rows in groups of four: a width that is not a multiple of 4 trains on transformers' layers."""
     model, batch, source = _florence(encoder_dropout=P, d_model=30)
     assert kernels.fuse_text_encoder(model) == 0
