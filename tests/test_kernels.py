@@ -16,6 +16,7 @@ from florence_ops import kernels  # without CUDA, in Triton's interpreter (conft
 from florence_ops.base_models import build_tiny_model, build_tiny_processor
 from florence_ops.config import TinyModel
 from florence_ops.model_inputs import Collator
+from florence_ops.modeling import checkpoint_activations
 from florence_ops.training import DocVQAObjective
 from florence_ops.vision.sources import PixelSource
 
@@ -36,6 +37,8 @@ def test_gelu_dropout_drops_a_tenth_scales_the_rest_and_backward_drops_the_same(
     kept = out != 0
     assert 0.09 < 1 - kept.float().mean().item() < 0.11
     assert not torch.equal(kept, kernels.gelu_dropout(x, P) != 0), "each call draws its own elements"
+    wide = torch.rand(64, 1024, device=DEVICE, dtype=dtype) + 1  # GELU > 0: zero only where dropped
+    _assert_drawn_independently(kernels.gelu_dropout(wide, P) == 0, lags=range(1, 17))
     reference = x.detach().float().requires_grad_()
     eager = F.gelu(reference) * kept / (1 - P)
     _assert_close(out, eager, "out")
@@ -52,7 +55,7 @@ def test_gelu_dropout_drops_a_tenth_scales_the_rest_and_backward_drops_the_same(
 def test_dropout_add_layer_norm_is_eager_norm_of_the_sum_both_ways(pinned_seed, dtype, residual_dtype, width):
     """Under autocast the branch is bf16, the residual stream and the norm fp32 (eager's sum promotes), and so are the
     output and the residual's gradient; the branch's gradient is bf16."""
-    rows = (5, 47)
+    rows = (3, 17)
     norm = torch.nn.LayerNorm(width, device=DEVICE, dtype=residual_dtype)
     with torch.no_grad():
         norm.weight.normal_(1, 0.5)
@@ -62,6 +65,7 @@ def test_dropout_add_layer_norm_is_eager_norm_of_the_sum_both_ways(pinned_seed, 
     ones = torch.ones(*rows, width, device=DEVICE, dtype=dtype)
     kept = kernels.dropout_add_layer_norm(ones, torch.zeros_like(ones), torch.nn.LayerNorm(width).to(ones), P) >= 0
     assert 0.07 < 1 - kept.float().mean().item() < 0.13
+    _assert_drawn_independently(~kept, lags=[*range(1, 17), width], bound=0.015)  # width: the next row
 
     x = torch.randn(*rows, width, device=DEVICE, dtype=dtype, requires_grad=True)
     residual = torch.randn(*rows, width, device=DEVICE, dtype=residual_dtype, requires_grad=True)
@@ -82,6 +86,15 @@ def test_dropout_add_layer_norm_is_eager_norm_of_the_sum_both_ways(pinned_seed, 
     _assert_close(norm.bias.grad, eager_norm.bias.grad, "bias", dtype)
 
 
+def _assert_drawn_independently(dropped: torch.Tensor, lags, bound: float = 0.003) -> None:
+    """Elements `lag` apart (within a Philox call's group, across groups, across rows) are dropped together as often as
+    independent draws are, P**2 (1%), not as often as one draw shared (10%): within `bound` (7 standard errors or
+    more)."""
+    flat = dropped.flatten().float()
+    together = {lag: (flat[lag:] * flat[:-lag]).mean().item() for lag in lags}
+    assert all(abs(rate - P**2) < bound for rate in together.values()), f"dropped together: {together}"
+
+
 def _assert_close(
     actual: torch.Tensor, reference: torch.Tensor, name: str, rounded_to: torch.dtype | None = None
 ) -> None:
@@ -100,8 +113,9 @@ ROWS = [
 ]
 
 
-def _florence(encoder_dropout: float, d_model: int = 32):
-    """The tiny Florence-2 in training mode, every dropout off but the text encoder's residual and activation ones."""
+def _florence(encoder_dropout: float, d_model: int = 32, rows: list[dict] = ROWS):
+    """The tiny Florence-2 in training mode, every dropout off but the text encoder's residual and activation ones, and
+    a batch of `rows` (one row where the test needs only dropout's draws: Triton's interpreter draws slowly)."""
     spec = TinyModel(image_size=64, vision_dims=[8, 16, 16, 32], vision_heads=[1, 2, 2, 4], d_model=d_model, heads=2,
                      ffn_dim=64, vocab_size=300)  # fmt: skip
     processor = build_tiny_processor(spec, CORPUS)
@@ -115,7 +129,7 @@ def _florence(encoder_dropout: float, d_model: int = 32):
     for layer in model.model.language_model.encoder.layers:
         layer.dropout = layer.activation_dropout = encoder_dropout
     images = {"white": Image.new("RGB", (64, 64), "white"), "grey": Image.new("RGB", (64, 64), (90, 90, 90))}
-    batch = Collator(processor.tokenizer, "<DocVQA>", 32, 16, train=True)(ROWS).to(DEVICE)
+    batch = Collator(processor.tokenizer, "<DocVQA>", 32, 16, train=True)(rows).to(DEVICE)
     return model, batch, PixelSource(images, processor.image_processor)
 
 
@@ -139,7 +153,7 @@ def test_the_text_encoder_trains_on_the_kernels_as_on_transformers_layers(monkey
         if param.grad is not None or gradients[name].grad is not None:
             torch.testing.assert_close(param.grad, gradients[name].grad, rtol=1e-4, atol=1e-5, msg=name)
 
-    dropping, _, _ = _florence(encoder_dropout=P)
+    dropping, batch, source = _florence(encoder_dropout=P, rows=ROWS[:1])
     objective = DocVQAObjective(dropping, fused_kernels=True)
 
     def gradient() -> torch.Tensor:
@@ -155,14 +169,42 @@ def test_the_text_encoder_trains_on_the_kernels_as_on_transformers_layers(monkey
         assert objective.eval()(batch, source).item() == DocVQAObjective(_florence(P)[0]).eval()(batch, source).item()
 
 
+@pytest.mark.parametrize(("dropout", "activation_dropout"), [(0.0, 0.5), (0.5, 0.0)])
+def test_each_dropout_of_the_layer_drops_where_transformers_drops(dropout, activation_dropout):
+    """The residual dropout (`dropout`, on the attention's and the feed-forward's outputs) and the activation dropout
+    (after GELU) are the layer's own: with one of them off, what it guards is exact. fc1 reads what the first norm gave
+    (transformers' own with the residual dropout off), and fc2 reads GELU of fc1's output (with the activation dropout
+    off)."""
+    models = []
+    for fused in (False, True):
+        model, batch, source = _florence(encoder_dropout=0.0, rows=ROWS[:1])
+        for layer in model.model.language_model.encoder.layers:
+            layer.dropout, layer.activation_dropout = dropout, activation_dropout
+        layer = model.model.language_model.encoder.layers[0]
+        inputs = {}
+        for name in ("fc1", "fc2"):
+            getattr(layer, name).register_forward_pre_hook(
+                lambda _, args, name=name, inputs=inputs: inputs.setdefault(name, args[0])
+            )
+        torch.manual_seed(0)
+        DocVQAObjective(model, fused_kernels=fused)(batch, source)
+        assert type(layer) is (kernels.BartEncoderLayer if fused else BartEncoderLayer)
+        models.append((layer, inputs))
+    (_, eager), (layer, fused) = models
+    if dropout == 0:
+        torch.testing.assert_close(fused["fc1"], eager["fc1"], rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(fused["fc2"], F.gelu(layer.fc1(fused["fc1"])), rtol=1e-5, atol=1e-5)
+
+
 def test_gradient_checkpointing_recomputes_the_kernels_dropout():
     """A checkpointed layer runs its forward again in backward: the kernels draw the same elements then (their seed
     comes from the generator whose state checkpointing replays), so the gradients are those of the plain step."""
     gradients, draws = [], []
     for checkpointing in (False, True):
-        model, batch, source = _florence(encoder_dropout=P)
+        model, batch, source = _florence(encoder_dropout=P, rows=ROWS[:1])
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            checkpoint_activations(model)
         objective = DocVQAObjective(model, fused_kernels=True)
         seeds = []
         with pytest.MonkeyPatch.context() as patch:
