@@ -175,6 +175,13 @@ class ModelWrapper(torch.nn.Module):
     model: torch.nn.Module
 
 
+def checkpoint_activations(model: torch.nn.Module) -> None:
+    """Turn on transformers' activation (gradient) checkpointing in the model inside `model`'s wrappers: its
+    `activation_checkpointing_enable` where transformers has it (5.24 on; the old name warns there)."""
+    model = unwrap(model)
+    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+
+
 def unwrap(model: torch.nn.Module) -> Florence2ForConditionalGeneration:
     """The transformers model inside the wrappers this project uses: DDP and FSDP (`.module`), `torch.compile`
     (`._orig_mod`), peft (its base model) and the training objective (`.model`). Anything else raises TypeError."""

@@ -29,7 +29,7 @@ from florence_ops.data.streaming import ParquetPages, ShardBatches, process_shar
 from florence_ops.errors import UserError
 from florence_ops.launch import launch, needs_launch, writes_outputs
 from florence_ops.model_inputs import Collator
-from florence_ops.modeling import apply_lora, freeze, load_pretrained, save_processor, unwrap
+from florence_ops.modeling import apply_lora, checkpoint_activations, freeze, load_pretrained, save_processor, unwrap
 from florence_ops.training import Run, fit, make_accelerator
 from florence_ops.vision.sources import PixelSource, cached_source
 from florence_ops.vision.stage_cache import encoded_source, open_or_build_together
@@ -71,7 +71,7 @@ def train(params: Params, machine_rank: int | None = None) -> dict:
     trainable, total = freeze(model, params.train.freeze)
     log.info("trainable parameters: %d of %d (%.1f%%)", trainable, total, 100 * trainable / total)
     if params.train.gradient_checkpointing:
-        unwrap(model).gradient_checkpointing_enable()
+        checkpoint_activations(model)
 
     processed = Path(params.paths.processed)
     if cfg.streaming:
