@@ -240,17 +240,18 @@ from florence_ops import kernels
 
 b, f = "*bf16", "*fp32"
 signatures = {
-    "_gelu_dropout_forward": dict(x_ptr=b, out_ptr=b, seed_ptr="*i64", n="i32", p="fp32", scale="fp32"),
-    "_gelu_dropout_backward": dict(grad_ptr=b, x_ptr=b, dx_ptr=b, seed_ptr="*i64", n="i32", p="fp32", scale="fp32"),
+    "_gelu_dropout_forward": dict(x_ptr=b, out_ptr=b, mask_ptr="*u8", seed_ptr="*i64", n="i32", threshold="i32",
+                                  scale="fp32"),
+    "_gelu_dropout_backward": dict(grad_ptr=b, x_ptr=b, mask_ptr="*u8", dx_ptr=b, n="i32", scale="fp32"),
     "_dropout_add_norm_forward": dict(x_ptr=b, residual_ptr=b, weight_ptr=b, bias_ptr=b, sum_ptr=b, out_ptr=b,
-                                      mean_ptr=f, rstd_ptr=f, seed_ptr="*i64", N="i32", p="fp32", scale="fp32",
-                                      eps="fp32"),
-    "_dropout_add_norm_backward": dict(grad_ptr=b, sum_ptr=b, weight_ptr=b, mean_ptr=f, rstd_ptr=f, seed_ptr="*i64",
+                                      mask_ptr="*u8", mean_ptr=f, rstd_ptr=f, seed_ptr="*i64", N="i32",
+                                      threshold="i32", scale="fp32", eps="fp32"),
+    "_dropout_add_norm_backward": dict(grad_ptr=b, sum_ptr=b, weight_ptr=b, mask_ptr="*u8", mean_ptr=f, rstd_ptr=f,
                                        dresidual_ptr=b, dx_ptr=b, dweight_ptr=f, dbias_ptr=f, M="i32", N="i32",
-                                       p="fp32", scale="fp32"),
+                                       scale="fp32"),
 }
 for name, signature in signatures.items():
-    groups = kernels.GROUPS if "gelu" in name else 256  # the norm kernels' groups for a width of 1024 (large)
+    groups = kernels.ELEMENTWISE_GROUPS if "gelu" in name else 128  # the norm kernels' groups for a width of 1024
     source = ASTSource(getattr(kernels, name), {**signature, "GROUPS": "constexpr"}, {"GROUPS": groups})
     triton.compile(source, target=GPUTarget("cuda", 90, 32))
     print(name)
