@@ -10,8 +10,8 @@ step to step as they do in training. Each variant trains a fresh copy of the sam
 the median step after the first 12, `first_s` the time the first 12 took beyond 12 median steps (compilation and
 recompilation).
 
-Variants (on CUDA every variant but the compiled and `_unfused` ones trains the text encoder on the fused Triton
-kernels, `train.fused_kernels`, as the pipeline does):
+Variants (on CUDA every variant but the compiled and `_unfused` ones trains on the fused Triton kernels,
+`train.fused_kernels`, as the pipeline does: the text encoder's elementwise passes and the decoder's cross-attention):
 - eager: the pipeline's step as it is.
 - eager_with_cache: the step until 2026-12-03, the decoder keeping a key/value cache.
 - eager_no_dropout: every dropout probability set to 0 (what the dropouts cost; not a training setting).
@@ -47,6 +47,9 @@ kernels, `train.fused_kernels`, as the pipeline does):
 - bf16_pure_unfused, bf16_pure_no_dropout_unfused: `bf16-pure` with the text encoder's elementwise passes as
   PyTorch's own kernels (`train.fused_kernels: false`, the step until 2026-12-04, night); without dropout, against
   `bf16_pure_no_dropout`, the numerics check of the kernels (the two differ by rounding only).
+- bf16_pure_sdpa_cross, bf16_pure_no_dropout_sdpa_cross: `bf16-pure` with the text encoder on the fused kernels and
+  the decoder's cross-attention SDPA's (cuDNN) rather than the cross-attention kernel; without dropout, against
+  `bf16_pure_no_dropout`, the numerics check of that kernel.
 - no_decoder_syncs: the encoder run apart, the decoder given a ready 4-D cross-attention mask and no padding mask of
   its own (causal only; right padding cannot reach a real token), which removes transformers' host reads of the
   decoder's masks.
@@ -307,6 +310,8 @@ VARIANTS = {
     "bf16_pure_cross_eager": cross_eager,
     "bf16_pure_cross_eager_no_dropout": lambda model: (no_dropout(model), cross_eager(model)),
     "bf16_pure_unfused": lambda model: None,
+    "bf16_pure_sdpa_cross": lambda model: None,
+    "bf16_pure_no_dropout_sdpa_cross": no_dropout,
     "bf16_pure_no_dropout_unfused": no_dropout,
 }
 
@@ -332,6 +337,10 @@ def run(name: str, base, batches: dict[bool, list[TextBatch]], source, steps: in
     accelerator = Accelerator(mixed_precision=mixed_precision(precision, device), cpu=device.type == "cpu")
     fused = device.type == "cuda" and "unfused" not in name and "compile" not in name  # as `fit` decides
     objective = DocVQAObjective(model, name.startswith("compile_objective"), compute_dtype(precision, device), fused)
+    if "sdpa_cross" in name:  # the encoder on the kernels, the decoder's cross-attention SDPA's again
+        for module in model.modules():
+            if type(module).__module__ == "florence_ops.kernels" and type(module).__name__ == "BartAttention":
+                module.__class__ = type(module).__mro__[1]
     train_mode(objective)
     optimizer = make_optimizer(objective, 1e-4, 0.01, device)
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=5, num_training_steps=1000)

@@ -158,7 +158,7 @@ class TrainConfig:
     length_grouping: StrictInt = 1  # batches per pool sorted by question length (1: plain shuffling)
     num_workers: StrictInt = 0  # DataLoader workers
     compile: StrictBool = False  # torch.compile the training step's model and loss (once, dynamic shapes)
-    fused_kernels: StrictBool = True  # Triton kernels for the text encoder's elementwise passes (CUDA, without compile)
+    fused_kernels: StrictBool = True  # Triton kernels: encoder elementwise passes, cross-attention (CUDA, no compile)
     gradient_checkpointing: StrictBool = False
     checkpoint_every: StrictInt = 100  # optimizer steps between resumable checkpoints (also at every epoch end)
     eval_every_epoch: StrictBool = True  # validation score each epoch, keeps the best model

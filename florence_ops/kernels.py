@@ -1,16 +1,23 @@
-"""Triton kernels for the text encoder's elementwise passes in training: GELU with the activation dropout after it,
-and dropout, residual add and layer norm, each as one kernel forward and one backward (`train.fused_kernels`).
+"""Triton kernels for training (`train.fused_kernels`): the text encoder's elementwise passes (GELU with the
+activation dropout after it; dropout, residual add and layer norm), and the decoder's cross-attention, each as one
+kernel forward and one backward.
 
-The second version, not yet measured on a GPU (benchmarks/README.md, "The text encoder's elementwise passes as Triton
-kernels"): the first drew four elements' dropout from a Philox call and drew them again in backward, and its GELU
-kernels were bound by instruction issue (about 60 instructions an element on sm_90, of which Philox took a third).
-Here a Philox call draws eight elements, one 16-bit half of its four words each (element j of group g is kept when
-half j of Philox(seed, g) is at least p * 2**16, rounded: p is rounded to 2**-16 and the kept elements scaled by the
-complement of that), forward stores the flags as one bit an element (a 32nd of the bf16 activations), and backward
-reads them instead of drawing again. The seed is drawn from the CUDA generator for each call (so `torch.manual_seed`
-and gradient checkpointing's RNG replay hold).
+Not yet measured on a GPU (benchmarks/README.md, "The text encoder's elementwise passes as Triton kernels"). The
+elementwise kernels are their second version: the first drew four elements' dropout from a Philox call and drew them
+again in backward, and its GELU kernels were bound by instruction issue (about 60 instructions an element on sm_90, of
+which Philox took a third). Here a Philox call draws eight elements, one 16-bit half of its four words each (element j
+of group g is kept when half j of Philox(seed, g) is at least p * 2**16, rounded: p is rounded to 2**-16 and the kept
+elements scaled by the complement of that), forward stores the flags as one bit an element (a 32nd of the bf16
+activations), and backward reads them instead of drawing again.
 
-Offsets are 32-bit: a batch whose activations reach 2**31 elements runs eager.
+The cross-attention is a few answer tokens against the encoder's 600 positions: cuDNN's kernel took 3.08 ms a layer
+forward and backward at batch 512 (`attention_variants_cross9_nvidia-h200.json`), four times what reading the keys and
+values and writing their gradients takes, since it tiles queries by 64 and more. Here a program takes one (question,
+head), its queries padded to 16, and walks its keys once each way (online softmax forward; backward from the saved
+log-sum-exp, each program owning its keys' gradients).
+
+Every seed is drawn from the CUDA generator for each call (so `torch.manual_seed` and gradient checkpointing's RNG
+replay hold). Offsets are 32-bit: a batch whose activations reach 2**31 elements runs eager.
 """
 
 from __future__ import annotations
@@ -233,6 +240,212 @@ class BartEncoderLayer(modeling_bart.BartEncoderLayer):
         residual = hidden_states
         hidden_states = self.fc2(gelu_dropout(self.fc1(hidden_states), self.activation_dropout))
         return dropout_add_layer_norm(hidden_states, residual, self.final_layer_norm, self.dropout)
+
+
+# The decoder's cross-attention: a few answer tokens (9 in the pipeline, up to 64 here) against the encoder's 600.
+# Attention kernels tile queries by 64 or more, so most of their work is on padding; here a program takes one
+# (question, head) and walks its keys, so the keys and values are read once each way and nothing is computed twice.
+QUERY_ROWS_MAX = 64
+KEY_BLOCK = 64  # keys a loop step takes
+CROSS_WARPS = 4
+
+
+@triton.jit
+def _tile(ptr, batch_stride, head_stride, row_stride, b, h, rows, live, D: tl.constexpr):
+    """Rows `rows` (those `live`) of one (question, head)'s (rows, D) slice; zeros elsewhere."""
+    dims = tl.arange(0, D)
+    return tl.load(ptr + b * batch_stride + h * head_stride + rows[:, None] * row_stride + dims[None, :],
+                   mask=live[:, None], other=0.0)  # fmt: skip
+
+
+@triton.jit
+def _put(ptr, batch_stride, head_stride, row_stride, b, h, rows, live, value, D: tl.constexpr):
+    dims = tl.arange(0, D)
+    tl.store(ptr + b * batch_stride + h * head_stride + rows[:, None] * row_stride + dims[None, :],
+             value.to(ptr.dtype.element_ty), mask=live[:, None])  # fmt: skip
+
+
+@triton.jit
+def _cross_attention_forward(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, lse_ptr, seed_ptr, qb, qh, qt, kb, kh, kl, vb,
+                             vh, vl, ob, oh, ot, H, T, L, softmax_scale, p, drop_scale, ROWS: tl.constexpr,
+                             KEYS: tl.constexpr, D: tl.constexpr, DROPOUT: tl.constexpr,
+                             PRECISION: tl.constexpr):  # fmt: skip
+    """One (question, head) a program: its T queries against its L keys, online softmax over blocks of KEYS keys, the
+    attention dropout on the probabilities (element (b, h, i, j) kept when Philox(seed, ((b H + h) T + i) L + j), as a
+    uniform float, is at least p). Writes the output and each row's log-sum-exp."""
+    bh = tl.program_id(0)
+    b, h = bh // H, bh % H
+    rows = tl.arange(0, ROWS)
+    live = rows < T
+    q = _tile(q_ptr, qb, qh, qt, b, h, rows, live, D)
+    highest = tl.full([ROWS], -1.0e30, tl.float32)
+    total = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, D], tl.float32)
+    seed = tl.load(seed_ptr)
+    for start in range(0, L, KEYS):
+        keys = start + tl.arange(0, KEYS)
+        inside = keys < L
+        k = _tile(k_ptr, kb, kh, kl, b, h, keys, inside, D)
+        bias = tl.load(bias_ptr + b * L + keys, mask=inside, other=float("-inf"))
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * softmax_scale + bias[None, :]
+        new_highest = tl.maximum(highest, tl.max(scores, 1))
+        rescale = tl.exp(highest - new_highest)
+        probs = tl.exp(scores - new_highest[:, None])
+        total = total * rescale + tl.sum(probs, 1)
+        if DROPOUT:
+            offsets = (bh * T + rows[:, None]) * L + keys[None, :]
+            probs = tl.where(tl.rand(seed, offsets) >= p, probs * drop_scale, 0.0)
+        v = _tile(v_ptr, vb, vh, vl, b, h, keys, inside, D)
+        acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
+        highest = new_highest
+    _put(out_ptr, ob, oh, ot, b, h, rows, live, acc / total[:, None], D)
+    tl.store(lse_ptr + bh * T + rows, highest + tl.log(total), mask=live)
+
+
+@triton.jit
+def _cross_attention_backward(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, dout_ptr, lse_ptr, seed_ptr, dq_ptr, dk_ptr,
+                              dv_ptr, qb, qh, qt, kb, kh, kl, vb, vh, vl, ob, oh, ot, gb, gh, gt, H, T, L,
+                              softmax_scale, p, drop_scale, ROWS: tl.constexpr, KEYS: tl.constexpr, D: tl.constexpr,
+                              DROPOUT: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """The forward's program again: the probabilities from the saved log-sum-exp, the same dropout draws. dq, dk and
+    dv are laid out as q, k and v; each program owns its keys' gradients (no atomics) and sums its queries' over the
+    key blocks."""
+    bh = tl.program_id(0)
+    b, h = bh // H, bh % H
+    rows = tl.arange(0, ROWS)
+    live = rows < T
+    q = _tile(q_ptr, qb, qh, qt, b, h, rows, live, D)
+    dout = _tile(dout_ptr, gb, gh, gt, b, h, rows, live, D)
+    out = _tile(out_ptr, ob, oh, ot, b, h, rows, live, D)
+    # The gradient through each row's softmax normaliser: rowsum(dO * O), O with its dropout.
+    delta = tl.sum(dout.to(tl.float32) * out.to(tl.float32), 1)
+    lse = tl.load(lse_ptr + bh * T + rows, mask=live, other=0.0)
+    dq = tl.zeros([ROWS, D], tl.float32)
+    seed = tl.load(seed_ptr)
+    for start in range(0, L, KEYS):
+        keys = start + tl.arange(0, KEYS)
+        inside = keys < L
+        k = _tile(k_ptr, kb, kh, kl, b, h, keys, inside, D)
+        v = _tile(v_ptr, vb, vh, vl, b, h, keys, inside, D)
+        bias = tl.load(bias_ptr + b * L + keys, mask=inside, other=float("-inf"))
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * softmax_scale + bias[None, :]
+        probs = tl.where(live[:, None], tl.exp(scores - lse[:, None]), 0.0)
+        dprobs = tl.dot(dout, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            offsets = (bh * T + rows[:, None]) * L + keys[None, :]
+            kept = tl.rand(seed, offsets) >= p
+            dropped = tl.where(kept, probs * drop_scale, 0.0)
+            dprobs = tl.where(kept, dprobs * drop_scale, 0.0)
+        else:
+            dropped = probs
+        dv = tl.dot(tl.trans(dropped.to(dout.dtype)), dout, input_precision=PRECISION)
+        dscores = (probs * (dprobs - delta[:, None])).to(q.dtype)
+        dk = tl.dot(tl.trans(dscores), q, input_precision=PRECISION) * softmax_scale
+        dq += tl.dot(dscores, k, input_precision=PRECISION) * softmax_scale
+        _put(dk_ptr, kb, kh, kl, b, h, keys, inside, dk, D)
+        _put(dv_ptr, vb, vh, vl, b, h, keys, inside, dv, D)
+    _put(dq_ptr, qb, qh, qt, b, h, rows, live, dq, D)
+
+
+def _heads_last(batch: int, length: int, heads: int, dim: int, like: torch.Tensor) -> torch.Tensor:
+    """An empty (batch, heads, length, dim) tensor laid out as (batch, length, heads, dim), as the projections lay out
+    queries, keys and values: the reshape back to (batch, length, width) is a view."""
+    return like.new_empty(batch, length, heads, dim).transpose(1, 2)
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+class _CrossAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias, p: float, softmax_scale: float) -> torch.Tensor:
+        (batch, heads, queries, dim), keys = q.shape, k.shape[2]
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        out = _heads_last(batch, queries, heads, dim, q)
+        lse = torch.empty(batch, heads, queries, device=q.device, dtype=torch.float32)
+        seed = _seed(q.device)
+        ctx.launch = dict(ROWS=max(16, triton.next_power_of_2(queries)), KEYS=KEY_BLOCK, D=dim, DROPOUT=p > 0,
+                          PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=CROSS_WARPS)  # fmt: skip
+        ctx.sizes = (heads, queries, keys, softmax_scale, p, 1 / (1 - p))
+        _cross_attention_forward[(batch * heads,)](q, k, v, bias, out, lse, seed, *_strides(q), *_strides(k),
+                                                    *_strides(v), *_strides(out), *ctx.sizes, **ctx.launch)  # fmt: skip
+        ctx.save_for_backward(q, k, v, bias, out, lse, seed)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):
+        q, k, v, bias, out, lse, seed = ctx.saved_tensors
+        if dout.stride(-1) != 1:
+            dout = dout.contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # empty_like keeps the strides
+        (batch, heads, _, _), strides = q.shape, (*_strides(q), *_strides(k), *_strides(v))
+        assert (*_strides(dq), *_strides(dk), *_strides(dv)) == strides
+        _cross_attention_backward[(batch * heads,)](q, k, v, bias, out, dout, lse, seed, dq, dk, dv, *strides,
+                                                     *_strides(out), *_strides(dout), *ctx.sizes,
+                                                     **ctx.launch)  # fmt: skip
+        return dq, dk, dv, None, None, None
+
+
+def key_bias(mask: torch.Tensor | None, batch: int, keys: int, device: torch.device) -> torch.Tensor | None:
+    """The additive bias (batch, keys) in fp32 of a key-padding mask as the decoder hands its cross-attention (bool,
+    True where attended, or additive; (batch, 1, 1 or queries, keys), the same for every query), None when the mask is
+    of another form."""
+    if mask is None:
+        return torch.zeros(batch, keys, device=device)
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-1] != keys or (mask.shape[2] != 1 and mask.stride(2)):
+        return None
+    rows = mask[:, 0, 0, :].expand(batch, keys)
+    if rows.dtype == torch.bool:
+        return torch.zeros(batch, keys, device=mask.device).masked_fill_(~rows, float("-inf"))
+    return rows.float().contiguous()
+
+
+def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, p: float,
+                    softmax_scale: float) -> torch.Tensor:  # fmt: skip
+    """Attention of queries (batch, heads, T, dim) over keys and values (batch, heads, L, dim), training mode: softmax
+    of the scaled products plus `bias` (batch, L), dropout p on the probabilities; the output (batch, heads, T, dim),
+    laid out as (batch, T, heads, dim). T up to 64, dim 16 to 128 a power of two."""
+    return _CrossAttention.apply(q, k, v, bias, p, softmax_scale)
+
+
+class BartAttention(modeling_bart.BartAttention):
+    """transformers' BART attention as the decoder's cross-attention (`encoder_attn`), training on the kernel above:
+    the same weights and name. Evaluation, generation's cache, self-attention, attention weights asked for, and
+    shapes or masks the kernel does not take run transformers' forward."""
+
+    def forward(self, hidden_states: torch.Tensor, key_value_states: torch.Tensor | None = None, *args, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.24 names it cache
+        batch, queries, width = hidden_states.shape
+        usable = (self.training and key_value_states is not None and cache is None and not args
+                  and not kwargs.get("output_attentions") and queries <= QUERY_ROWS_MAX and self.dropout < 1
+                  and batch * self.num_heads * queries * key_value_states.shape[1] < 2**31)  # fmt: skip
+        bias = (
+            key_bias(kwargs.get("attention_mask"), batch, key_value_states.shape[1], hidden_states.device)
+            if usable
+            else None
+        )
+        if bias is None:
+            return super().forward(hidden_states, key_value_states, *args, **kwargs)
+        keys = key_value_states.shape[1]
+        q = self.q_proj(hidden_states).view(batch, queries, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(key_value_states).view(batch, keys, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(key_value_states).view(batch, keys, -1, self.head_dim).transpose(1, 2)
+        out = cross_attention(q, k, v, bias, self.dropout, self.scaling)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, queries, width)), None
+
+
+def fuse_cross_attention(model: torch.nn.Module) -> int:
+    """Turn the BART decoder layers' cross-attentions in `model` whose heads the kernel takes (16 to 128 wide, a power
+    of two) into the `BartAttention` above, in place; how many were turned."""
+    fused = 0
+    for name, module in model.named_modules():
+        head = getattr(module, "head_dim", 0)
+        if (type(module) is modeling_bart.BartAttention and name.endswith("encoder_attn")
+                and head in (16, 32, 64, 128)):  # fmt: skip
+            module.__class__ = BartAttention
+            fused += 1
+    return fused
 
 
 def fuse_text_encoder(model: torch.nn.Module) -> int:

@@ -64,9 +64,11 @@ class DocVQAObjective(ModelWrapper):
         super().__init__()
         self.model = model
         if fused_kernels and not compile:
-            from florence_ops.kernels import fuse_text_encoder  # Triton: only where CUDA is
+            from florence_ops.kernels import fuse_cross_attention, fuse_text_encoder  # Triton: only where CUDA is
 
-            log.info("text encoder: %d layers on fused Triton kernels", fuse_text_encoder(unwrap(model)))
+            base = unwrap(model)
+            log.info("fused Triton kernels: %d text encoder layers, %d decoder cross-attentions",
+                     fuse_text_encoder(base), fuse_cross_attention(base))  # fmt: skip
         self.loss = CompiledLoss(answer_loss) if compile else answer_loss
         self.copies = ComputeCopies(compute_dtype) if compute_dtype is not None else None
 

@@ -1,6 +1,7 @@
 """The fused Triton kernels compute what PyTorch's own kernels compute, dropping the same elements both ways; the text
 encoder trains on them as on transformers' layer. On a machine without CUDA they run in Triton's interpreter."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils.dataclasses import get_module_class_from_name
 from PIL import Image
-from transformers.models.bart.modeling_bart import BartEncoderLayer
+from transformers.models.bart.modeling_bart import BartAttention, BartEncoderLayer
 
 from florence_ops import kernels  # without CUDA, in Triton's interpreter (conftest.py)
 from florence_ops.base_models import build_tiny_model, build_tiny_processor
@@ -22,6 +23,8 @@ from florence_ops.vision.sources import PixelSource
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 P = 0.1
+# Triton's interpreter multiplies a bf16 dot's operands as their 16-bit integer patterns (it keeps bf16 as uint16).
+ON_GPU_ONLY = functools.partial(pytest.param, marks=pytest.mark.skipif(DEVICE == "cpu", reason="bf16 dots need a GPU"))
 SCALE = 2**16 / (2**16 - round(P * 2**16))  # the kernels drop with p rounded to 2**-16 and scale by its complement
 
 
@@ -87,6 +90,72 @@ def test_dropout_add_layer_norm_is_eager_norm_of_the_sum_both_ways(pinned_seed, 
     _assert_close(norm.bias.grad, eager_norm.bias.grad, "bias", dtype)
 
 
+def _cross_inputs(dtype, batch=3, heads=2, queries=5, keys=70, dim=16):
+    """Queries, keys and values as the projections lay them out ((batch, length, heads, dim), seen as (batch, heads,
+    length, dim)), and a key-padding mask: question 0 has 60 real keys, question 2 has 67."""
+    q, k, v = (torch.randn(batch, n, heads, dim, device=DEVICE, dtype=dtype).transpose(1, 2).requires_grad_()
+               for n in (queries, keys, keys))  # fmt: skip
+    mask = torch.ones(batch, 1, 1, keys, device=DEVICE, dtype=torch.bool)
+    mask[0, ..., 60:] = mask[2, ..., 67:] = False
+    return q, k, v, mask
+
+
+def _eager_attention(q, k, v, mask, kept=None):
+    """softmax(q k^T / sqrt(dim), masked) with the kept probabilities scaled by 1 / (1 - P), times v, in fp32."""
+    q, k, v = (t.detach().float().requires_grad_() for t in (q, k, v))
+    probs = torch.softmax((q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).masked_fill(~mask, float("-inf")), -1)
+    if kept is not None:
+        probs = probs * kept / (1 - P)
+    return probs @ v, (q, k, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, ON_GPU_ONLY(torch.bfloat16)])
+@pytest.mark.parametrize("additive", [False, True])  # the mask as a bool or as transformers' additive float mask
+def test_cross_attention_is_eager_attention_both_ways(dtype, additive):
+    """Without dropout: queries that fill a block of 16 only partly, keys that fill the last block of 64 only partly,
+    padded keys; the gradients land in the projections' layout."""
+    q, k, v, mask = _cross_inputs(dtype)
+    given = (
+        torch.zeros(mask.shape, device=DEVICE).masked_fill_(~mask, torch.finfo(torch.float32).min) if additive else mask
+    )
+    out = kernels.cross_attention(q, k, v, kernels.key_bias(given, 3, 70, DEVICE), 0.0, 16**-0.5)
+    eager, leaves = _eager_attention(q, k, v, mask)
+    _assert_close(out, eager, "out", dtype)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    eager.backward(grad.float())
+    for name, actual, leaf in zip("qkv", (q, k, v), leaves):
+        assert actual.grad.stride() == actual.stride(), name
+        _assert_close(actual.grad, leaf.grad, f"d{name}", dtype)
+
+
+def test_cross_attention_drops_a_tenth_of_the_probabilities_and_backward_the_same(pinned_seed):
+    """With the seed pinned every call drops the same probabilities; zero queries (even attention) and one-hot
+    values read them back: out[i, j] = kept / (1 - P) / real keys. The real call then matches eager attention with
+    those elements dropped, forward and backward."""
+    batch, heads, queries, keys = 4, 4, 16, 32
+    zero = torch.zeros(batch, heads, queries, keys, device=DEVICE)
+    one_hot = torch.eye(keys, device=DEVICE).expand(batch, heads, keys, keys)
+    mask = torch.ones(batch, 1, 1, keys, device=DEVICE, dtype=torch.bool)
+    mask[1, ..., 20:] = False
+    bias = kernels.key_bias(mask, batch, keys, DEVICE)
+    read = kernels.cross_attention(zero, torch.randn_like(one_hot), one_hot, bias, P, keys**-0.5)
+    kept = (read * mask.sum(-1, keepdim=True) * (1 - P)).round() == 1
+    real = mask.expand_as(kept)
+    assert 0.08 < 1 - kept[real].float().mean().item() < 0.12
+    _assert_drawn_independently(~kept[real], lags=[*range(1, 17), keys], bound=0.006)
+
+    q, k, v, _ = _cross_inputs(torch.float32, batch, heads, queries, keys, dim=keys)
+    out = kernels.cross_attention(q, k, v, bias, P, keys**-0.5)
+    eager, leaves = _eager_attention(q, k, v, mask, kept)
+    _assert_close(out, eager, "out")
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    eager.backward(grad)
+    for name, actual, leaf in zip("qkv", (q, k, v), leaves):
+        _assert_close(actual.grad, leaf.grad, f"d{name}")
+
+
 def _assert_drawn_independently(dropped: torch.Tensor, lags, bound: float = 0.003) -> None:
     """Elements `lag` apart (within a Philox call's group, across groups, across rows) are dropped together as often as
     independent draws are, P**2 (1%), not as often as one draw shared (10%): within `bound` (7 standard errors or
@@ -114,9 +183,10 @@ ROWS = [
 ]
 
 
-def _florence(encoder_dropout: float, d_model: int = 32, rows: list[dict] = ROWS):
-    """The tiny Florence-2 in training mode, every dropout off but the text encoder's residual and activation ones, and
-    a batch of `rows` (one row where the test needs only dropout's draws: Triton's interpreter draws slowly)."""
+def _florence(encoder_dropout: float, d_model: int = 32, rows: list[dict] = ROWS, cross_attention_dropout: float = 0.0):
+    """The tiny Florence-2 in training mode, every dropout off but the text encoder's residual and activation ones (and
+    the decoder's cross-attention's), and a batch of `rows` (one row where the test needs only dropout's draws:
+    Triton's interpreter draws slowly)."""
     spec = TinyModel(image_size=64, vision_dims=[8, 16, 16, 32], vision_heads=[1, 2, 2, 4], d_model=d_model, heads=2,
                      ffn_dim=64, vocab_size=300)  # fmt: skip
     processor = build_tiny_processor(spec, CORPUS)
@@ -129,12 +199,14 @@ def _florence(encoder_dropout: float, d_model: int = 32, rows: list[dict] = ROWS
             module.p = 0.0
     for layer in model.model.language_model.encoder.layers:
         layer.dropout = layer.activation_dropout = encoder_dropout
+    for layer in model.model.language_model.decoder.layers:
+        layer.encoder_attn.dropout = cross_attention_dropout
     images = {"white": Image.new("RGB", (64, 64), "white"), "grey": Image.new("RGB", (64, 64), (90, 90, 90))}
     batch = Collator(processor.tokenizer, "<DocVQA>", 32, 16, train=True)(rows).to(DEVICE)
     return model, batch, PixelSource(images, processor.image_processor)
 
 
-def test_the_text_encoder_trains_on_the_kernels_as_on_transformers_layers(monkeypatch):
+def test_the_text_encoder_trains_on_the_kernels_as_on_transformers_layers():
     """Without the encoder's dropouts the fused objective's loss and every gradient are transformers' (what the kernels
     change is only where dropout draws its elements); with them the step drops the kernels' elements, and evaluation
     is transformers' own. The layers keep their class's name, which FSDP's wrapping looks layers up by."""
@@ -142,6 +214,9 @@ def test_the_text_encoder_trains_on_the_kernels_as_on_transformers_layers(monkey
     fused, _, _ = _florence(encoder_dropout=0.0)
     objective = DocVQAObjective(fused, fused_kernels=True)
     assert issubclass(get_module_class_from_name(fused, "BartEncoderLayer"), BartEncoderLayer)
+    decoder = fused.model.language_model.decoder.layers
+    assert {type(layer.encoder_attn) for layer in decoder} == {kernels.BartAttention}
+    assert {type(layer.self_attn) for layer in decoder} == {BartAttention}
     torch.manual_seed(0)
     loss = objective(batch, source)
     torch.manual_seed(0)
@@ -154,20 +229,27 @@ def test_the_text_encoder_trains_on_the_kernels_as_on_transformers_layers(monkey
         if param.grad is not None or gradients[name].grad is not None:
             torch.testing.assert_close(param.grad, gradients[name].grad, rtol=1e-4, atol=1e-5, msg=name)
 
-    dropping, batch, source = _florence(encoder_dropout=P, rows=ROWS[:1])
-    objective = DocVQAObjective(dropping, fused_kernels=True)
+    # The encoder's dropouts and the cross-attention's, each alone, are the kernels': every step drops other elements,
+    # and with the kernels' seed pinned, every step drops the same.
+    for encoder_dropout, cross_attention_dropout in ((P, 0.0), (0.0, P)):
+        dropping, batch, source = _florence(
+            encoder_dropout, rows=ROWS[:1], cross_attention_dropout=cross_attention_dropout
+        )
+        objective = DocVQAObjective(dropping, fused_kernels=True)
 
-    def gradient() -> torch.Tensor:
-        dropping.zero_grad()
-        objective(batch, source).backward()
-        return dropping.model.language_model.encoder.layers[0].fc1.weight.grad.clone()
+        def gradient(model=dropping, step=objective, batch=batch, source=source) -> torch.Tensor:
+            model.zero_grad()
+            step(batch, source).backward()
+            return model.model.language_model.encoder.layers[0].fc1.weight.grad.clone()
 
-    assert not torch.equal(gradient(), gradient()), "every step drops other elements"
-    # The encoder's dropouts are the kernels': with their seed pinned, every step drops the same elements.
-    monkeypatch.setattr(kernels, "_seed", lambda device: torch.tensor([20261204], device=device))
-    assert torch.equal(gradient(), gradient())
-    with torch.no_grad():
-        assert objective.eval()(batch, source).item() == DocVQAObjective(_florence(P)[0]).eval()(batch, source).item()
+        assert not torch.equal(gradient(), gradient()), f"every step drops other elements: {cross_attention_dropout=}"
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(kernels, "_seed", lambda device: torch.tensor([20261204], device=device))
+            assert torch.equal(gradient(), gradient())
+        with torch.no_grad():
+            assert (
+                objective.eval()(batch, source).item() == DocVQAObjective(_florence(P)[0]).eval()(batch, source).item()
+            )
 
 
 @pytest.mark.parametrize(("dropout", "activation_dropout"), [(0.0, 0.5), (0.5, 0.0)])
@@ -203,7 +285,7 @@ def test_gradient_checkpointing_recomputes_the_kernels_dropout():
     comes from the generator whose state checkpointing replays), so the gradients are those of the plain step."""
     gradients, draws = [], []
     for checkpointing in (False, True):
-        model, batch, source = _florence(encoder_dropout=P, rows=ROWS[:1])
+        model, batch, source = _florence(encoder_dropout=P, rows=ROWS[:1], cross_attention_dropout=P)
         if checkpointing:
             checkpoint_activations(model)
         objective = DocVQAObjective(model, fused_kernels=True)
@@ -225,10 +307,12 @@ def test_gradient_checkpointing_recomputes_the_kernels_dropout():
 
 
 def test_an_encoder_whose_width_the_kernels_do_not_fit_keeps_transformers_layers():
-    """The kernels take rows in groups of eight: a width that is not a multiple of 8 trains on transformers' layers."""
-    model, batch, source = _florence(encoder_dropout=P, d_model=36)
-    assert kernels.fuse_text_encoder(model) == 0
+    """The kernels take rows in groups of eight and heads 16 to 128 wide, a power of two: a width of 36 (two heads of
+    18) trains on transformers' layers."""
+    model, batch, source = _florence(encoder_dropout=P, d_model=36, cross_attention_dropout=P)
+    assert (kernels.fuse_text_encoder(model), kernels.fuse_cross_attention(model)) == (0, 0)
     assert {type(layer) for layer in model.model.language_model.encoder.layers} == {BartEncoderLayer}
+    assert {type(layer.encoder_attn) for layer in model.model.language_model.decoder.layers} == {BartAttention}
     DocVQAObjective(model, fused_kernels=True)(batch, source).backward()
 
 
@@ -255,6 +339,20 @@ for name, signature in signatures.items():
     source = ASTSource(getattr(kernels, name), {**signature, "GROUPS": "constexpr"}, {"GROUPS": groups})
     triton.compile(source, target=GPUTarget("cuda", 90, 32))
     print(name)
+
+for name in ("_cross_attention_forward", "_cross_attention_backward"):
+    kernel = getattr(kernels, name)
+    pointers = {"bias_ptr": f, "lse_ptr": f, "seed_ptr": "*i64"}
+    signature = {param.name: pointers.get(param.name, b) if param.name.endswith("_ptr") else
+                 "fp32" if param.name in ("softmax_scale", "p", "drop_scale") else "i32"
+                 for param in kernel.params if not param.is_constexpr}  # fmt: skip
+    # As a launch specialises them: the pointers 16-byte aligned, the strides multiples of 16.
+    aligned = {(i,): [["tt.divisibility", 16]] for i, (arg, kind) in enumerate(signature.items())
+               if kind != "fp32" and arg not in ("H", "T", "L")}  # fmt: skip
+    constants = dict(ROWS=16, KEYS=kernels.KEY_BLOCK, D=64, DROPOUT=True, PRECISION="tf32")
+    source = ASTSource(kernel, {**signature, **dict.fromkeys(constants, "constexpr")}, constants, aligned)
+    triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": kernels.CROSS_WARPS})
+    print(name)
 """
 
 
@@ -265,4 +363,5 @@ def test_the_kernels_compile_for_the_h200_as_a_gpu_compiles_them():
     done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["_gelu_dropout_forward", "_gelu_dropout_backward", "_dropout_add_norm_forward",
-                                   "_dropout_add_norm_backward"]  # fmt: skip
+                                   "_dropout_add_norm_backward", "_cross_attention_forward",
+                                   "_cross_attention_backward"]  # fmt: skip
