@@ -50,6 +50,8 @@ Variants (on CUDA every variant but the compiled and `_unfused` ones trains on t
 - bf16_pure_sdpa_cross, bf16_pure_no_dropout_sdpa_cross: `bf16-pure` with the text encoder on the fused kernels and
   the decoder's cross-attention SDPA's (cuDNN) rather than the cross-attention kernel; without dropout, against
   `bf16_pure_no_dropout`, the numerics check of that kernel.
+- bf16_pure_transformers_projector: `bf16-pure` with the image tokens through transformers' projector module, as
+  until kernels-v2 (`florence_ops.model_inputs.project_vision` computes the same sums without its batch-sized copies).
 - no_decoder_syncs: the encoder run apart, the decoder given a ready 4-D cross-attention mask and no padding mask of
   its own (causal only; right padding cannot reach a real token), which removes transformers' host reads of the
   decoder's masks.
@@ -118,6 +120,12 @@ def text_batch(i: int, size: int, pool: int, device, padded: bool = True) -> Tex
         labels[row, :m], a_mask[row, :m] = torch.randint(4, 50000, (m,), generator=gen), 1
     start = (i * 37) % (pool - size + 1)
     return TextBatch(ids, q_mask, [str(start + j) for j in range(size)], labels, a_mask).to(device)
+
+
+def transformers_projector(model):
+    """The image tokens through transformers' projector module (its position embedding repeated for every page, the
+    tokens averaged over the one frame) rather than `project_vision`'s same sums."""
+    training.project_vision = lambda base, vision: base.model.multi_modal_projector(vision)
 
 
 def no_dropout(model):
@@ -311,6 +319,7 @@ VARIANTS = {
     "bf16_pure_cross_eager_no_dropout": lambda model: (no_dropout(model), cross_eager(model)),
     "bf16_pure_unfused": lambda model: None,
     "bf16_pure_sdpa_cross": lambda model: None,
+    "bf16_pure_transformers_projector": transformers_projector,
     "bf16_pure_no_dropout_sdpa_cross": no_dropout,
     "bf16_pure_no_dropout_unfused": no_dropout,
 }
@@ -332,6 +341,7 @@ def run(name: str, base, batches: dict[bool, list[TextBatch]], source, steps: in
     training.key_padding_mask = key_padding_mask
     training.causal_padding_mask = causal_padding_mask
     training.ComputeCopies = ComputeCopies
+    training.project_vision = project_vision
     VARIANTS[name](model)
     precision = "bf16-pure" if "bf16_pure" in name else PRECISION
     accelerator = Accelerator(mixed_precision=mixed_precision(precision, device), cpu=device.type == "cpu")

@@ -136,8 +136,17 @@ def causal_padding_mask(model, mask: torch.Tensor | None) -> torch.Tensor | None
 
 
 def project_vision(model, vision_output: torch.Tensor) -> torch.Tensor:
-    """Image token embeddings from the vision tower's output (the trainable projector)."""
-    return model.model.multi_modal_projector(vision_output)
+    """Image token embeddings from the vision tower's output (batch, channels, height, width): transformers' projector
+    (`Florence2MultiModalProjector`), the same sums in the same order, without its batch-sized copies. transformers
+    repeats the position embedding for every page before adding it, and averages the tokens over the one frame (a
+    mean over a dimension of 1: the tokens themselves, copied); here the embedding is added by broadcasting and the
+    tokens are taken as they are. The spatial mean runs over the tokens where they lie contiguous (channels first)."""
+    projector = model.model.multi_modal_projector
+    tokens = vision_output + projector.image_position_embed(vision_output[:1])  # (B, C, H, W)
+    tokens = tokens.flatten(2).transpose(1, 2)  # (B, H*W, C), the token dimension still contiguous
+    tokens = tokens + projector.visual_temporal_embed(tokens[:, :1, :])  # the one frame's embedding
+    features = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)  # the spatial mean, then the tokens
+    return projector.image_proj_norm(projector.image_projection(features))
 
 
 class LengthGroupedBatches(Sampler[list[int]]):

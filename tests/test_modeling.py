@@ -73,6 +73,21 @@ def test_labels_mask_padding_and_decoder_mask(tiny):
     assert not (batch.labels == pad_id).any(), "no loss may be computed on padding tokens"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_image_tokens_are_transformers_projectors_both_ways(tiny, dtype):
+    """`project_vision` computes transformers' `Florence2MultiModalProjector` sums in its order: the same tokens, and
+    the same gradients for the tower's output and every projector weight, to the bit."""
+    model = _model(tiny).to(dtype)
+    vision = torch.randn(3, model.config.vision_config.embed_dim[-1], 5, 7, dtype=dtype, requires_grad=True)
+    projector = model.model.multi_modal_projector
+    tokens, reference = project_vision(model, vision), projector(vision)
+    assert torch.equal(tokens, reference)
+    grad = torch.randn_like(tokens)
+    leaves = [vision, *projector.parameters()]
+    for ours, theirs in zip(torch.autograd.grad(tokens, leaves, grad), torch.autograd.grad(reference, leaves, grad)):
+        assert torch.equal(ours, theirs)
+
+
 def test_model_loss_equals_hand_computed_cross_entropy(tiny):
     """Teacher forcing with the decoder start token: the decoder reads [start, y0..y(n-2)] and predicts y0..y(n-1)."""
     model = _model(tiny).eval()
