@@ -11,7 +11,8 @@ the median step after the first 12, `first_s` the time the first 12 took beyond 
 recompilation).
 
 Variants (on CUDA every variant but the compiled and `_unfused` ones trains on the fused Triton kernels,
-`train.fused_kernels`, as the pipeline does: the text encoder's elementwise passes and the decoder's cross-attention):
+`train.fused_kernels`, as the pipeline does: the text encoder's elementwise passes and, but in the variants of
+`OWN_CROSS_ATTENTION`, the decoder's cross-attention):
 - eager: the pipeline's step as it is.
 - eager_with_cache: the step until 2026-12-03, the decoder keeping a key/value cache.
 - eager_no_dropout: every dropout probability set to 0 (what the dropouts cost; not a training setting).
@@ -120,6 +121,11 @@ def text_batch(i: int, size: int, pool: int, device, padded: bool = True) -> Tex
         labels[row, :m], a_mask[row, :m] = torch.randint(4, 50000, (m,), generator=gen), 1
     start = (i * 37) % (pool - size + 1)
     return TextBatch(ids, q_mask, [str(start + j) for j in range(size)], labels, a_mask).to(device)
+
+
+# Variants whose cross-attention is their own (another attention, another mask, a cache) or SDPA's for comparison:
+# they keep transformers' cross-attention even where the step would run the kernel.
+OWN_CROSS_ATTENTION = ("sdpa_cross", "cross_eager", "2d_mask", "no_decoder_syncs", "with_cache")
 
 
 def transformers_projector(model):
@@ -347,7 +353,7 @@ def run(name: str, base, batches: dict[bool, list[TextBatch]], source, steps: in
     accelerator = Accelerator(mixed_precision=mixed_precision(precision, device), cpu=device.type == "cpu")
     fused = device.type == "cuda" and "unfused" not in name and "compile" not in name  # as `fit` decides
     objective = DocVQAObjective(model, name.startswith("compile_objective"), compute_dtype(precision, device), fused)
-    if "sdpa_cross" in name:  # the encoder on the kernels, the decoder's cross-attention SDPA's again
+    if any(tag in name for tag in OWN_CROSS_ATTENTION):  # the encoder on the kernels, the cross-attention as it was
         for module in model.modules():
             if type(module).__module__ == "florence_ops.kernels" and type(module).__name__ == "BartAttention":
                 module.__class__ = type(module).__mro__[1]

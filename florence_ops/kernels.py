@@ -22,10 +22,15 @@ replay hold). Offsets are 32-bit: a batch whose activations reach 2**31 elements
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 import triton
 import triton.language as tl
 from transformers.models.bart import modeling_bart
+
+log = logging.getLogger(__name__)
 
 GROUP = tl.constexpr(8)  # elements a Philox call draws for: a 16-bit half of one of its four words each
 ELEMENTWISE_GROUPS = 128  # groups of eight an elementwise program handles: one a thread
@@ -252,16 +257,17 @@ CROSS_WARPS = 4
 
 @triton.jit
 def _tile(ptr, batch_stride, head_stride, row_stride, b, h, rows, live, D: tl.constexpr):
-    """Rows `rows` (those `live`) of one (question, head)'s (rows, D) slice; zeros elsewhere."""
+    """Rows `rows` (those `live`) of one (question, head)'s (rows, D) slice; zeros elsewhere. The question's offset
+    in 64 bits: a batch's keys and values pass 2**31 elements long before its attention's draws do."""
     dims = tl.arange(0, D)
-    return tl.load(ptr + b * batch_stride + h * head_stride + rows[:, None] * row_stride + dims[None, :],
+    return tl.load(ptr + b.to(tl.int64) * batch_stride + h * head_stride + rows[:, None] * row_stride + dims[None, :],
                    mask=live[:, None], other=0.0)  # fmt: skip
 
 
 @triton.jit
 def _put(ptr, batch_stride, head_stride, row_stride, b, h, rows, live, value, D: tl.constexpr):
     dims = tl.arange(0, D)
-    tl.store(ptr + b * batch_stride + h * head_stride + rows[:, None] * row_stride + dims[None, :],
+    tl.store(ptr + b.to(tl.int64) * batch_stride + h * head_stride + rows[:, None] * row_stride + dims[None, :],
              value.to(ptr.dtype.element_ty), mask=live[:, None])  # fmt: skip
 
 
@@ -298,18 +304,20 @@ def _cross_attention_forward(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, lse_ptr, se
         v = _tile(v_ptr, vb, vh, vl, b, h, keys, inside, D)
         acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
         highest = new_highest
-    _put(out_ptr, ob, oh, ot, b, h, rows, live, acc / total[:, None], D)
-    tl.store(lse_ptr + bh * T + rows, highest + tl.log(total), mask=live)
+    # A row whose keys are all masked: zeros (as SDPA gives), and a log-sum-exp of +inf (no gradient in backward).
+    attended = total > 0
+    _put(out_ptr, ob, oh, ot, b, h, rows, live, acc / tl.where(attended, total, 1.0)[:, None], D)
+    tl.store(lse_ptr + bh * T + rows, tl.where(attended, highest + tl.log(tl.where(attended, total, 1.0)), float("inf")), mask=live)
 
 
 @triton.jit
 def _cross_attention_backward(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, dout_ptr, lse_ptr, seed_ptr, dq_ptr, dk_ptr,
-                              dv_ptr, qb, qh, qt, kb, kh, kl, vb, vh, vl, ob, oh, ot, gb, gh, gt, H, T, L,
+                              dv_ptr, qb, qh, qt, kb, kh, kl, vb, vh, vl, ob, oh, ot, gb, gh, gt, dqb, dqh, dqt, dkb,
+                              dkh, dkl, dvb, dvh, dvl, H, T, L,
                               softmax_scale, p, drop_scale, ROWS: tl.constexpr, KEYS: tl.constexpr, D: tl.constexpr,
                               DROPOUT: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
-    """The forward's program again: the probabilities from the saved log-sum-exp, the same dropout draws. dq, dk and
-    dv are laid out as q, k and v; each program owns its keys' gradients (no atomics) and sums its queries' over the
-    key blocks."""
+    """The forward's program again: the probabilities from the saved log-sum-exp, the same dropout draws. Each program
+    owns its keys' gradients (no atomics) and sums its queries' over the key blocks."""
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
     rows = tl.arange(0, ROWS)
@@ -342,9 +350,9 @@ def _cross_attention_backward(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, dout_ptr, 
         dscores = (probs * (dprobs - delta[:, None])).to(q.dtype)
         dk = tl.dot(tl.trans(dscores), q, input_precision=PRECISION) * softmax_scale
         dq += tl.dot(dscores, k, input_precision=PRECISION) * softmax_scale
-        _put(dk_ptr, kb, kh, kl, b, h, keys, inside, dk, D)
-        _put(dv_ptr, vb, vh, vl, b, h, keys, inside, dv, D)
-    _put(dq_ptr, qb, qh, qt, b, h, rows, live, dq, D)
+        _put(dk_ptr, dkb, dkh, dkl, b, h, keys, inside, dk, D)
+        _put(dv_ptr, dvb, dvh, dvl, b, h, keys, inside, dv, D)
+    _put(dq_ptr, dqb, dqh, dqt, b, h, rows, live, dq, D)
 
 
 def _heads_last(batch: int, length: int, heads: int, dim: int, like: torch.Tensor) -> torch.Tensor:
@@ -378,19 +386,21 @@ class _CrossAttention(torch.autograd.Function):
         q, k, v, bias, out, lse, seed = ctx.saved_tensors
         if dout.stride(-1) != 1:
             dout = dout.contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # empty_like keeps the strides
-        (batch, heads, _, _), strides = q.shape, (*_strides(q), *_strides(k), *_strides(v))
-        assert (*_strides(dq), *_strides(dk), *_strides(dv)) == strides
-        _cross_attention_backward[(batch * heads,)](q, k, v, bias, out, dout, lse, seed, dq, dk, dv, *strides,
-                                                     *_strides(out), *_strides(dout), *ctx.sizes,
+        (batch, heads, queries, dim), keys = q.shape, k.shape[2]
+        # In the projections' layout, so that their backward reads them as they are.
+        dq = _heads_last(batch, queries, heads, dim, q)
+        dk, dv = _heads_last(batch, keys, heads, dim, k), _heads_last(batch, keys, heads, dim, v)
+        _cross_attention_backward[(batch * heads,)](q, k, v, bias, out, dout, lse, seed, dq, dk, dv, *_strides(q),
+                                                     *_strides(k), *_strides(v), *_strides(out), *_strides(dout),
+                                                     *_strides(dq), *_strides(dk), *_strides(dv), *ctx.sizes,
                                                      **ctx.launch)  # fmt: skip
         return dq, dk, dv, None, None, None
 
 
 def key_bias(mask: torch.Tensor | None, batch: int, keys: int, device: torch.device) -> torch.Tensor | None:
     """The additive bias (batch, keys) in fp32 of a key-padding mask as the decoder hands its cross-attention (bool,
-    True where attended, or additive; (batch, 1, 1 or queries, keys), the same for every query), None when the mask is
-    of another form."""
+    True where attended, or additive floats; (batch, 1, 1, keys), or expanded over the queries), None when the mask is
+    of another form (materialised per query: transformers' eager attention builds those)."""
     if mask is None:
         return torch.zeros(batch, keys, device=device)
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-1] != keys or (mask.shape[2] != 1 and mask.stride(2)):
@@ -398,7 +408,7 @@ def key_bias(mask: torch.Tensor | None, batch: int, keys: int, device: torch.dev
     rows = mask[:, 0, 0, :].expand(batch, keys)
     if rows.dtype == torch.bool:
         return torch.zeros(batch, keys, device=mask.device).masked_fill_(~rows, float("-inf"))
-    return rows.float().contiguous()
+    return rows.float().contiguous() if rows.is_floating_point() else None
 
 
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, p: float,
@@ -416,23 +426,31 @@ class BartAttention(modeling_bart.BartAttention):
 
     def forward(self, hidden_states: torch.Tensor, key_value_states: torch.Tensor | None = None, *args, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.24 names it cache
-        batch, queries, width = hidden_states.shape
-        usable = (self.training and key_value_states is not None and cache is None and not args
-                  and not kwargs.get("output_attentions") and queries <= QUERY_ROWS_MAX and self.dropout < 1
-                  and batch * self.num_heads * queries * key_value_states.shape[1] < 2**31)  # fmt: skip
-        bias = (
-            key_bias(kwargs.get("attention_mask"), batch, key_value_states.shape[1], hidden_states.device)
-            if usable
-            else None
-        )
-        if bias is None:
+        weights = kwargs.get("output_attentions") or getattr(self.config, "output_attentions", False)
+        usable = (self.training and key_value_states is not None and cache is None and not args and not weights
+                  and hidden_states.dim() == 3 and hidden_states.shape[1] <= QUERY_ROWS_MAX and self.dropout < 1
+                  and hidden_states.shape[:2].numel() * self.num_heads * key_value_states.shape[1] < 2**31)  # fmt: skip
+        if not usable:
             return super().forward(hidden_states, key_value_states, *args, **kwargs)
-        keys = key_value_states.shape[1]
+        (batch, queries, width), keys = hidden_states.shape, key_value_states.shape[1]
+        mask = kwargs.get("attention_mask")
+        bias = key_bias(mask, batch, keys, hidden_states.device)
+        if bias is None:
+            _declined(mask.dim(), mask.dtype)
+            return super().forward(hidden_states, key_value_states, *args, **kwargs)
         q = self.q_proj(hidden_states).view(batch, queries, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(key_value_states).view(batch, keys, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(key_value_states).view(batch, keys, -1, self.head_dim).transpose(1, 2)
         out = cross_attention(q, k, v, bias, self.dropout, self.scaling)
         return self.out_proj(out.transpose(1, 2).reshape(batch, queries, width)), None
+
+
+@functools.cache
+def _declined(dims: int, dtype: torch.dtype) -> None:
+    """Say once for each kind of mask that the kernel left the step to transformers' attention (eager attention
+    materialises the mask for every query, for one)."""
+    log.info("cross-attention: a %d-D %s mask the kernel does not take (not a key-padding mask); transformers' "
+             "attention runs", dims, dtype)  # fmt: skip
 
 
 def fuse_cross_attention(model: torch.nn.Module) -> int:

@@ -125,28 +125,27 @@ def test_cross_attention_is_eager_attention_both_ways(dtype, additive):
     out.backward(grad)
     eager.backward(grad.float())
     for name, actual, leaf in zip("qkv", (q, k, v), leaves):
-        assert actual.grad.stride() == actual.stride(), name
         _assert_close(actual.grad, leaf.grad, f"d{name}", dtype)
 
 
 def test_cross_attention_drops_a_tenth_of_the_probabilities_and_backward_the_same(pinned_seed):
     """With the seed pinned every call drops the same probabilities; zero queries (even attention) and one-hot
     values read them back: out[i, j] = kept / (1 - P) / real keys. The real call then matches eager attention with
-    those elements dropped, forward and backward."""
-    batch, heads, queries, keys = 4, 4, 16, 32
-    zero = torch.zeros(batch, heads, queries, keys, device=DEVICE)
-    one_hot = torch.eye(keys, device=DEVICE).expand(batch, heads, keys, keys)
+    those elements dropped, forward and backward. 96 keys: two key blocks, each drawing its own elements."""
+    batch, heads, queries, keys, dim = 4, 2, 16, 96, 128  # heads of 128: a one-hot value for each of the 96 keys
+    zero = torch.zeros(batch, heads, queries, dim, device=DEVICE)
+    one_hot = torch.eye(keys, dim, device=DEVICE).expand(batch, heads, keys, dim)
     mask = torch.ones(batch, 1, 1, keys, device=DEVICE, dtype=torch.bool)
-    mask[1, ..., 20:] = False
+    mask[1, ..., 70:] = False
     bias = kernels.key_bias(mask, batch, keys, DEVICE)
-    read = kernels.cross_attention(zero, torch.randn_like(one_hot), one_hot, bias, P, keys**-0.5)
+    read = kernels.cross_attention(zero, torch.randn_like(one_hot), one_hot, bias, P, dim**-0.5)[..., :keys]
     kept = (read * mask.sum(-1, keepdim=True) * (1 - P)).round() == 1
     real = mask.expand_as(kept)
     assert 0.08 < 1 - kept[real].float().mean().item() < 0.12
-    _assert_drawn_independently(~kept[real], lags=[*range(1, 17), keys], bound=0.006)
+    _assert_drawn_independently(~kept[real], lags=[*range(1, 17), 64, keys], bound=0.006)  # 64: the next key block
 
-    q, k, v, _ = _cross_inputs(torch.float32, batch, heads, queries, keys, dim=keys)
-    out = kernels.cross_attention(q, k, v, bias, P, keys**-0.5)
+    q, k, v, _ = _cross_inputs(torch.float32, batch, heads, queries, keys, dim)
+    out = kernels.cross_attention(q, k, v, bias, P, dim**-0.5)
     eager, leaves = _eager_attention(q, k, v, mask, kept)
     _assert_close(out, eager, "out")
     grad = torch.randn_like(out)
@@ -154,6 +153,30 @@ def test_cross_attention_drops_a_tenth_of_the_probabilities_and_backward_the_sam
     eager.backward(grad)
     for name, actual, leaf in zip("qkv", (q, k, v), leaves):
         _assert_close(actual.grad, leaf.grad, f"d{name}")
+
+
+def test_the_cross_attention_takes_key_padding_masks_only():
+    """Masks as the decoder hands them (bool or additive, (B, 1, 1, L) or expanded over the queries) become one bias
+    row a question; a mask materialised for every query (transformers' eager attention builds those) or of integers
+    is left to transformers. A question whose keys are all masked gets zeros, as SDPA gives, and no gradient."""
+    rows = torch.tensor([[True, True, False], [False, False, False]], device=DEVICE)
+    expected = torch.tensor([[0.0, 0.0, float("-inf")], [float("-inf")] * 3], device=DEVICE)
+    additive = torch.zeros(2, 3, device=DEVICE).masked_fill(~rows, torch.finfo(torch.float32).min)
+    for mask in (rows[:, None, None, :], rows[:, None, None, :].expand(2, 1, 5, 3)):
+        torch.testing.assert_close(kernels.key_bias(mask, 2, 3, DEVICE), expected)
+    torch.testing.assert_close(kernels.key_bias(additive[:, None, None, :], 2, 3, DEVICE), additive)
+    assert torch.equal(kernels.key_bias(None, 2, 3, DEVICE), torch.zeros(2, 3, device=DEVICE))
+    assert kernels.key_bias(rows[:, None, None, :].expand(2, 1, 5, 3).contiguous(), 2, 3, DEVICE) is None
+    assert kernels.key_bias(rows[:, None, None, :].long(), 2, 3, DEVICE) is None
+
+    q, k, v, mask = _cross_inputs(torch.float32)
+    mask[1] = False
+    out = kernels.cross_attention(q, k, v, kernels.key_bias(mask, 3, 70, DEVICE), 0.0, 16**-0.5)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    out.backward(torch.randn_like(out))
+    assert all(torch.equal(t.grad[1], torch.zeros_like(t.grad[1])) for t in (q, k, v))
+    eager, _ = _eager_attention(q[[0, 2]], k[[0, 2]], v[[0, 2]], mask[[0, 2]])
+    _assert_close(out[[0, 2]], eager, "the other questions")
 
 
 def _assert_drawn_independently(dropped: torch.Tensor, lags, bound: float = 0.003) -> None:
