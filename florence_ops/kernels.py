@@ -272,13 +272,31 @@ def _put(ptr, batch_stride, head_stride, row_stride, b, h, rows, live, value, D:
 
 
 @triton.jit
+def _key_block(q, k_ptr, kb, kh, kl, bias_ptr, b, h, start, L, softmax_scale, KEYS: tl.constexpr, D: tl.constexpr,
+               PRECISION: tl.constexpr):  # fmt: skip
+    """Keys start..start+KEYS of one (question, head): their indices, which are real, the keys, and the scaled scores
+    of the queries `q` against them plus the key bias."""
+    keys = start + tl.arange(0, KEYS)
+    inside = keys < L
+    k = _tile(k_ptr, kb, kh, kl, b, h, keys, inside, D)
+    bias = tl.load(bias_ptr + b * L + keys, mask=inside, other=float("-inf"))
+    return keys, inside, k, tl.dot(q, tl.trans(k), input_precision=PRECISION) * softmax_scale + bias[None, :]
+
+
+@triton.jit
+def _attention_kept(seed, bh, T, L, rows, keys, p):
+    """Which probabilities of rows x keys the attention dropout keeps: element (b, h, i, j) when Philox(seed,
+    ((b H + h) T + i) L + j), as a uniform float, is at least p."""
+    return tl.rand(seed, (bh * T + rows[:, None]) * L + keys[None, :]) >= p
+
+
+@triton.jit
 def _cross_attention_forward(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, lse_ptr, seed_ptr, qb, qh, qt, kb, kh, kl, vb,
                              vh, vl, ob, oh, ot, H, T, L, softmax_scale, p, drop_scale, ROWS: tl.constexpr,
                              KEYS: tl.constexpr, D: tl.constexpr, DROPOUT: tl.constexpr,
                              PRECISION: tl.constexpr):  # fmt: skip
     """One (question, head) a program: its T queries against its L keys, online softmax over blocks of KEYS keys, the
-    attention dropout on the probabilities (element (b, h, i, j) kept when Philox(seed, ((b H + h) T + i) L + j), as a
-    uniform float, is at least p). Writes the output and each row's log-sum-exp."""
+    attention dropout on the probabilities. Writes the output and each row's log-sum-exp."""
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
     rows = tl.arange(0, ROWS)
@@ -289,25 +307,25 @@ def _cross_attention_forward(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, lse_ptr, se
     acc = tl.zeros([ROWS, D], tl.float32)
     seed = tl.load(seed_ptr)
     for start in range(0, L, KEYS):
-        keys = start + tl.arange(0, KEYS)
-        inside = keys < L
-        k = _tile(k_ptr, kb, kh, kl, b, h, keys, inside, D)
-        bias = tl.load(bias_ptr + b * L + keys, mask=inside, other=float("-inf"))
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * softmax_scale + bias[None, :]
+        keys, inside, k, scores = _key_block(q, k_ptr, kb, kh, kl, bias_ptr, b, h, start, L, softmax_scale, KEYS, D,
+                                             PRECISION)  # fmt: skip
         new_highest = tl.maximum(highest, tl.max(scores, 1))
         rescale = tl.exp(highest - new_highest)
         probs = tl.exp(scores - new_highest[:, None])
         total = total * rescale + tl.sum(probs, 1)
         if DROPOUT:
-            offsets = (bh * T + rows[:, None]) * L + keys[None, :]
-            probs = tl.where(tl.rand(seed, offsets) >= p, probs * drop_scale, 0.0)
+            probs = tl.where(_attention_kept(seed, bh, T, L, rows, keys, p), probs * drop_scale, 0.0)
         v = _tile(v_ptr, vb, vh, vl, b, h, keys, inside, D)
         acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
         highest = new_highest
     # A row whose keys are all masked: zeros (as SDPA gives), and a log-sum-exp of +inf (no gradient in backward).
     attended = total > 0
     _put(out_ptr, ob, oh, ot, b, h, rows, live, acc / tl.where(attended, total, 1.0)[:, None], D)
-    tl.store(lse_ptr + bh * T + rows, tl.where(attended, highest + tl.log(tl.where(attended, total, 1.0)), float("inf")), mask=live)
+    tl.store(
+        lse_ptr + bh * T + rows,
+        tl.where(attended, highest + tl.log(tl.where(attended, total, 1.0)), float("inf")),
+        mask=live,
+    )
 
 
 @triton.jit
@@ -331,17 +349,13 @@ def _cross_attention_backward(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, dout_ptr, 
     dq = tl.zeros([ROWS, D], tl.float32)
     seed = tl.load(seed_ptr)
     for start in range(0, L, KEYS):
-        keys = start + tl.arange(0, KEYS)
-        inside = keys < L
-        k = _tile(k_ptr, kb, kh, kl, b, h, keys, inside, D)
+        keys, inside, k, scores = _key_block(q, k_ptr, kb, kh, kl, bias_ptr, b, h, start, L, softmax_scale, KEYS, D,
+                                             PRECISION)  # fmt: skip
         v = _tile(v_ptr, vb, vh, vl, b, h, keys, inside, D)
-        bias = tl.load(bias_ptr + b * L + keys, mask=inside, other=float("-inf"))
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * softmax_scale + bias[None, :]
         probs = tl.where(live[:, None], tl.exp(scores - lse[:, None]), 0.0)
         dprobs = tl.dot(dout, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:
-            offsets = (bh * T + rows[:, None]) * L + keys[None, :]
-            kept = tl.rand(seed, offsets) >= p
+            kept = _attention_kept(seed, bh, T, L, rows, keys, p)
             dropped = tl.where(kept, probs * drop_scale, 0.0)
             dprobs = tl.where(kept, dprobs * drop_scale, 0.0)
         else:
