@@ -150,8 +150,10 @@ def _seed(device: torch.device) -> torch.Tensor:
 
 def _threshold(p: float) -> tuple[int, float]:
     """The 16-bit draw below which an element is dropped (p rounded to 2**-16), and the scale that keeps the
-    expectation."""
+    expectation. p that rounds to 1 is refused (transformers' forward drops everything instead)."""
     threshold = round(p * 2**16)
+    if not 0 <= threshold < 2**16:
+        raise ValueError(f"dropout {p} rounds to {threshold} / 2**16: the kernels take [0, 1 - 2**-17)")
     return threshold, 2**16 / (2**16 - threshold)
 
 
@@ -187,6 +189,8 @@ class _DropoutAddNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, p: float, eps: float) -> torch.Tensor:
         shape, n = x.shape, x.shape[-1]
+        if n % 8:
+            raise ValueError(f"dropout_add_layer_norm: rows of {n}; the kernels take rows of a multiple of 8")
         x, residual = x.contiguous().view(-1, n), residual.contiguous().view(-1, n)
         threshold, ctx.scale = _threshold(p)
         total = torch.empty_like(residual, dtype=torch.promote_types(x.dtype, residual.dtype))
@@ -236,8 +240,8 @@ class BartEncoderLayer(modeling_bart.BartEncoderLayer):
     Evaluation, dropout of 1 and batches beyond 32-bit offsets take transformers' forward."""
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
-        wide = hidden_states.shape[:-1].numel() * self.fc1.out_features
-        if not self.training or wide >= 2**31 or max(self.dropout, self.activation_dropout) >= 1:
+        wide = hidden_states.shape[:-1].numel() * max(self.fc1.out_features, self.embed_dim)
+        if not self.training or wide >= 2**31 or max(self.dropout, self.activation_dropout) >= 1 - 2**-17:
             return super().forward(hidden_states, attention_mask, **kwargs)
         residual = hidden_states
         hidden_states, _ = self.self_attn(hidden_states, attention_mask=attention_mask, **kwargs)
