@@ -53,6 +53,10 @@ Variants (on CUDA every variant but the compiled and `_unfused` ones trains on t
   `bf16_pure_no_dropout`, the numerics check of that kernel.
 - bf16_pure_transformers_projector: `bf16-pure` with the image tokens through transformers' projector module, as
   until kernels-v2 (`florence_ops.model_inputs.project_vision` computes the same sums without its batch-sized copies).
+- bf16_pure_packed_qkv, bf16_pure_no_dropout_packed_qkv: `bf16-pure` with the text encoder's query, key and value
+  projections as one matrix product, split as strided views for SDPA (`packed_qkv`; not in the library): whether
+  cuDNN takes the views without copies, and what one GEMM each way gains; without dropout, against
+  `bf16_pure_no_dropout`, the numerics check.
 - no_decoder_syncs: the encoder run apart, the decoder given a ready 4-D cross-attention mask and no padding mask of
   its own (causal only; right padding cannot reach a real token), which removes transformers' host reads of the
   decoder's masks.
@@ -226,6 +230,28 @@ def cross_eager(model):
     training.key_padding_mask = lambda model, mask: mask[:, None, None, :].bool()
 
 
+def packed_qkv(model):
+    """The text encoder's query, key and value projections as one matrix product over their weights concatenated on
+    every call, the three split as views (strided) for SDPA: one GEMM each way where there were three, and in backward
+    a concatenation of the three gradients where autograd summed three input gradients."""
+    for layer in unwrap(model).model.language_model.encoder.layers:
+        layer.self_attn.forward = _packed_attention(layer.self_attn)
+
+
+def _packed_attention(attention):
+    def forward(hidden_states, attention_mask=None, **kwargs):
+        batch, length, width = hidden_states.shape
+        projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+        weight, bias = torch.cat([p.weight for p in projections]), torch.cat([p.bias for p in projections])
+        qkv = F.linear(hidden_states, weight, bias).view(batch, length, 3, -1, attention.head_dim)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        dropout = attention.dropout if attention.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attention_mask, dropout, scale=attention.scaling)
+        return attention.out_proj(out.transpose(1, 2).reshape(batch, length, width)), None
+
+    return forward
+
+
 class PerTensorCopies:
     """The weights cast tensor by tensor on every call, as `bf16-pure` did until 2026-12-04."""
 
@@ -326,6 +352,8 @@ VARIANTS = {
     "bf16_pure_unfused": lambda model: None,
     "bf16_pure_sdpa_cross": lambda model: None,
     "bf16_pure_transformers_projector": transformers_projector,
+    "bf16_pure_packed_qkv": packed_qkv,
+    "bf16_pure_no_dropout_packed_qkv": lambda model: (no_dropout(model), packed_qkv(model)),
     "bf16_pure_no_dropout_sdpa_cross": no_dropout,
     "bf16_pure_no_dropout_unfused": no_dropout,
 }
