@@ -28,6 +28,7 @@ from florence_ops.serving.supervision import POLL_S
 log = logging.getLogger(__name__)
 UNCLAIMED_GRACE_S = 10.0  # past serve.request_timeout_s, before a request no worker took is answered 504
 RETRY_AFTER_S = 5  # what a 503 tells clients to wait: about the time a model worker takes to restart
+LOST_AFTER_S = 1.0  # out of the queue and not announced by any worker this long: taken by a worker that died
 REPLICA_FILE = "replica.json"
 
 
@@ -97,18 +98,25 @@ def health(root: Path, workers_ready: bool, expected_workers: int) -> tuple[int,
 
 
 class InFlightGuard:
-    """In an HTTP process: fails the requests a model worker had taken when it died, with 503, within `POLL_S`; and
-    a request that no worker has taken `UNCLAIMED_GRACE_S` past `serve.request_timeout_s` with 504.
+    """In an HTTP process: fails the requests a model worker had taken when it died, with 503, within `POLL_S`;
+    those it took off the queue without announcing them, with 503 within `LOST_AFTER_S` of the queue being seen
+    without them; and a request that no worker has taken `UNCLAIMED_GRACE_S` past `serve.request_timeout_s`, with
+    504.
 
     LitServe tells an HTTP process which worker took a request (the worker's start message, sent when workers
     are restarted) but not that the worker died; requests still in the queue are left for its replacement. A worker
-    that dies between taking a request off the queue and announcing it leaves a request that nobody will answer:
-    a worker would have answered it 504 had it still been queued that long, so it gets that."""
+    killed between taking a request off the queue and announcing it leaves a request that nobody will answer. A
+    live worker announces what it takes within milliseconds, so a request that was waiting when a worker's death was
+    seen, and that no worker has announced `LOST_AFTER_S` after the queue was seen empty (so out of it), was taken by
+    the dead worker. One that is never seen out of the queue (it never empties) gets 504 when a worker would have
+    answered it 504 had it still been queued that long."""
 
-    def __init__(self, root: Path, response_buffer: dict, request_timeout_s: float):
-        self.root, self.response_buffer = Path(root), response_buffer
+    def __init__(self, root: Path, response_buffer: dict, request_timeout_s: float, request_queue: Any):
+        self.root, self.response_buffer, self.request_queue = Path(root), response_buffer, request_queue
         self.unclaimed_after_s = request_timeout_s + UNCLAIMED_GRACE_S
         self._unclaimed: dict[str, float] = {}  # uid -> when this process first saw it not taken by any worker
+        self._deaths: set[tuple[str, int]] = set()  # (worker id, pid) of each dead worker seen
+        self._suspects: dict[str, float | None] = {}  # uid -> when the queue was seen without it (None: not yet)
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -119,25 +127,44 @@ class InFlightGuard:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(POLL_S)
-            dead = {str(s["worker_id"]) for s in read_worker_statuses(self.root) if not s["alive"]}
-            if dead:
-                self.fail_requests_of(dead)
-            self.fail_unclaimed(time.monotonic())
+            self.check(read_worker_statuses(self.root), time.monotonic())
+
+    def check(self, statuses: list[dict[str, Any]], now: float) -> None:
+        """One look at the workers' `statuses` (`read_worker_statuses`) and this process's requests, as of `now`."""
+        deaths = {(str(s["worker_id"]), s["pid"]) for s in statuses if not s["alive"]}
+        if deaths:
+            self.fail_requests_of({worker_id for worker_id, _ in deaths})
+        if deaths - self._deaths:  # what a worker that just died may have taken without announcing it
+            self._suspects |= {uid: None for uid in self._waiting() if uid not in self._suspects}
+        self._deaths |= deaths
+        self.fail_lost(now)
+        self.fail_unclaimed(now)
 
     def fail_requests_of(self, dead: set[str]) -> None:
         """Answer 503 to every unanswered request taken by a worker in `dead`."""
-        error = HTTPException(503, "the model worker answering this request died; retry",
-                              headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
         for uid, item in list(self.response_buffer.items()):
             if item.worker_id is not None and str(item.worker_id) in dead and not item.event.is_set():
-                item.response = (error, LitAPIStatus.ERROR)
+                item.response = (_worker_died(), LitAPIStatus.ERROR)
                 item.event.set()
                 log.warning("request %s failed: its model worker %s died", uid, item.worker_id)
 
+    def fail_lost(self, now: float) -> None:
+        """Answer 503 to every request waiting when a worker died that is out of the queue, unannounced, since
+        `LOST_AFTER_S` before `now`."""
+        waiting = self._waiting()
+        self._suspects = {uid: seen for uid, seen in self._suspects.items() if uid in waiting}
+        if None in self._suspects.values() and self._queue_empty():
+            self._suspects = {uid: now if seen is None else seen for uid, seen in self._suspects.items()}
+        for uid, seen in list(self._suspects.items()):
+            if seen is not None and now - seen >= LOST_AFTER_S:
+                waiting[uid].response = (_worker_died(), LitAPIStatus.ERROR)
+                waiting[uid].event.set()
+                del self._suspects[uid]
+                log.warning("request %s failed: a model worker died after taking it off the queue", uid)
+
     def fail_unclaimed(self, now: float) -> None:
         """Answer 504 to every request that no worker has taken for `unclaimed_after_s` (as of `now`)."""
-        waiting = {uid: item for uid, item in list(self.response_buffer.items())
-                   if item.worker_id is None and not item.event.is_set()}  # fmt: skip
+        waiting = self._waiting()
         self._unclaimed = {uid: self._unclaimed.get(uid, now) for uid in waiting}
         for uid, since in self._unclaimed.items():
             if now - since > self.unclaimed_after_s:
@@ -145,3 +172,19 @@ class InFlightGuard:
                 waiting[uid].response = (error, LitAPIStatus.ERROR)
                 waiting[uid].event.set()
                 log.warning("request %s failed: no model worker took it within %.0f s", uid, self.unclaimed_after_s)
+
+    def _waiting(self) -> dict[str, Any]:
+        """This process's requests that no worker has announced and nothing has answered, by uid."""
+        return {uid: item for uid, item in list(self.response_buffer.items())
+                if item.worker_id is None and not item.event.is_set()}  # fmt: skip
+
+    def _queue_empty(self) -> bool:
+        try:
+            return self.request_queue.empty()
+        except (OSError, EOFError):  # the queue's manager is gone: the server is going down
+            return False
+
+
+def _worker_died() -> HTTPException:
+    return HTTPException(503, "the model worker answering this request died; retry",
+                         headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip

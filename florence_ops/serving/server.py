@@ -100,7 +100,8 @@ class ChatCompletionsSpec(LitSpec):
         if self._handler is None:
             self._handler = RegularRequestHandler(self.lit_api, self._server)
             self._guard = InFlightGuard(self.pages.root, self._server.response_buffer,
-                                        self.params.serve.request_timeout_s)  # fmt: skip
+                                        self.params.serve.request_timeout_s,
+                                        self._server._get_request_queue(self.api_path))  # fmt: skip
             self._guard.start()
         queued = time.monotonic()
         try:

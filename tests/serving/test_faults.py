@@ -4,9 +4,12 @@ killed as the kernel's OOM killer would (SIGKILL), and the server must heal or e
 from __future__ import annotations
 
 import json
+import os
+import queue
 import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
 import urllib.error
@@ -19,7 +22,7 @@ import pytest
 from litserve.utils import ResponseBufferItem
 from PIL import Image
 
-from florence_ops.serving.health import UNCLAIMED_GRACE_S, InFlightGuard
+from florence_ops.serving.health import LOST_AFTER_S, UNCLAIMED_GRACE_S, InFlightGuard, read_worker_statuses
 from tests.serving.conftest import Server, data_url, free_port, png_bytes, raw_pages, write_params
 
 HEAL_S = 60  # a model worker is restarted and loaded again within this (seconds)
@@ -238,10 +241,46 @@ def test_a_request_no_worker_took_is_answered_504_after_the_request_timeout(tmp_
     import asyncio
 
     lost, taken = ResponseBufferItem(asyncio.Event()), ResponseBufferItem(asyncio.Event(), worker_id=0)
-    guard = InFlightGuard(tmp_path, {"lost": lost, "taken": taken}, request_timeout_s=60.0)
+    guard = InFlightGuard(tmp_path, {"lost": lost, "taken": taken}, request_timeout_s=60.0, request_queue=queue.Queue())
     guard.fail_unclaimed(100.0)
     guard.fail_unclaimed(100.0 + 60.0 + UNCLAIMED_GRACE_S - 1)
     assert not lost.event.is_set()  # still within the request timeout and its grace
     guard.fail_unclaimed(100.0 + 60.0 + UNCLAIMED_GRACE_S + 1)
     assert lost.event.is_set() and lost.response[0].status_code == 504
     assert not taken.event.is_set()  # a worker's own: answered by it, or 503 if it dies
+
+
+def test_a_request_a_dying_worker_took_without_announcing_it_gets_503_once_the_queue_is_seen_without_it(tmp_path):
+    """The worker was killed after taking `lost` off the queue, before its announcement went out: once the queue is
+    seen without it and no worker announces it for `LOST_AFTER_S`, it gets the 503 of its worker's other requests,
+    not a 504 a minute later. Requests still queued, and those made after the death was seen, are left alone."""
+    import asyncio
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / "worker-0.json").write_text(json.dumps({"worker_id": "0", "pid": dead.pid, "version": "v1"}))
+    requests = queue.Queue()
+    requests.put("queued")
+    buffer = {uid: ResponseBufferItem(asyncio.Event()) for uid in ("lost", "queued")}
+    buffer["taken"] = ResponseBufferItem(asyncio.Event(), worker_id=0)
+    guard = InFlightGuard(tmp_path, buffer, request_timeout_s=60.0, request_queue=requests)
+
+    guard.check(read_worker_statuses(tmp_path), 100.0)  # the death seen, `queued` still in the queue
+    assert buffer["taken"].event.is_set() and buffer["taken"].response[0].status_code == 503
+    guard.check(read_worker_statuses(tmp_path), 105.0)
+    assert not buffer["lost"].event.is_set()  # it might be in the queue yet
+
+    # the replacement loads, takes `queued` and announces it; a request is made after the death was seen
+    (tmp_path / "worker-0.json").write_text(json.dumps({"worker_id": "0", "pid": os.getpid(), "version": "v1"}))
+    requests.get()
+    buffer["queued"].worker_id = 0
+    buffer["later"] = ResponseBufferItem(asyncio.Event())
+    guard.check(read_worker_statuses(tmp_path), 106.0)  # the queue seen empty
+    guard.check(read_worker_statuses(tmp_path), 106.0 + LOST_AFTER_S / 2)
+    assert not buffer["lost"].event.is_set()  # an announcement may be on its way
+    guard.check(read_worker_statuses(tmp_path), 106.0 + LOST_AFTER_S)
+    assert buffer["lost"].event.is_set(), "a request the dead worker took unannounced is left to wait"
+    error = buffer["lost"].response[0]
+    assert (error.status_code, error.headers["Retry-After"]) == (503, "5")
+    guard.check(read_worker_statuses(tmp_path), 120.0)
+    assert not buffer["queued"].event.is_set() and not buffer["later"].event.is_set()
