@@ -103,19 +103,20 @@ class InFlightGuard:
     without them; and a request that no worker has taken `UNCLAIMED_GRACE_S` past `serve.request_timeout_s`, with
     504.
 
-    LitServe tells an HTTP process which worker took a request (the worker's start message, sent when workers
-    are restarted) but not that the worker died; requests still in the queue are left for its replacement. A worker
-    killed between taking a request off the queue and announcing it leaves a request that nobody will answer. A
-    live worker announces what it takes within milliseconds, so a request that was waiting when a worker's death was
-    seen, and that no worker has announced `LOST_AFTER_S` after the queue was seen empty (so out of it), was taken by
-    the dead worker. One that is never seen out of the queue (it never empties) gets 504 when a worker would have
-    answered it 504 had it still been queued that long."""
+    LitServe tells an HTTP process which worker took a request (the worker's start message, sent when workers are
+    restarted) but not that the worker died; requests still in the queue are left for its replacement. A worker
+    killed between taking a request off the queue and announcing it leaves a request that nobody will answer. A live
+    worker announces what it takes within milliseconds (through LitServe's default transport, its manager's queues,
+    which lose nothing; not `fast_queue`'s ZeroMQ, which may drop a new socket's first messages), so a request that
+    was waiting when a worker's death was seen, and that no worker has announced `LOST_AFTER_S` after the queue was
+    seen empty (so out of it), was taken by the dead worker. One that is never seen out of the queue (it never
+    empties) gets 504 when a worker would have answered it 504 had it still been queued that long."""
 
     def __init__(self, root: Path, response_buffer: dict, request_timeout_s: float, request_queue: Any):
         self.root, self.response_buffer, self.request_queue = Path(root), response_buffer, request_queue
         self.unclaimed_after_s = request_timeout_s + UNCLAIMED_GRACE_S
         self._unclaimed: dict[str, float] = {}  # uid -> when this process first saw it not taken by any worker
-        self._deaths: set[tuple[str, int]] = set()  # (worker id, pid) of each dead worker seen
+        self._deaths: set[tuple[str, int]] = set()  # (worker id, pid) of the dead workers seen last time
         self._suspects: dict[str, float | None] = {}  # uid -> when the queue was seen without it (None: not yet)
         self._task: asyncio.Task | None = None
 
@@ -127,7 +128,10 @@ class InFlightGuard:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(POLL_S)
-            self.check(read_worker_statuses(self.root), time.monotonic())
+            try:
+                self.check(read_worker_statuses(self.root), time.monotonic())
+            except Exception:  # one bad look must not end the watch for the process's life
+                log.exception("could not check the model workers' requests")
 
     def check(self, statuses: list[dict[str, Any]], now: float) -> None:
         """One look at the workers' `statuses` (`read_worker_statuses`) and this process's requests, as of `now`."""
@@ -136,7 +140,7 @@ class InFlightGuard:
             self.fail_requests_of({worker_id for worker_id, _ in deaths})
         if deaths - self._deaths:  # what a worker that just died may have taken without announcing it
             self._suspects |= {uid: None for uid in self._waiting() if uid not in self._suspects}
-        self._deaths |= deaths
+        self._deaths = deaths
         self.fail_lost(now)
         self.fail_unclaimed(now)
 

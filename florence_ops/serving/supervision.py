@@ -4,10 +4,10 @@
 of children: model workers (spawned) and HTTP processes (forked). What happens when one of them dies:
 
 - **A model worker** is restarted by LitServe (`restart_workers`). Requests it had taken (its batch, and those it
-  took ahead for the next one, announced or not) are answered 503 at once by the HTTP processes
-  (`health.InFlightGuard`); requests still queued wait for the new worker. A worker that keeps
-  dying (`MAX_WORKER_RESTARTS` within `RESTART_WINDOW_S`: a model that cannot load, memory it never gets) brings the
-  server down instead.
+  took ahead for the next one) are answered 503 at once by the HTTP processes (`health.InFlightGuard`), and one it
+  had taken but not yet announced, once the queue is seen without it; requests still queued wait for the new worker.
+  A worker that keeps dying (`MAX_WORKER_RESTARTS` within `RESTART_WINDOW_S`: a model that cannot load, memory it
+  never gets) brings the server down instead.
 - **An HTTP process** cannot be restarted by LitServe: the server goes down with one log line and exit status 1, so
   that its supervisor (systemd, Docker, Kubernetes) starts a fresh one.
 - **The main process**: every child asks Linux to kill it when its parent dies (PR_SET_PDEATHSIG), so a killed
