@@ -84,21 +84,21 @@ class Replica:
                 failure = str(error)
 
     def check(self) -> None:
-        """One poll: when the tags changed (or a failed fetch is due again), switch to the version holding the stage."""
+        """One poll: when the tags changed (or a failed fetch is due again), switch to the version holding the stage.
+        The tags count as seen once the look has ended, a failed fetch included: a look that raises (the registry
+        unreadable for a moment) is made again at the next poll, not skipped until the tags change once more."""
         tags = registry.tags_digest(self.source)
         failed = self.last_failed_fetch
         if tags == self._tags and not (failed and time.time() >= failed["retry_at"]):
             return
-        self._tags = tags
         version = self._resolve()
-        if version is None or version.version == self.current.version:
-            return
-        if failed and failed["version"] == version.version and time.time() < failed["retry_at"]:
-            return
-        try:
-            self._install(version)
-        except registry.RegistryError as error:
-            self._fetch_failed(version, error)
+        waiting = failed and version and failed["version"] == version.version and time.time() < failed["retry_at"]
+        if version is not None and version.version != self.current.version and not waiting:
+            try:
+                self._install(version)
+            except registry.RegistryError as error:
+                self._fetch_failed(version, error)
+        self._tags = tags
 
     def _resolve(self) -> registry.ModelVersion | None:
         with registry.registry_view(self.source) as view:

@@ -12,6 +12,7 @@ from openai import OpenAI
 
 from florence_ops import registry
 from florence_ops.config import load_params
+from florence_ops.serving.replica import Replica
 from tests.conftest import record_model
 from tests.serving.conftest import (
     METRICS,
@@ -40,9 +41,13 @@ def replica_server(tmp_path: Path, git_remote: str) -> Server:
     """`florence-ops serve --model registry:florence-docvqa#prod` in a folder that is not a clone."""
     host = tmp_path / "replica-host"
     host.mkdir()
-    overrides = {"serve.reload_interval_s": 0.5, "registry.git_remote": git_remote,
-                 "registry.poll_interval_s": POLL_S, "registry.replica_dir": str(host / "models/replica")}  # fmt: skip
-    return Server("registry:florence-docvqa#prod", write_params(host, **overrides), free_port())
+    return Server("registry:florence-docvqa#prod", write_params(host, **replica_overrides(host, git_remote)),
+                  free_port())  # fmt: skip
+
+
+def replica_overrides(host: Path, git_remote: str) -> dict:
+    return {"serve.reload_interval_s": 0.5, "registry.git_remote": git_remote, "registry.poll_interval_s": POLL_S,
+            "registry.replica_dir": str(host / "models/replica")}  # fmt: skip
 
 
 def registry_health(server: Server) -> dict:
@@ -110,8 +115,38 @@ def test_a_version_corrupt_in_the_dvc_remote_leaves_the_replica_on_its_version(s
         reply = ask(client, page["question"], page["image"]["bytes"])
     finally:
         server.stop()
-    failed = health["registry"]["last_failed_fetch"]
+    failed, log = health["registry"]["last_failed_fetch"], server.log.read_text()
+    assert failed, f"no failed fetch in /healthz: {health['registry']}\n{log[-4000:]}"
     assert failed["version"] == "v0.0.2" and "does not match the hash DVC recorded" in failed["error"]
     assert health["registry"]["version"] == "v0.0.1" and health["registry"]["following"] == "v0.0.1"
     assert health["version"] == before["version"] == reply.system_fingerprint and health["status"] == "ok"
-    assert "registry: v0.0.2 not fetched" in server.log.read_text()  # one line per attempt
+    assert "registry: v0.0.2 not fetched" in log  # one line per attempt
+
+
+def test_a_look_at_the_registry_that_fails_is_made_again_at_the_next_poll(served, registry_repo, git_remote, tmp_path,
+                                                                          monkeypatch):  # fmt: skip
+    """The registry lists its tags but cannot be cloned for a moment (a git server restarting, a full disk): the
+    next poll, with the tags unchanged since, still switches to the version newly assigned."""
+    promote(registry_repo, served / "models/export", 0.3)
+    host = tmp_path / "replica-host"
+    host.mkdir()
+    params = load_params(write_params(host, **replica_overrides(host, git_remote)))
+    replica = Replica.for_reference("registry:florence-docvqa#prod", params, repo=host)
+    link = replica.start()
+    promote(registry_repo, served / "models/other", 0.6)
+    git, refused = registry._git, []
+
+    def clone_refused_once(cwd, *args, **kwargs):
+        if args[0] == "clone" and not refused:
+            refused.append(args)
+            raise registry.RegistryError("git clone failed: fatal: the remote end hung up unexpectedly")
+        return git(cwd, *args, **kwargs)
+
+    monkeypatch.setattr(registry, "_git", clone_refused_once)
+    with pytest.raises(registry.RegistryError, match="hung up"):
+        replica.check()
+    assert refused and replica.current.version == "v0.0.1"
+    replica.check()
+    assert replica.current.version == "v0.0.2"
+    weights = (link / "model.safetensors").read_bytes()
+    assert weights == (served / "models/other/model.safetensors").read_bytes()
