@@ -136,11 +136,14 @@ def versions(view: Path, params: Params) -> list[ModelVersion]:
     """Every registered version, newest first, with the stages each holds now and its metrics.
 
     A stage is held by the version assigned to it last, as `dvc artifacts get --stage` reads the tags (GTO's
-    `which` would answer the highest version number in the stage instead, and a rollback could not win).
+    `which` would answer the highest version number in the stage instead, and a rollback could not win). An
+    assignment whose version has no registration tag is left out: `register` pushes both tags at once, but a reader
+    may see one before the other (a push updates its refs one by one), and GTO would name the version by its commit.
     """
     name = params.registry.artifact
     try:
-        shown = gto.api.show(view, name, assignments_per_version=-1, versions_per_stage=1, sort=VersionSort.Timestamp)
+        shown = gto.api.show(view, name, registered_only=True, assignments_per_version=-1, versions_per_stage=1,
+                             sort=VersionSort.Timestamp)  # fmt: skip
     except ArtifactNotFound:  # no version registered yet
         return []
     return [

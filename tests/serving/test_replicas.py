@@ -4,9 +4,11 @@ asking, with no failed request; a version whose bytes are corrupt in the DVC rem
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 
+import gto.api
 import pytest
 from openai import OpenAI
 
@@ -148,5 +150,30 @@ def test_a_look_at_the_registry_that_fails_is_made_again_at_the_next_poll(served
     assert refused and replica.current.version == "v0.0.1"
     replica.check()
     assert replica.current.version == "v0.0.2"
+    weights = (link / "model.safetensors").read_bytes()
+    assert weights == (served / "models/other/model.safetensors").read_bytes()
+
+
+def test_an_assignment_seen_before_its_registration_is_not_fetched_as_a_version(served, registry_repo, git_remote,
+                                                                               tmp_path):  # fmt: skip
+    """A push updates its refs one by one: a replica may list the new assignment tag before the registration tag.
+    It keeps serving the version it has until the version is registered, then switches to it by its name."""
+    promote(registry_repo, served / "models/export", 0.3)
+    host = tmp_path / "replica-host"
+    host.mkdir()
+    params = load_params(write_params(host, **replica_overrides(host, git_remote)))
+    replica = Replica.for_reference("registry:florence-docvqa#prod", params, repo=host)
+    link = replica.start()
+    repo_params = load_params(registry_repo / "params.yaml")
+    record_model(registry_repo, served / "models/other", {**METRICS, "anls": 0.6, "before": {"anls": 0.0}})
+    commit = registry.model_commit(registry_repo, repo_params, "a model registered in two pushes")
+    registry.push_model(registry_repo, repo_params)
+    registration = gto.api.register(registry_repo, "florence-docvqa", ref=commit, push=False)
+    assignment = gto.api.assign(registry_repo, "florence-docvqa", "prod", version=registration.version, push=False)
+    for tag in (assignment.tag, registration.tag):
+        subprocess.run(["git", "push", "--quiet", git_remote, f"refs/tags/{tag}"], cwd=registry_repo, check=True)
+        replica.check()
+        assert replica.current.version == ("v0.0.2" if tag == registration.tag else "v0.0.1")
+        assert sorted(p.name for p in replica.versions.iterdir()) == sorted({"v0.0.1", replica.current.version})
     weights = (link / "model.safetensors").read_bytes()
     assert weights == (served / "models/other/model.safetensors").read_bytes()
