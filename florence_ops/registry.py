@@ -135,10 +135,11 @@ def _report_at(view: Path, commit: str, name: str = METRICS_FILE) -> dict[str, A
 def versions(view: Path, params: Params) -> list[ModelVersion]:
     """Every registered version, newest first, with the stages each holds now and its metrics.
 
-    A stage is held by the version assigned to it last, as `dvc artifacts get --stage` reads the tags (GTO's
-    `which` would answer the highest version number in the stage instead, and a rollback could not win). An
-    assignment whose version has no registration tag is left out: `register` pushes both tags at once, but a reader
-    may see one before the other (a push updates its refs one by one), and GTO would name the version by its commit.
+    A stage is held by the registered version assigned to it last, as `dvc artifacts get --stage` reads the tags
+    (GTO's `which` would answer the highest version number in the stage instead, and a rollback could not win).
+    Unlike DVC, an assignment whose version has no registration tag is left out, and so is the version: `register`
+    pushes both tags at once, but a reader may see one before the other (a push updates its refs one by one), and
+    GTO would name the version by its commit.
     """
     name = params.registry.artifact
     try:
@@ -156,6 +157,7 @@ def versions(view: Path, params: Params) -> list[ModelVersion]:
             _report_at(view, entry["commit_hexsha"]),
         )  # fmt: skip
         for entry in shown
+        if entry["registrations"]
     ]
 
 

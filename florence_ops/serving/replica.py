@@ -86,13 +86,17 @@ class Replica:
     def check(self) -> None:
         """One poll: when the tags changed (or a failed fetch is due again), switch to the version holding the stage.
         The tags count as seen once the look has ended, a failed fetch included: a look that raises (the registry
-        unreadable for a moment) is made again at the next poll, not skipped until the tags change once more."""
+        unreadable for a moment, the link not switched) is made again at the next poll, not skipped until the tags
+        change once more. A failed fetch is forgotten once its version holds the stage no more."""
         tags = registry.tags_digest(self.source)
         failed = self.last_failed_fetch
         if tags == self._tags and not (failed and time.time() >= failed["retry_at"]):
             return
         version = self._resolve()
-        waiting = failed and version and failed["version"] == version.version and time.time() < failed["retry_at"]
+        if failed and (version is None or version.version != failed["version"]):
+            self.last_failed_fetch = failed = None  # the version that failed holds the stage no more
+            self._report()
+        waiting = failed and time.time() < failed["retry_at"]
         if version is not None and version.version != self.current.version and not waiting:
             try:
                 self._install(version)
@@ -111,9 +115,9 @@ class Replica:
             write_json(target / REGISTRY_FILE, version.as_dict())  # here from before: the new assignment's tag
         else:
             registry.fetch(self.source, self.params, version, target)
-        previous, self.current, self.last_failed_fetch = self.current, version, None
         self.link.parent.mkdir(parents=True, exist_ok=True)
-        switch_link(self.link, target)
+        switch_link(self.link, target)  # first: a link not switched leaves the replica on its version, to try again
+        previous, self.current, self.last_failed_fetch = self.current, version, None
         cfg = self.params.registry
         log.info("registry: %s#%s is %s (%s); serving it from %s (was %s)", cfg.artifact, cfg.stage, version.version,
                  version.tag, target, previous.version if previous else "none")  # fmt: skip

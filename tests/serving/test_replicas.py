@@ -4,6 +4,8 @@ asking, with no failed request; a version whose bytes are corrupt in the DVC rem
 
 from __future__ import annotations
 
+import errno
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -14,6 +16,7 @@ from openai import OpenAI
 
 from florence_ops import registry
 from florence_ops.config import load_params
+from florence_ops.serving import replica as replica_module
 from florence_ops.serving.replica import Replica
 from tests.conftest import record_model
 from tests.serving.conftest import (
@@ -130,10 +133,7 @@ def test_a_look_at_the_registry_that_fails_is_made_again_at_the_next_poll(served
     """The registry lists its tags but cannot be cloned for a moment (a git server restarting, a full disk): the
     next poll, with the tags unchanged since, still switches to the version newly assigned."""
     promote(registry_repo, served / "models/export", 0.3)
-    host = tmp_path / "replica-host"
-    host.mkdir()
-    params = load_params(write_params(host, **replica_overrides(host, git_remote)))
-    replica = Replica.for_reference("registry:florence-docvqa#prod", params, repo=host)
+    replica = in_process_replica(tmp_path, git_remote)
     link = replica.start()
     promote(registry_repo, served / "models/other", 0.6)
     git, refused = registry._git, []
@@ -159,21 +159,78 @@ def test_an_assignment_seen_before_its_registration_is_not_fetched_as_a_version(
     """A push updates its refs one by one: a replica may list the new assignment tag before the registration tag.
     It keeps serving the version it has until the version is registered, then switches to it by its name."""
     promote(registry_repo, served / "models/export", 0.3)
-    host = tmp_path / "replica-host"
-    host.mkdir()
-    params = load_params(write_params(host, **replica_overrides(host, git_remote)))
-    replica = Replica.for_reference("registry:florence-docvqa#prod", params, repo=host)
+    replica = in_process_replica(tmp_path, git_remote)
     link = replica.start()
     repo_params = load_params(registry_repo / "params.yaml")
     record_model(registry_repo, served / "models/other", {**METRICS, "anls": 0.6, "before": {"anls": 0.0}})
     commit = registry.model_commit(registry_repo, repo_params, "a model registered in two pushes")
     registry.push_model(registry_repo, repo_params)
     registration = gto.api.register(registry_repo, "florence-docvqa", ref=commit, push=False)
-    assignment = gto.api.assign(registry_repo, "florence-docvqa", "prod", version=registration.version, push=False)
-    for tag in (assignment.tag, registration.tag):
+    assignment = registry._assign(registry_repo, repo_params, registration.version)  # as `register` assigns
+    for tag in (assignment, registration.tag):
         subprocess.run(["git", "push", "--quiet", git_remote, f"refs/tags/{tag}"], cwd=registry_repo, check=True)
         replica.check()
         assert replica.current.version == ("v0.0.2" if tag == registration.tag else "v0.0.1")
         assert sorted(p.name for p in replica.versions.iterdir()) == sorted({"v0.0.1", replica.current.version})
+        with registry.registry_view(git_remote) as view:  # what `florence-ops registry show` lists from there
+            listed = [v.version for v in registry.versions(view, repo_params)]
+            holder = registry.resolve(view, repo_params)  # what the retraining gate compares with
+        assert listed == (["v0.0.2", "v0.0.1"] if tag == registration.tag else ["v0.0.1"])
+        assert holder.version == replica.current.version
     weights = (link / "model.safetensors").read_bytes()
     assert weights == (served / "models/other/model.safetensors").read_bytes()
+
+
+def in_process_replica(tmp_path: Path, git_remote: str) -> Replica:
+    """The replica `florence-ops serve --model registry:florence-docvqa#prod` runs, here polled by hand (`check`)."""
+    host = tmp_path / "replica-host"
+    host.mkdir()
+    params = load_params(write_params(host, **replica_overrides(host, git_remote)))
+    return Replica.for_reference("registry:florence-docvqa#prod", params, repo=host)
+
+
+def test_a_failed_fetch_is_forgotten_once_its_version_holds_the_stage_no_more(served, registry_repo, git_remote,
+                                                                             dvc_remote, tmp_path):  # fmt: skip
+    """v0.0.2 is corrupt in the DVC remote and `prod` is rolled back to v0.0.1: the replica stops retrying v0.0.2
+    and `/healthz` no longer reports its failed fetch."""
+    promote(registry_repo, served / "models/export", 0.3)
+    replica = in_process_replica(tmp_path, git_remote)
+    replica.start()
+    params = load_params(registry_repo / "params.yaml")
+    record_model(registry_repo, served / "models/other", {**METRICS, "anls": 0.6, "before": {"anls": 0.0}})
+    commit = registry.model_commit(registry_repo, params, "a model whose weights get corrupt in the remote")
+    registry.push_model(registry_repo, params)
+    weights = (served / "models/other/model.safetensors").read_bytes()
+    dvc_remote.overwrite(weights, weights[: len(weights) // 2])
+    registry.register(registry_repo, params, commit)
+    replica.check()
+    assert replica.last_failed_fetch["version"] == "v0.0.2" and replica.current.version == "v0.0.1"
+    registry.rollback(registry_repo, params, "v0.0.1")
+    replica.check()
+    assert replica.last_failed_fetch is None and replica.current.version == "v0.0.1"
+
+
+def test_a_link_that_could_not_be_switched_is_switched_at_the_next_poll(served, registry_repo, git_remote, tmp_path,
+                                                                        monkeypatch):  # fmt: skip
+    """Switching `current` fails once (the disk full for a moment): the replica stays on its version, and switches
+    at the next poll, with the tags unchanged since."""
+    promote(registry_repo, served / "models/export", 0.3)
+    replica = in_process_replica(tmp_path, git_remote)
+    link = replica.start()
+    promote(registry_repo, served / "models/other", 0.6)
+    switch, refused = replica_module.switch_link, []
+
+    def full_once(link: Path, target: Path) -> None:
+        if not refused:
+            refused.append(target)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(link))
+        switch(link, target)
+
+    monkeypatch.setattr(replica_module, "switch_link", full_once)
+    with pytest.raises(OSError, match="No space"):
+        replica.check()
+    assert replica.current.version == "v0.0.1"
+    assert (link / "model.safetensors").read_bytes() == (served / "models/export/model.safetensors").read_bytes()
+    replica.check()
+    assert replica.current.version == "v0.0.2"
+    assert (link / "model.safetensors").read_bytes() == (served / "models/other/model.safetensors").read_bytes()
