@@ -45,7 +45,8 @@ def write_replica_status(root: Path, status: dict[str, Any]) -> None:
 
 def registry_status(root: Path, served: dict[str, Any]) -> dict[str, Any] | None:
     """`/healthz`'s `registry`: the registry version served (artifact, version, stage, tag, commit, metrics), what
-    the replica follows and its last failed fetch; None when the model did not come from the registry."""
+    the replica follows, its last failed fetch and, while the registry cannot be read, its last failed look; None
+    when the model did not come from the registry."""
     try:
         replica = json.loads((Path(root) / REPLICA_FILE).read_text())
     except (OSError, json.JSONDecodeError):
@@ -57,7 +58,8 @@ def registry_status(root: Path, served: dict[str, Any]) -> dict[str, Any] | None
     return {"artifact": entry.get("artifact", replica.get("artifact")), "version": entry.get("version"),
             "stage": replica.get("stage", stages[0]), "tag": entry.get("tag"), "commit": entry.get("commit"),
             "metrics": entry.get("metrics"), "following": replica.get("following"),
-            "last_failed_fetch": replica.get("last_failed_fetch")}  # fmt: skip
+            "last_failed_fetch": replica.get("last_failed_fetch"),
+            "last_failed_check": replica.get("last_failed_check")}  # fmt: skip
 
 
 def read_worker_statuses(root: Path) -> list[dict[str, Any]]:

@@ -8,7 +8,9 @@ model worker swaps it in as it swaps any replaced model directory (`worker.py`):
 
 A version that cannot be fetched (unreachable remote, corrupt bytes) leaves the link, and so the served model, as it
 was: one log line, `registry.last_failed_fetch` in `/healthz`, and another try after 2x, 4x ... the interval. A
-version that fetches but does not load is the worker's `last_failed_load`, as for any model directory.
+registry that cannot be read (the git remote unreachable, a tag GTO refuses) likewise: `registry.last_failed_check`,
+and the next look after 2x, 4x ... the interval, not a clone every poll. A version that fetches but does not load is
+the worker's `last_failed_load`, as for any model directory.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from florence_ops.promotion import switch_link
 from florence_ops.serving.health import write_replica_status
 
 log = logging.getLogger(__name__)
-MAX_RETRY_S = 300.0  # longest wait before fetching a version that failed to fetch once more
+MAX_RETRY_S = 300.0  # longest wait before fetching a version that failed to fetch, or looking after failed looks
 
 
 class Replica:
@@ -40,6 +42,7 @@ class Replica:
         self.link, self.versions = root / "current", root / "versions"
         self.current: registry.ModelVersion | None = None
         self.last_failed_fetch: dict[str, Any] | None = None
+        self.last_failed_check: dict[str, Any] | None = None
         self._tags: str | None = None
         self._status_dir: Path | None = None
 
@@ -67,21 +70,46 @@ class Replica:
 
     def follow(self, status_dir: Path) -> None:
         """Report to `/healthz` through `status_dir` and poll the registry in a daemon thread from now on."""
-        self._status_dir = status_dir
-        self._report()
+        self.report_to(status_dir)
         threading.Thread(target=self._poll, name="registry-follow", daemon=True).start()
 
+    def report_to(self, status_dir: Path) -> None:
+        """Write what the replica follows and its last failures to `status_dir`, read by `/healthz`, now and on
+        every change."""
+        self._status_dir = status_dir
+        self._report()
+
     def _poll(self) -> None:
-        failure = None
+        delay = self.params.registry.poll_interval_s
         while True:
-            time.sleep(self.params.registry.poll_interval_s)
-            try:
-                self.check()
-                failure = None
-            except Exception as error:  # an unreachable remote: keep serving, say so once
-                if str(error) != failure:
-                    log.warning("registry check failed (serving %s still): %s", self.current.version, error)
-                failure = str(error)
+            time.sleep(delay)
+            delay = self.poll()
+
+    def poll(self) -> float:
+        """One look (`check`), a failed one reported in `/healthz` (`last_failed_check`) and logged when its error is
+        new; the seconds until the next look: the poll interval, or after n failed looks in a row n doublings of it."""
+        try:
+            self.check()
+        except Exception as error:  # an unreachable remote, an unreadable registry: keep serving, say so
+            failed = self.last_failed_check
+            attempts = failed["attempts"] + 1 if failed else 1
+            delay = self._backoff(attempts)
+            if not failed or failed["error"] != str(error):
+                log.warning("registry check failed (serving %s still; next look in %.0f s): %s", self.current.version,
+                            delay, error)  # fmt: skip
+            self.last_failed_check = {"error": str(error), "at": time.time(), "attempts": attempts,
+                                      "retry_at": time.time() + delay}  # fmt: skip
+            self._report()
+            return delay
+        if self.last_failed_check is not None:
+            log.info("registry: read again after %d failed looks", self.last_failed_check["attempts"])
+            self.last_failed_check = None
+            self._report()
+        return self.params.registry.poll_interval_s
+
+    def _backoff(self, attempts: int) -> float:
+        """The wait after `attempts` failures in a row: 2x, 4x ... the poll interval, at most MAX_RETRY_S."""
+        return min(self.params.registry.poll_interval_s * 2**attempts, MAX_RETRY_S)
 
     def check(self) -> None:
         """One poll: when the tags changed (or a failed fetch is due again), switch to the version holding the stage.
@@ -130,7 +158,7 @@ class Replica:
     def _fetch_failed(self, version: registry.ModelVersion, error: Exception) -> None:
         failed = self.last_failed_fetch
         attempts = failed["attempts"] + 1 if failed and failed["version"] == version.version else 1
-        delay = min(self.params.registry.poll_interval_s * 2**attempts, MAX_RETRY_S)
+        delay = self._backoff(attempts)
         self.last_failed_fetch = {"version": version.version, "tag": version.tag, "error": str(error),
                                   "at": time.time(), "attempts": attempts, "retry_at": time.time() + delay}  # fmt: skip
         log.warning("registry: %s not fetched (%s); serving %s; next try in %.0f s", version.version, error,
@@ -142,4 +170,5 @@ class Replica:
             cfg = self.params.registry
             write_replica_status(self._status_dir, {"artifact": cfg.artifact, "stage": cfg.stage,
                                                     "following": self.current and self.current.version,
-                                                    "last_failed_fetch": self.last_failed_fetch})  # fmt: skip
+                                                    "last_failed_fetch": self.last_failed_fetch,
+                                                    "last_failed_check": self.last_failed_check})  # fmt: skip

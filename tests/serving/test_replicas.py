@@ -5,6 +5,7 @@ asking, with no failed request; a version whose bytes are corrupt in the DVC rem
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import subprocess
 import time
@@ -17,6 +18,7 @@ from openai import OpenAI
 from florence_ops import registry
 from florence_ops.config import load_params
 from florence_ops.serving import replica as replica_module
+from florence_ops.serving.health import registry_status
 from florence_ops.serving.replica import Replica
 from tests.conftest import record_model
 from tests.serving.conftest import (
@@ -181,11 +183,11 @@ def test_an_assignment_seen_before_its_registration_is_not_fetched_as_a_version(
     assert weights == (served / "models/other/model.safetensors").read_bytes()
 
 
-def in_process_replica(tmp_path: Path, git_remote: str) -> Replica:
+def in_process_replica(tmp_path: Path, git_remote: str, **overrides) -> Replica:
     """The replica `florence-ops serve --model registry:florence-docvqa#prod` runs, here polled by hand (`check`)."""
     host = tmp_path / "replica-host"
     host.mkdir()
-    params = load_params(write_params(host, **replica_overrides(host, git_remote)))
+    params = load_params(write_params(host, **{**replica_overrides(host, git_remote), **overrides}))
     return Replica.for_reference("registry:florence-docvqa#prod", params, repo=host)
 
 
@@ -234,3 +236,29 @@ def test_a_link_that_could_not_be_switched_is_switched_at_the_next_poll(served, 
     replica.check()
     assert replica.current.version == "v0.0.2"
     assert (link / "model.safetensors").read_bytes() == (served / "models/other/model.safetensors").read_bytes()
+
+
+def test_an_unreadable_registry_shows_in_healthz_and_is_looked_at_less_and_less_often(
+    served, registry_repo, git_remote, tmp_path
+):
+    """A tag GTO refuses (a second version on a registered commit, pushed by hand) makes the registry unreadable:
+    `/healthz` says so (`registry.last_failed_check`), the next look comes after 2x, 4x ... the interval, not a clone
+    every poll, and once the tag is gone the replica follows the version assigned meanwhile."""
+    first = promote(registry_repo, served / "models/export", 0.3)
+    replica = in_process_replica(tmp_path, git_remote, **{"registry.poll_interval_s": 10.0})
+    replica.start()
+    replica.report_to(tmp_path / "status")
+    git = functools.partial(subprocess.run, cwd=registry_repo, check=True, capture_output=True)
+    git(["git", "tag", "-a", "florence-docvqa@v0.0.9-rc", "-m", "by hand", first.commit])
+    git(["git", "push", "--quiet", git_remote, "refs/tags/florence-docvqa@v0.0.9-rc"])
+    for attempts, wait_s in [(1, 20.0), (2, 40.0)]:
+        assert replica.poll() == wait_s
+        failed = registry_status(tmp_path / "status", {})["last_failed_check"]
+        assert failed["attempts"] == attempts and "Multiple versions" in failed["error"]
+    assert replica.current.version == "v0.0.1"
+    git(["git", "push", "--quiet", "--delete", git_remote, "refs/tags/florence-docvqa@v0.0.9-rc"])
+    git(["git", "tag", "--delete", "florence-docvqa@v0.0.9-rc"])
+    promote(registry_repo, served / "models/other", 0.6)
+    assert replica.poll() == 10.0
+    assert registry_status(tmp_path / "status", {})["last_failed_check"] is None
+    assert replica.current.version == "v0.0.2"
