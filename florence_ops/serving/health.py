@@ -3,9 +3,9 @@
 Each model worker writes `worker-<id>.json` into the server's private runtime directory (on /dev/shm, see
 `handoff.py`) whenever it loads a model or fails to: its pid, the version and metrics it serves (and the registry
 version, for a fetched one), and the last load that failed. A replica that follows the registry (`replica.py`) writes
-`replica.json` there: what it follows, and its last failed fetch. The HTTP processes read these files to answer
-`/healthz` with what is actually served, and to answer 503 at once to the requests a worker had taken when it died
-(`InFlightGuard`) instead of letting them wait.
+`replica.json` there: what it follows, its last failed fetch and its last failed poll. The HTTP processes read these
+files to answer `/healthz` with what is actually served, and to answer 503 at once to the requests a worker had taken
+when it died (`InFlightGuard`) instead of letting them wait.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def write_replica_status(root: Path, status: dict[str, Any]) -> None:
 
 def registry_status(root: Path, served: dict[str, Any]) -> dict[str, Any] | None:
     """`/healthz`'s `registry`: the registry version served (artifact, version, stage, tag, commit, metrics), what
-    the replica follows, its last failed fetch and, while the registry cannot be read, its last failed look; None
-    when the model did not come from the registry."""
+    the replica follows, its last failed fetch and, until a poll succeeds again, its last failed poll; None when
+    the model did not come from the registry."""
     try:
         replica = json.loads((Path(root) / REPLICA_FILE).read_text())
     except (OSError, json.JSONDecodeError):

@@ -7,10 +7,11 @@ and another version holds the stage, it fetches that version beside the current 
 model worker swaps it in as it swaps any replaced model directory (`worker.py`): no restart, no failed request.
 
 A version that cannot be fetched (unreachable remote, corrupt bytes) leaves the link, and so the served model, as it
-was: one log line, `registry.last_failed_fetch` in `/healthz`, and another try after 2x, 4x ... the interval. A
-registry that cannot be read (the git remote unreachable, a tag GTO refuses) likewise: `registry.last_failed_check`,
-and the next look after 2x, 4x ... the interval, not a clone every poll. A version that fetches but does not load is
-the worker's `last_failed_load`, as for any model directory.
+was: one log line, `registry.last_failed_fetch` in `/healthz`, and another try after 2x, 4x ... the interval (at most
+5 minutes). A poll that fails (the git remote unreachable, a tag GTO refuses, the link not switched) leaves it too:
+`registry.last_failed_check` in `/healthz`, a log line when its error is new, and while the tags stay the same the
+next look after 2x, 4x ... the interval, not a clone every poll. A version that fetches but does not load is the
+worker's `last_failed_load`, as for any model directory.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Replica:
         self.current: registry.ModelVersion | None = None
         self.last_failed_fetch: dict[str, Any] | None = None
         self.last_failed_check: dict[str, Any] | None = None
+        self._failed_tags: str | None = None  # the tags listed at the last failed look
         self._tags: str | None = None
         self._status_dir: Path | None = None
 
@@ -80,43 +82,41 @@ class Replica:
         self._report()
 
     def _poll(self) -> None:
-        delay = self.params.registry.poll_interval_s
         while True:
-            time.sleep(delay)
-            delay = self.poll()
+            time.sleep(self.params.registry.poll_interval_s)
+            try:
+                self.poll()
+            except Exception:  # a failure could not be reported (the status file unwritable): keep following
+                log.exception("registry: a poll failed")
 
-    def poll(self) -> float:
-        """One look (`check`), a failed one reported in `/healthz` (`last_failed_check`) and logged when its error is
-        new; the seconds until the next look: the poll interval, or after n failed looks in a row n doublings of it."""
+    def poll(self) -> None:
+        """One poll: list the remote's tags and, when `check` would, look at the registry. A failed poll is in
+        `/healthz` (`last_failed_check`: its error, the failures in a row, when the next look is due) and logged when
+        its error is new. While the tags stay as they were at a failed look, the next look comes only after 2x, 4x
+        ... the poll interval (at most MAX_RETRY_S): a registry that cannot be read is not cloned at every poll.
+        Tags that changed are looked at at once, and a failure to list them is tried again at the next poll."""
+        tags = None
         try:
-            self.check()
-        except Exception as error:  # an unreachable remote, an unreadable registry: keep serving, say so
+            tags = registry.tags_digest(self.source)
             failed = self.last_failed_check
-            attempts = failed["attempts"] + 1 if failed else 1
-            delay = self._backoff(attempts)
-            if not failed or failed["error"] != str(error):
-                log.warning("registry check failed (serving %s still; next look in %.0f s): %s", self.current.version,
-                            delay, error)  # fmt: skip
-            self.last_failed_check = {"error": str(error), "at": time.time(), "attempts": attempts,
-                                      "retry_at": time.time() + delay}  # fmt: skip
-            self._report()
-            return delay
+            if failed and tags == self._failed_tags and time.time() < failed["retry_at"]:
+                return
+            self.check(tags)
+        except Exception as error:  # an unreachable remote, an unreadable registry, a link not switched
+            self._check_failed(error, tags)
+            return
         if self.last_failed_check is not None:
-            log.info("registry: read again after %d failed looks", self.last_failed_check["attempts"])
-            self.last_failed_check = None
+            log.info("registry: looked at again after %d failed polls", self.last_failed_check["attempts"])
+            self.last_failed_check = self._failed_tags = None
             self._report()
-        return self.params.registry.poll_interval_s
 
-    def _backoff(self, attempts: int) -> float:
-        """The wait after `attempts` failures in a row: 2x, 4x ... the poll interval, at most MAX_RETRY_S."""
-        return min(self.params.registry.poll_interval_s * 2**attempts, MAX_RETRY_S)
-
-    def check(self) -> None:
-        """One poll: when the tags changed (or a failed fetch is due again), switch to the version holding the stage.
-        The tags count as seen once the look has ended, a failed fetch included: a look that raises (the registry
-        unreadable for a moment, the link not switched) is made again at the next poll, not skipped until the tags
-        change once more. A failed fetch is forgotten once its version holds the stage no more."""
-        tags = registry.tags_digest(self.source)
+    def check(self, tags: str | None = None) -> None:
+        """One look: when the tags (`tags_digest`, listed now unless given) changed or a failed fetch is due again,
+        switch to the version holding the stage. The tags count as seen once the look has ended, a failed fetch
+        included: a look that raises (the registry unreadable for a moment, the link not switched) is made again, not
+        skipped until the tags change once more. A failed fetch is forgotten once its version holds the stage no
+        more."""
+        tags = tags or registry.tags_digest(self.source)
         failed = self.last_failed_fetch
         if tags == self._tags and not (failed and time.time() >= failed["retry_at"]):
             return
@@ -131,6 +131,24 @@ class Replica:
             except registry.RegistryError as error:
                 self._fetch_failed(version, error)
         self._tags = tags
+
+    def _check_failed(self, error: Exception, tags: str | None) -> None:
+        failed = self.last_failed_check
+        attempts = failed["attempts"] + 1 if failed else 1
+        delay = self._backoff(attempts) if tags is not None else self.params.registry.poll_interval_s
+        if not failed or failed["error"] != str(error):
+            log.warning("registry check failed (serving %s still; next look in %.0f s): %s", self.current.version,
+                        delay, error)  # fmt: skip
+        self._failed_tags = tags
+        self.last_failed_check = {"error": str(error), "at": time.time(), "attempts": attempts,
+                                  "retry_at": time.time() + delay}  # fmt: skip
+        self._report()
+
+    def _backoff(self, attempts: int) -> float:
+        """The wait after `attempts` failures in a row: 2x, 4x ... the poll interval, at most MAX_RETRY_S (and never
+        less than the interval)."""
+        interval = self.params.registry.poll_interval_s
+        return max(interval, min(interval * 2**attempts, MAX_RETRY_S))
 
     def _resolve(self) -> registry.ModelVersion | None:
         with registry.registry_view(self.source) as view:

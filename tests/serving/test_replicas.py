@@ -9,6 +9,7 @@ import functools
 import os
 import subprocess
 import time
+import types
 from pathlib import Path
 
 import gto.api
@@ -198,6 +199,7 @@ def test_a_failed_fetch_is_forgotten_once_its_version_holds_the_stage_no_more(se
     promote(registry_repo, served / "models/export", 0.3)
     replica = in_process_replica(tmp_path, git_remote)
     replica.start()
+    replica.report_to(tmp_path / "status")
     params = load_params(registry_repo / "params.yaml")
     record_model(registry_repo, served / "models/other", {**METRICS, "anls": 0.6, "before": {"anls": 0.0}})
     commit = registry.model_commit(registry_repo, params, "a model whose weights get corrupt in the remote")
@@ -205,17 +207,19 @@ def test_a_failed_fetch_is_forgotten_once_its_version_holds_the_stage_no_more(se
     weights = (served / "models/other/model.safetensors").read_bytes()
     dvc_remote.overwrite(weights, weights[: len(weights) // 2])
     registry.register(registry_repo, params, commit)
-    replica.check()
-    assert replica.last_failed_fetch["version"] == "v0.0.2" and replica.current.version == "v0.0.1"
+    replica.poll()
+    health = registry_status(tmp_path / "status", {})
+    assert health["last_failed_fetch"]["version"] == "v0.0.2" and health["following"] == "v0.0.1"
     registry.rollback(registry_repo, params, "v0.0.1")
-    replica.check()
-    assert replica.last_failed_fetch is None and replica.current.version == "v0.0.1"
+    replica.poll()
+    health = registry_status(tmp_path / "status", {})
+    assert health["last_failed_fetch"] is None and health["following"] == "v0.0.1"
 
 
 def test_a_link_that_could_not_be_switched_is_switched_at_the_next_poll(served, registry_repo, git_remote, tmp_path,
                                                                         monkeypatch):  # fmt: skip
-    """Switching `current` fails once (the disk full for a moment): the replica stays on its version, and switches
-    at the next poll, with the tags unchanged since."""
+    """Switching `current` fails once (the disk full for a moment): the replica stays on its version, says so in
+    `/healthz`, and switches at its next look, with the tags unchanged since."""
     promote(registry_repo, served / "models/export", 0.3)
     replica = in_process_replica(tmp_path, git_remote)
     link = replica.start()
@@ -229,36 +233,52 @@ def test_a_link_that_could_not_be_switched_is_switched_at_the_next_poll(served, 
         switch(link, target)
 
     monkeypatch.setattr(replica_module, "switch_link", full_once)
-    with pytest.raises(OSError, match="No space"):
-        replica.check()
-    assert replica.current.version == "v0.0.1"
+    replica.report_to(tmp_path / "status")
+    replica.poll()
+    health = registry_status(tmp_path / "status", {})
+    assert "No space left" in health["last_failed_check"]["error"] and health["following"] == "v0.0.1"
     assert (link / "model.safetensors").read_bytes() == (served / "models/export/model.safetensors").read_bytes()
-    replica.check()
-    assert replica.current.version == "v0.0.2"
+    replica.last_failed_check["retry_at"] = 0  # the backoff's wait over (2x the interval)
+    replica.poll()
+    health = registry_status(tmp_path / "status", {})
+    assert health["last_failed_check"] is None and health["following"] == "v0.0.2"
     assert (link / "model.safetensors").read_bytes() == (served / "models/other/model.safetensors").read_bytes()
 
 
-def test_an_unreadable_registry_shows_in_healthz_and_is_looked_at_less_and_less_often(
-    served, registry_repo, git_remote, tmp_path
-):
+def test_an_unreadable_registry_shows_in_healthz_and_is_cloned_less_and_less_often(served, registry_repo, git_remote,
+                                                                                   tmp_path, monkeypatch):  # fmt: skip
     """A tag GTO refuses (a second version on a registered commit, pushed by hand) makes the registry unreadable:
-    `/healthz` says so (`registry.last_failed_check`), the next look comes after 2x, 4x ... the interval, not a clone
-    every poll, and once the tag is gone the replica follows the version assigned meanwhile."""
+    `/healthz` says so (`registry.last_failed_check`), and while the tags stay so the registry is cloned again only
+    after 2x, 4x ... the interval, though its tags are listed at every poll; the poll after the tag is gone follows
+    the version assigned meanwhile."""
     first = promote(registry_repo, served / "models/export", 0.3)
     replica = in_process_replica(tmp_path, git_remote, **{"registry.poll_interval_s": 10.0})
     replica.start()
     replica.report_to(tmp_path / "status")
-    git = functools.partial(subprocess.run, cwd=registry_repo, check=True, capture_output=True)
-    git(["git", "tag", "-a", "florence-docvqa@v0.0.9-rc", "-m", "by hand", first.commit])
-    git(["git", "push", "--quiet", git_remote, "refs/tags/florence-docvqa@v0.0.9-rc"])
-    for attempts, wait_s in [(1, 20.0), (2, 40.0)]:
-        assert replica.poll() == wait_s
+    clock, git, clones = [time.time()], registry._git, []
+
+    def counted(cwd, *args, **kwargs):
+        clones.extend(args[:1] if args[0] == "clone" else [])
+        return git(cwd, *args, **kwargs)
+
+    monkeypatch.setattr(replica_module, "time", types.SimpleNamespace(time=lambda: clock[0], sleep=time.sleep))
+    monkeypatch.setattr(registry, "_git", counted)
+    run = functools.partial(subprocess.run, cwd=registry_repo, check=True, capture_output=True)
+    run(["git", "tag", "-a", "florence-docvqa@v0.0.9-rc", "-m", "by hand", first.commit])
+    run(["git", "push", "--quiet", git_remote, "refs/tags/florence-docvqa@v0.0.9-rc"])
+    seen = []
+    for advance_s in [0, 10, 10, 10, 20, 10, 30]:  # polls at 0, 10, 20, 30, 50, 60, 90 s
+        clock[0] += advance_s
+        replica.poll()
         failed = registry_status(tmp_path / "status", {})["last_failed_check"]
-        assert failed["attempts"] == attempts and "Multiple versions" in failed["error"]
-    assert replica.current.version == "v0.0.1"
-    git(["git", "push", "--quiet", "--delete", git_remote, "refs/tags/florence-docvqa@v0.0.9-rc"])
-    git(["git", "tag", "--delete", "florence-docvqa@v0.0.9-rc"])
-    promote(registry_repo, served / "models/other", 0.6)
-    assert replica.poll() == 10.0
-    assert registry_status(tmp_path / "status", {})["last_failed_check"] is None
+        assert "Multiple versions" in failed["error"] and replica.current.version == "v0.0.1"
+        seen.append((len(clones), failed["attempts"]))
+    # looks at 0, 20 (2x10 s after), 60 (4x10 s after) s; not at 10, 30, 50 or 90 (before 60 + 8x10 s)
+    assert seen == [(1, 1), (1, 1), (2, 2), (2, 2), (2, 2), (3, 3), (3, 3)]
+    run(["git", "push", "--quiet", "--delete", git_remote, "refs/tags/florence-docvqa@v0.0.9-rc"])
+    run(["git", "tag", "--delete", "florence-docvqa@v0.0.9-rc"])
+    promote(registry_repo, served / "models/other", 0.6)  # the gate reads the registry too
+    before = len(clones)
+    replica.poll()  # at 90 s still: tags that changed are looked at at once
+    assert len(clones) == before + 1 and registry_status(tmp_path / "status", {})["last_failed_check"] is None
     assert replica.current.version == "v0.0.2"
