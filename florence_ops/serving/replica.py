@@ -31,7 +31,7 @@ from florence_ops.promotion import switch_link
 from florence_ops.serving.health import write_replica_status
 
 log = logging.getLogger(__name__)
-MAX_RETRY_S = 300.0  # longest wait before fetching a version that failed to fetch, or looking after failed looks
+MAX_RETRY_S = 300.0  # longest wait before fetching a failed version again, or cloning a registry that failed to read
 
 
 class Replica:
