@@ -17,11 +17,11 @@ import pytest
 from openai import OpenAI
 
 from florence_ops import registry
-from florence_ops.config import load_params
+from florence_ops.config import Params, load_params
 from florence_ops.serving import replica as replica_module
 from florence_ops.serving.health import registry_status
 from florence_ops.serving.replica import Replica
-from tests.conftest import record_model
+from tests.conftest import DvcRemote, record_model
 from tests.serving.conftest import (
     METRICS,
     LoopingClients,
@@ -56,6 +56,19 @@ def replica_server(tmp_path: Path, git_remote: str) -> Server:
 def replica_overrides(host: Path, git_remote: str) -> dict:
     return {"serve.reload_interval_s": 0.5, "registry.git_remote": git_remote, "registry.poll_interval_s": POLL_S,
             "registry.replica_dir": str(host / "models/replica")}  # fmt: skip
+
+
+def register_corrupt(repo: Path, model_dir: Path, dvc_remote: DvcRemote) -> Params:
+    """Register `model_dir` as the next version, holding the stage, with its weights corrupt in `dvc_remote` (pushed
+    whole, then half of them written over the stored object); the clone's params."""
+    params = load_params(repo / "params.yaml")
+    record_model(repo, model_dir, {**METRICS, "anls": 0.6, "before": {"anls": 0.0}})
+    commit = registry.model_commit(repo, params, "a model whose weights get corrupt in the remote")
+    registry.push_model(repo, params)
+    weights = (model_dir / "model.safetensors").read_bytes()
+    dvc_remote.overwrite(weights, weights[: len(weights) // 2])
+    registry.register(repo, params, commit)
+    return params
 
 
 def registry_health(server: Server) -> dict:
@@ -106,13 +119,7 @@ def test_a_version_corrupt_in_the_dvc_remote_leaves_the_replica_on_its_version(s
     server = replica_server(tmp_path, git_remote)
     try:
         before = server.healthz()
-        params = load_params(registry_repo / "params.yaml")
-        record_model(registry_repo, served / "models/other", {**METRICS, "anls": 0.6, "before": {"anls": 0.0}})
-        commit = registry.model_commit(registry_repo, params, "a model whose weights get corrupt in the remote")
-        registry.push_model(registry_repo, params)
-        weights = (served / "models/other/model.safetensors").read_bytes()
-        dvc_remote.overwrite(weights, weights[: len(weights) // 2])
-        registry.register(registry_repo, params, commit)
+        register_corrupt(registry_repo, served / "models/other", dvc_remote)
         deadline = time.monotonic() + POLL_S * 3 + LOAD_BUDGET_S
         while time.monotonic() < deadline and not registry_health(server)["last_failed_fetch"]:
             time.sleep(0.2)
@@ -200,13 +207,7 @@ def test_a_failed_fetch_is_forgotten_once_its_version_holds_the_stage_no_more(se
     replica = in_process_replica(tmp_path, git_remote)
     replica.start()
     replica.report_to(tmp_path / "status")
-    params = load_params(registry_repo / "params.yaml")
-    record_model(registry_repo, served / "models/other", {**METRICS, "anls": 0.6, "before": {"anls": 0.0}})
-    commit = registry.model_commit(registry_repo, params, "a model whose weights get corrupt in the remote")
-    registry.push_model(registry_repo, params)
-    weights = (served / "models/other/model.safetensors").read_bytes()
-    dvc_remote.overwrite(weights, weights[: len(weights) // 2])
-    registry.register(registry_repo, params, commit)
+    params = register_corrupt(registry_repo, served / "models/other", dvc_remote)
     replica.poll()
     health = registry_status(tmp_path / "status", {})
     assert health["last_failed_fetch"]["version"] == "v0.0.2" and health["following"] == "v0.0.1"
