@@ -139,9 +139,8 @@ class Replica:
         if not failed or failed["error"] != str(error):
             log.warning("registry check failed (serving %s still; next look in %.0f s): %s", self.current.version,
                         delay, error)  # fmt: skip
-        self._failed_tags = tags
-        self.last_failed_check = {"error": str(error), "at": time.time(), "attempts": attempts,
-                                  "retry_at": time.time() + delay}  # fmt: skip
+        now, self._failed_tags = time.time(), tags
+        self.last_failed_check = {"error": str(error), "at": now, "attempts": attempts, "retry_at": now + delay}
         self._report()
 
     def _backoff(self, attempts: int) -> float:

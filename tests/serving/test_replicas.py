@@ -47,24 +47,38 @@ def promote(repo: Path, model_dir: Path, anls: float) -> registry.ModelVersion:
 
 def replica_server(tmp_path: Path, git_remote: str) -> Server:
     """`florence-ops serve --model registry:florence-docvqa#prod` in a folder that is not a clone."""
+    return Server("registry:florence-docvqa#prod", replica_params(tmp_path, git_remote), free_port())
+
+
+def in_process_replica(tmp_path: Path, git_remote: str, **overrides) -> Replica:
+    """The replica `florence-ops serve --model registry:florence-docvqa#prod` runs, here polled by hand."""
+    host_params = replica_params(tmp_path, git_remote, **overrides)
+    return Replica.for_reference("registry:florence-docvqa#prod", load_params(host_params), repo=host_params.parent)
+
+
+def replica_params(tmp_path: Path, git_remote: str, **overrides) -> Path:
+    """params.yaml of a replica's host folder (not a clone): the git remote, the poll interval, the replica folder."""
     host = tmp_path / "replica-host"
     host.mkdir()
-    return Server("registry:florence-docvqa#prod", write_params(host, **replica_overrides(host, git_remote)),
-                  free_port())  # fmt: skip
+    defaults = {"serve.reload_interval_s": 0.5, "registry.git_remote": git_remote, "registry.poll_interval_s": POLL_S,
+                "registry.replica_dir": str(host / "models/replica")}  # fmt: skip
+    return write_params(host, **{**defaults, **overrides})
 
 
-def replica_overrides(host: Path, git_remote: str) -> dict:
-    return {"serve.reload_interval_s": 0.5, "registry.git_remote": git_remote, "registry.poll_interval_s": POLL_S,
-            "registry.replica_dir": str(host / "models/replica")}  # fmt: skip
+def pushed_model_commit(repo: Path, model_dir: Path, message: str) -> tuple[Params, str]:
+    """What the retraining gate does before registering: `model_dir` as the clone's model, committed beside HEAD, its
+    bytes pushed to the DVC remote; the clone's params and the commit."""
+    params = load_params(repo / "params.yaml")
+    record_model(repo, model_dir, {**METRICS, "anls": 0.6, "before": {"anls": 0.0}})
+    commit = registry.model_commit(repo, params, message)
+    registry.push_model(repo, params)
+    return params, commit
 
 
 def register_corrupt(repo: Path, model_dir: Path, dvc_remote: DvcRemote) -> Params:
     """Register `model_dir` as the next version, holding the stage, with its weights corrupt in `dvc_remote` (pushed
     whole, then half of them written over the stored object); the clone's params."""
-    params = load_params(repo / "params.yaml")
-    record_model(repo, model_dir, {**METRICS, "anls": 0.6, "before": {"anls": 0.0}})
-    commit = registry.model_commit(repo, params, "a model whose weights get corrupt in the remote")
-    registry.push_model(repo, params)
+    params, commit = pushed_model_commit(repo, model_dir, "a model whose weights get corrupt in the remote")
     weights = (model_dir / "model.safetensors").read_bytes()
     dvc_remote.overwrite(weights, weights[: len(weights) // 2])
     registry.register(repo, params, commit)
@@ -171,10 +185,9 @@ def test_an_assignment_seen_before_its_registration_is_not_fetched_as_a_version(
     promote(registry_repo, served / "models/export", 0.3)
     replica = in_process_replica(tmp_path, git_remote)
     link = replica.start()
-    repo_params = load_params(registry_repo / "params.yaml")
-    record_model(registry_repo, served / "models/other", {**METRICS, "anls": 0.6, "before": {"anls": 0.0}})
-    commit = registry.model_commit(registry_repo, repo_params, "a model registered in two pushes")
-    registry.push_model(registry_repo, repo_params)
+    repo_params, commit = pushed_model_commit(
+        registry_repo, served / "models/other", "a model registered in two pushes"
+    )
     registration = gto.api.register(registry_repo, "florence-docvqa", ref=commit, push=False)
     assignment = registry._assign(registry_repo, repo_params, registration.version)  # as `register` assigns
     for tag in (assignment, registration.tag):
@@ -189,14 +202,6 @@ def test_an_assignment_seen_before_its_registration_is_not_fetched_as_a_version(
         assert holder.version == replica.current.version
     weights = (link / "model.safetensors").read_bytes()
     assert weights == (served / "models/other/model.safetensors").read_bytes()
-
-
-def in_process_replica(tmp_path: Path, git_remote: str, **overrides) -> Replica:
-    """The replica `florence-ops serve --model registry:florence-docvqa#prod` runs, here polled by hand (`check`)."""
-    host = tmp_path / "replica-host"
-    host.mkdir()
-    params = load_params(write_params(host, **{**replica_overrides(host, git_remote), **overrides}))
-    return Replica.for_reference("registry:florence-docvqa#prod", params, repo=host)
 
 
 def test_a_failed_fetch_is_forgotten_once_its_version_holds_the_stage_no_more(served, registry_repo, git_remote,
