@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -29,7 +29,7 @@ from typing import Any
 
 import gto.api
 from gto.constants import VersionSort
-from gto.exceptions import ArtifactNotFound
+from gto.exceptions import ArtifactNotFound, GTOException
 
 from florence_ops.artifacts import CHAMPION_FILE, METRICS_FILE, REGISTRY_FILE, publish_directory, write_json
 from florence_ops.config import PARAMS_FILE, Params, RegistryConfig
@@ -142,11 +142,8 @@ def versions(view: Path, params: Params) -> list[ModelVersion]:
     GTO would name the version by its commit.
     """
     name = params.registry.artifact
-    try:
-        shown = gto.api.show(view, name, registered_only=True, assignments_per_version=-1, versions_per_stage=1,
-                             sort=VersionSort.Timestamp)  # fmt: skip
-    except ArtifactNotFound:  # no version registered yet
-        return []
+    shown = _read_tags(gto.api.show, view, name, registered_only=True, assignments_per_version=-1,
+                       versions_per_stage=1, sort=VersionSort.Timestamp)  # fmt: skip
     return [
         ModelVersion(
             name,
@@ -159,6 +156,17 @@ def versions(view: Path, params: Params) -> list[ModelVersion]:
         for entry in shown
         if entry["registrations"]
     ]
+
+
+def _read_tags(read: Callable[..., list[Any]], *args: Any, **kwargs: Any) -> list[Any]:
+    """GTO's `read` of the artifact's tags: [] before a version is registered; RegistryError (one line) for tags GTO
+    refuses, such as a second version tagged by hand on a registered commit."""
+    try:
+        return read(*args, **kwargs)
+    except ArtifactNotFound:
+        return []
+    except GTOException as error:
+        raise RegistryError(f"the registry's tags cannot be read: {' '.join(str(error).split())}") from None
 
 
 def resolve(view: Path, params: Params, stage: str | None = None) -> ModelVersion | None:
@@ -183,10 +191,7 @@ def champion_record(repo: Path | None, params: Params) -> dict[str, Any] | None:
 
 def history(view: Path, params: Params) -> list[dict[str, Any]]:
     """Registrations and stage assignments, oldest first: time, event, version, stage, commit, author, tag."""
-    try:
-        events = gto.api.history(view, params.registry.artifact)
-    except ArtifactNotFound:
-        return []
+    events = _read_tags(gto.api.history, view, params.registry.artifact)
     keys = ("event", "version", "stage", "commit", "author", "ref")
     rows = [{"timestamp": e["timestamp"].isoformat(), **{k: e.get(k) for k in keys}} for e in events]
     return sorted(rows, key=lambda row: (row["timestamp"], row["ref"]))

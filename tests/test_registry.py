@@ -129,6 +129,15 @@ def test_rollback_history_and_the_cli(registry_repo, git_remote, monkeypatch, ca
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: git clone failed:") and "\n" not in error
 
+    # a second version tagged by hand on a registered commit: GTO refuses the tags, the CLI says so in one line
+    commit = holder(git_remote, params).commit
+    subprocess.run(["git", "tag", "-a", "florence-docvqa@v0.0.9-rc", "-m", "by hand", commit], cwd=registry_repo,
+                   check=True)  # fmt: skip
+    for command in ("show", "history"):
+        assert main(["registry", command, "--git-remote", str(registry_repo)]) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("error: the registry's tags cannot be read: Multiple versions") and "\n" not in error
+
 
 def test_without_a_git_remote_the_tags_stay_in_the_clone(registry_repo, git_remote, tmp_path):
     params = params_of(registry_repo, **{"registry.git_remote": ""})
